@@ -1,0 +1,95 @@
+"""How many channels to remove from each group, and which (lowest scores first)."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+from prunekit.errors import PruningError
+from prunekit.graph.dependency import ChannelGroup
+
+
+def check_ratio(value: float, option: str) -> float:
+    """Validate a pruning ratio (fraction removed) in [0, 1); returns it as float."""
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        raise PruningError(f"{option}={value!r}: must be a number in [0, 1)") from None
+    if not 0.0 <= r < 1.0 or math.isnan(r):
+        raise PruningError(f"{option}={value!r}: must be in [0, 1) (the fraction of channels removed)")
+    return r
+
+
+def group_ratio(group: ChannelGroup, ratio: float, ratios: Mapping[str, float] | None) -> float:
+    """Ratio for ``group``: the most specific entry of ``ratios`` naming one of its
+    producing modules (or a parent of one), else ``ratio``."""
+    if not ratios:
+        return ratio
+    producers = [m.tensor.rpartition(".")[0] for m in group.members if m.role == "out"]
+    best, best_len = ratio, -1
+    for key, r in ratios.items():
+        for p in producers:
+            if (p == key or p.startswith(key + ".") or key == "") and len(key) > best_len:
+                best, best_len = r, len(key)
+    return best
+
+
+def _round_keep(size: int, n_remove: int, round_to: int, n_prunable: int, min_channels: int) -> int:
+    n_remove = min(n_remove, n_prunable, max(size - min_channels, 0))
+    if round_to > 1:
+        keep = size - n_remove
+        keep = min(size, int(math.ceil(keep / round_to)) * round_to)
+        n_remove = max(size - keep, 0)
+    return max(n_remove, 0)
+
+
+def _lowest(scores: np.ndarray, prunable: np.ndarray, n: int) -> np.ndarray:
+    cand = np.flatnonzero(prunable)
+    order = cand[np.argsort(scores[cand], kind="stable")]
+    return np.sort(order[:n])
+
+
+def select(groups: list[ChannelGroup], scores: list[np.ndarray], *, ratio: float,
+           ratios: Mapping[str, float] | None = None, global_ranking: bool = False, round_to: int = 1,
+           min_channels: int = 1, max_group_ratio: float = 0.9) -> list[np.ndarray]:
+    """Pick the channels to remove, per group (sorted local indices).
+
+    * uniform (default): ``floor(ratio * size)`` lowest-scored prunable channels of every group
+      (``ratios`` overrides the ratio for groups produced by the named modules);
+    * ``global_ranking``: scores are divided by their group mean and ranked across groups;
+      ``ratio`` of all channels go, no group losing more than ``max_group_ratio``.
+    ``round_to`` keeps channel counts multiples of it; every group keeps ``min_channels``.
+    """
+    if round_to < 1:
+        raise PruningError(f"round_to={round_to}: must be >= 1")
+    if min_channels < 1:
+        raise PruningError(f"min_channels={min_channels}: must be >= 1 (a group cannot lose all its channels)")
+    if not global_ranking:
+        out = []
+        for g, s in zip(groups, scores):
+            r = group_ratio(g, ratio, ratios)
+            n = _round_keep(g.size, int(math.floor(r * g.size + 1e-9)), round_to, g.n_prunable, min_channels)
+            out.append(_lowest(s, g.prunable, n))
+        return out
+    entries = []
+    for gi, (g, s) in enumerate(zip(groups, scores)):
+        if g.n_prunable == 0:
+            continue
+        norm = s / (np.mean(s[g.prunable]) + 1e-12)
+        for c in np.flatnonzero(g.prunable):
+            entries.append((norm[c], gi, c))
+    entries.sort()
+    target = int(math.floor(ratio * sum(g.size for g in groups)))
+    counts = [0] * len(groups)
+    caps = [min(g.n_prunable, g.size - min_channels, int(math.floor(max_group_ratio * g.size))) for g in groups]
+    taken = 0
+    for _, gi, _c in entries:
+        if taken >= target:
+            break
+        if counts[gi] < caps[gi]:
+            counts[gi] += 1
+            taken += 1
+    return [_lowest(s, g.prunable, _round_keep(g.size, counts[i], round_to, g.n_prunable, min_channels))
+            for i, (g, s) in enumerate(zip(groups, scores))]

@@ -1,0 +1,135 @@
+"""Channel importance criteria, in a registry users can extend.
+
+A criterion maps ``(model, group)`` to one score per channel of the group (higher = more
+important). Register your own with :func:`register`; ``prunekit.prune(criterion="name")``
+then finds it::
+
+    @prunekit.criteria.register("my_l1")
+    def my_l1(model, group, **ctx):
+        return prunekit.criteria.reduce_members(model, group, lambda w: w.abs().sum(1))
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from prunekit.graph.dependency import ChannelGroup
+
+
+class Criterion(Protocol):
+    """Scores the channels of one group: returns a float array of length ``group.size``."""
+
+    def __call__(self, model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray: ...
+
+
+_REGISTRY: dict[str, Criterion] = {}
+
+
+def register(name: str) -> Callable[[Criterion], Criterion]:
+    """Decorator registering a criterion under ``name`` (overwriting is an error)."""
+
+    def deco(fn: Criterion) -> Criterion:
+        if name in _REGISTRY:
+            raise ValueError(f"criterion '{name}' is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def get(name: str) -> Criterion:
+    """Return the criterion registered as ``name``; unknown names raise KeyError listing all."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown criterion '{name}'; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def list_criteria(pattern: str = "*") -> list[str]:
+    """Names of registered criteria matching a glob pattern."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def tensor_of(model: nn.Module, name: str) -> Tensor:
+    """Parameter or buffer of ``model`` by qualified name."""
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    return getattr(mod, leaf)
+
+
+def reduce_members(model: nn.Module, group: ChannelGroup, per_index: Callable[[Tensor], Tensor], *,
+                   roles: tuple[str, ...] = ("out", "in", "norm"), parameters_only: bool = True) -> np.ndarray:
+    """Sum a per-index statistic over the group's members into one score per channel.
+
+    ``per_index`` receives each member tensor with the pruned dim moved first and flattened
+    to 2-D ``(size, -1)`` and returns one value per index.
+    """
+    scores = np.zeros(group.size, dtype=np.float64)
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    for m in group.members:
+        if m.role not in roles or (parameters_only and m.tensor not in params):
+            continue
+        t = tensor_of(model, m.tensor).detach().float()
+        flat = t.movedim(m.dim, 0).reshape(t.shape[m.dim], -1)
+        vals = per_index(flat).double().cpu().numpy()
+        ok = m.channel >= 0
+        np.add.at(scores, m.channel[ok], vals[ok])
+    return scores
+
+
+@register("l1")
+def l1(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
+    """Sum of absolute weights of every slice the channel owns, over the whole group."""
+    return reduce_members(model, group, lambda w: w.abs().sum(1))
+
+
+@register("l2")
+def l2(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
+    """Group L2 norm: sqrt of the sum of squared weights of every slice the channel owns."""
+    return np.sqrt(reduce_members(model, group, lambda w: w.pow(2).sum(1)))
+
+
+@register("l1_out")
+def l1_out(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
+    """Classic filter L1 norm (Li et al. 2017): producers' filters only."""
+    return reduce_members(model, group, lambda w: w.abs().sum(1), roles=("out",))
+
+
+@register("bn")
+def bn_scale(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
+    """|gamma| of the normalisation layers in the group (Network Slimming); falls back to L2."""
+    scores = np.zeros(group.size, dtype=np.float64)
+    found = False
+    for m in group.members:
+        mod_name, _, leaf = m.tensor.rpartition(".")
+        mod = model.get_submodule(mod_name) if mod_name else model
+        norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+        if leaf == "weight" and isinstance(mod, norm_types):
+            vals = getattr(mod, leaf).detach().abs().double().cpu().numpy()
+            ok = m.channel >= 0
+            np.add.at(scores, m.channel[ok], vals[ok])
+            found = True
+    return scores if found else l2(model, group)
+
+
+@register("random")
+def random_scores(model: nn.Module, group: ChannelGroup, *, seed: int = 0, **ctx: Any) -> np.ndarray:
+    """Uniform random scores (a baseline), reproducible from ``seed`` and the group index."""
+    return np.random.default_rng(seed * 100_003 + group.index).random(group.size)
+
+
+def score_groups(model: nn.Module, groups: list[ChannelGroup], criterion: str | Criterion, **ctx: Any) -> list[np.ndarray]:
+    """Scores for every group with the given criterion (name or callable)."""
+    fn = get(criterion) if isinstance(criterion, str) else criterion
+    out = []
+    with torch.no_grad():
+        for g in groups:
+            s = np.asarray(fn(model, g, **ctx), dtype=np.float64)
+            if s.shape != (g.size,):
+                raise ValueError(f"criterion returned shape {s.shape} for group '{g.name}' of {g.size} channels")
+            out.append(s)
+    return out

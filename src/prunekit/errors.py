@@ -1,0 +1,7 @@
+"""Exceptions raised by prunekit. Every message names the module, op or option at fault."""
+
+from __future__ import annotations
+
+
+class PruningError(ValueError):
+    """Raised when a model cannot be pruned as asked; the user's model is left untouched."""

@@ -1,0 +1,244 @@
+"""Turn a trace into coupled channel groups.
+
+Atoms unioned during tracing form *channels* (connected components): a channel is the
+smallest unit that can be removed, e.g. filter 5 of every conv feeding one residual sum,
+or one attention head. Channels that share a producer form a *group* (a residual stage,
+one conv's filters): the unit a pruning ratio applies to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from torch import nn
+
+from prunekit.graph.tracer import Member, TraceState
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    """One parameter/buffer dim touched by a group: ``channel[i]`` is the group-local channel
+    of index ``i`` (-1 where the index belongs to another group or to no prunable channel)."""
+
+    tensor: str
+    dim: int
+    role: str
+    channel: np.ndarray = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Coupled channels: removing local channel ``c`` removes it from every member.
+
+    ``prunable[c]`` is False for channels that must stay; ``reasons[c]`` says why.
+    """
+
+    index: int
+    name: str
+    channels: np.ndarray = field(repr=False)  # component id of each local channel
+    prunable: np.ndarray = field(repr=False)
+    reasons: tuple[str, ...] = field(repr=False)
+    members: tuple[GroupMember, ...] = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        """Number of channels in the group."""
+        return int(len(self.channels))
+
+    @property
+    def n_prunable(self) -> int:
+        """Number of channels that may be removed."""
+        return int(self.prunable.sum())
+
+    def modules(self) -> list[str]:
+        """Names of the modules whose parameters this group slices, in trace order."""
+        seen: dict[str, None] = {}
+        for m in self.members:
+            seen.setdefault(m.tensor.rsplit(".", 1)[0] if "." in m.tensor else m.tensor, None)
+        return list(seen)
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n)
+
+    def find(self, x: int) -> int:
+        p = self.parent
+        root = x
+        while p[root] != root:
+            root = p[root]
+        while p[x] != root:
+            p[x], x = root, p[x]
+        return int(root)
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def components(state: TraceState) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """Connected components of atoms under all recorded unions, plus the implied
+    member-sharing unions (a tensor dim seen twice, e.g. a module reused or traced in two
+    modes, must be sliced once). Returns (component id per atom, extra unions)."""
+    n = state.n_atoms + 1
+    extra: list[tuple[np.ndarray, np.ndarray]] = []
+    first: dict[tuple[str, int], Member] = {}
+    for m in state.members:
+        key = (m.tensor, m.dim)
+        if key in first:
+            a, b = first[key].atoms, m.atoms
+            both = (a != 0) & (b != 0)
+            extra.append((a[both], b[both]))
+        else:
+            first[key] = m
+    pairs = state.unions + extra
+    if pairs:
+        rows = np.concatenate([p[0] for p in pairs])
+        cols = np.concatenate([p[1] for p in pairs])
+    else:
+        rows = cols = np.zeros(0, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    return comp.astype(np.int64), extra
+
+
+def apply_grid_ties(comp: np.ndarray, grids: list[np.ndarray]) -> np.ndarray:
+    """Make every grid's kept set a product set.
+
+    A label that varies along two or more dims (channels split into heads, a channel
+    shuffle, a class token row) can only lose whole slices along one axis. For each grid we
+    tie the channels across the other axes, choosing the axis that leaves the most channels.
+    """
+    uf = _UnionFind(int(comp.max()) + 1 if len(comp) else 1)
+    for grid in grids:
+        cells = comp[grid] * (grid != 0) - (grid == 0)  # -1 marks untracked cells
+        best: list[tuple[int, int]] | None = None
+        best_count = -1
+        for axis in range(cells.ndim):
+            ties: list[tuple[int, int]] = []
+            trial = _UnionFind(len(uf.parent))
+            trial.parent = uf.parent.copy()
+            moved = np.moveaxis(cells, axis, 0).reshape(cells.shape[axis], -1)
+            for row in moved:
+                ids = np.unique(row[row >= 0])
+                for other in ids[1:]:
+                    ties.append((int(ids[0]), int(other)))
+                    trial.union(int(ids[0]), int(other))
+            count = len({trial.find(int(c)) for c in np.unique(cells[cells >= 0])})
+            if count > best_count:
+                best, best_count = ties, count
+        for a, b in best or []:
+            uf.union(a, b)
+    roots = np.array([uf.find(int(c)) for c in range(len(uf.parent))], dtype=np.int64)
+    return roots[comp]
+
+
+def build_groups(state: TraceState, model: nn.Module) -> tuple[list[ChannelGroup], np.ndarray, list[Member]]:
+    """Compute channels and groups from a trace.
+
+    Returns (groups, component id per atom (-1 for none), every member incl. derived ones).
+    """
+    comp, _ = components(state)
+    comp = apply_grid_ties(comp, list(state.grids.values()))
+    comp[0] = -1
+    n_comp = int(comp.max()) + 1
+    members = _param_members(state, comp, model)
+    # A channel is prunable only if some real layer produces it and nothing blocks it.
+    active = np.zeros(n_comp, dtype=bool)
+    for s in state.sources:
+        if s.active:
+            active[comp[s.start:s.stop]] = True
+    reason: dict[int, str] = {}
+    for atoms, why in state.blocked:
+        for c in np.unique(comp[atoms]):
+            if c >= 0:
+                reason.setdefault(int(c), why)
+    # Channels sharing a producer form one group.
+    guf = _UnionFind(n_comp)
+    for s in state.sources:
+        cs = np.unique(comp[s.start:s.stop])
+        for c in cs[cs >= 0][1:]:
+            guf.union(int(cs[cs >= 0][0]), int(c))
+    uniq, first = np.unique(comp[1:], return_index=True)
+    ordered = uniq[np.argsort(first)]
+    groups_of: dict[int, list[int]] = {}
+    for c in ordered:
+        if c >= 0 and active[c]:
+            groups_of.setdefault(guf.find(int(c)), []).append(int(c))
+    group_of = np.full(n_comp + 1, -1, dtype=np.int64)  # last slot: atom 0 / untracked
+    local_of = np.full(n_comp + 1, -1, dtype=np.int64)
+    for gi, chans in enumerate(groups_of.values()):
+        group_of[chans] = gi
+        local_of[chans] = np.arange(len(chans))
+    per_group: list[list[GroupMember]] = [[] for _ in groups_of]
+    seen: set[tuple[str, int]] = set()
+    for m in members:
+        key = (m.tensor, m.dim)
+        if key in seen:
+            continue
+        seen.add(key)
+        cids = np.where(m.atoms != 0, comp[m.atoms], -1)
+        g = group_of[cids]
+        for gi in np.unique(g[g >= 0]):
+            per_group[int(gi)].append(GroupMember(m.tensor, m.dim, m.role, np.where(g == gi, local_of[cids], -1)))
+    groups: list[ChannelGroup] = []
+    for chans, gm in zip(groups_of.values(), per_group):
+        if not gm:
+            continue
+        reasons = tuple(reason.get(c, "") for c in chans)
+        prunable = np.array([r == "" for r in reasons], dtype=bool)
+        groups.append(ChannelGroup(len(groups), _group_name(gm), np.array(chans, dtype=np.int64), prunable,
+                                   reasons, tuple(gm)))
+    return groups, comp, members
+
+
+def _param_members(state: TraceState, comp: np.ndarray, model: nn.Module) -> list[Member]:
+    """Members recorded by rules plus those derived from raw parameters' element labels."""
+    out = list(state.members)
+    for name, atoms in state.param_elems:
+        cells = comp[atoms.numpy()]
+        if cells.ndim == 0:
+            continue
+        for d in range(cells.ndim):
+            moved = np.moveaxis(cells, d, 0).reshape(cells.shape[d], -1)
+            if cells.shape[d] > 1 and (moved == moved[:, :1]).all() and len(np.unique(moved[:, 0])) > 1:
+                # Constant along every other dim: the parameter is sliced along d.
+                rep = np.moveaxis(atoms.numpy(), d, 0).reshape(cells.shape[d], -1)[:, 0]
+                out.append(Member(name, d, rep.astype(np.int64), "norm"))
+                break
+        else:
+            if len(np.unique(cells)) > 1 and cells.size > 1:
+                state.blocked.append((np.unique(atoms.numpy()), f"parameter '{name}' couples channels along several dims"))
+    return out
+
+
+def _group_name(members: list[GroupMember]) -> str:
+    outs = [m.tensor.rsplit(".", 1)[0] for m in members if m.role == "out"]
+    names = list(dict.fromkeys(outs)) or [members[0].tensor.rsplit(".", 1)[0]]
+    return names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} coupled)"
+
+
+def describe(groups: list[ChannelGroup], limit: int = 40) -> str:
+    """Readable summary of groups: sizes, prunable counts, members and blocking reasons."""
+    lines = [f"DependencyGraph: {len(groups)} groups, {sum(g.size for g in groups)} channels, "
+             f"{sum(g.n_prunable for g in groups)} prunable"]
+    for g in groups[:limit]:
+        mods = g.modules()
+        shown = ", ".join(mods[:4]) + (f", ... (+{len(mods) - 4})" if len(mods) > 4 else "")
+        lines.append(f"  [{g.index}] {g.name}: {g.size} channels, {g.n_prunable} prunable | {shown}")
+        why = sorted({r for r in g.reasons if r})
+        for r in why[:2]:
+            lines.append(f"       unprunable: {r}")
+    if len(groups) > limit:
+        lines.append(f"  ... {len(groups) - limit} more groups")
+    return "\n".join(lines)
+
+
+def summarize_unprunable(groups: list[ChannelGroup]) -> dict[str, Any]:
+    """Map each group name with blocked channels to the distinct reasons."""
+    return {g.name: sorted({r for r in g.reasons if r}) for g in groups if g.n_prunable < g.size}

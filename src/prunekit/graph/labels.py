@@ -1,0 +1,50 @@
+"""Channel labels: which coupled-channel *atom* each element of a traced tensor belongs to.
+
+Every traced tensor carries an int64 label tensor broadcastable to its real shape, kept
+*compact*: a dim along which all labels are equal is stored with size 1 (so a conv output
+``(N, C, H, W)`` carries ``(1, C, 1, 1)``). Label 0 means "no prunable channel here".
+Pure index rearrangements (view, permute, cat, split, getitem, ...) are propagated by
+running the very same op on the label tensor, which makes channel shuffle, unequal
+splits, attention-head reshapes and flatten->linear exact without special cases.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def compact(lab: Tensor) -> Tensor:
+    """Return ``lab`` with every dim along which it is constant narrowed to size 1."""
+    for d in range(lab.ndim):
+        if lab.shape[d] > 1 and bool((lab == lab.narrow(d, 0, 1)).all()):
+            lab = lab.narrow(d, 0, 1)
+    return lab.contiguous()
+
+
+def zeros_like_shape(shape: tuple[int, ...]) -> Tensor:
+    """Return the compact label of an untracked tensor of ``shape`` (all zeros)."""
+    return torch.zeros((1,) * len(shape), dtype=torch.long)
+
+
+def varying_dims(lab: Tensor) -> list[int]:
+    """Return the dims along which a compact label varies."""
+    return [d for d in range(lab.ndim) if lab.shape[d] > 1]
+
+
+def align(lab: Tensor, ndim: int) -> Tensor:
+    """Left-pad ``lab`` with size-1 dims to ``ndim`` dims (numpy broadcasting rules)."""
+    if lab.ndim > ndim:
+        raise ValueError("label has more dims than the target")
+    return lab.reshape((1,) * (ndim - lab.ndim) + tuple(lab.shape))
+
+
+def kept_positions(lab: Tensor, dim: int, removed: Tensor) -> Tensor:
+    """Bool vector: which positions along ``dim`` survive when atoms with ``removed[atom]`` go.
+
+    A position survives if any element of its slice is untracked (label 0) or kept. Under
+    the product constraints the engine enforces, a slice is removed all-or-nothing.
+    """
+    moved = lab.movedim(dim, 0).reshape(lab.shape[dim], -1)
+    gone = removed[moved] & (moved != 0)
+    return ~gone.all(dim=1)

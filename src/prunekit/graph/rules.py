@@ -1,0 +1,460 @@
+"""Channel rules: how each torch op creates, couples, consumes or passes channels.
+
+A rule gets the tracer, the op and its real inputs/outputs and returns one compact label
+per output tensor. Rules are looked up by canonical op name (see ``tracer.op_name``); an
+op without a rule that touches tracked channels blocks them, naming the op and module, so
+an unknown op can never produce a wrong model, only a less pruned one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
+
+from prunekit.graph.labels import align, compact, zeros_like_shape
+from prunekit.graph.tracer import Tracer
+
+Rule = Callable[[Tracer, str, Callable[..., Any], tuple[Any, ...], dict[str, Any], list[Tensor], list[Tensor]], list[Tensor]]
+RULES: dict[str, Rule] = {}
+
+
+def register_rule(*names: str) -> Callable[[Rule], Rule]:
+    """Register a channel rule for torch ops with these canonical names (extension point)."""
+
+    def deco(fn: Rule) -> Rule:
+        for n in names:
+            RULES[n] = fn
+        return fn
+
+    return deco
+
+
+def apply_rule(tr: Tracer, name: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+               ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """Apply the rule registered for ``name`` (or the blocking fallback) and return labels."""
+    rule = RULES.get(name)
+    if rule is None:
+        return _unknown(tr, name, ins, outs)
+    return rule(tr, name, func, args, kwargs, ins, outs)
+
+
+def _unknown(tr: Tracer, name: str, ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    for t in ins:
+        if id(t) in tr.values:
+            tr.block(tr.lab(t), f"op '{name}' in module '{tr.current}' is not supported")
+    return [zeros_like_shape(tuple(o.shape)) for o in outs]
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, key: str, default: Any = None) -> Any:
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(key, default)
+
+
+# ---------------------------------------------------------------------- element-wise
+_UNARY = """relu relu6 gelu silu sigmoid tanh hardswish hardsigmoid hardtanh leaky_relu elu selu celu mish
+softplus softsign logsigmoid tanhshrink dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout
+neg abs exp exp2 expm1 log log2 log10 log1p sqrt rsqrt erf erfc sin cos reciprocal square sign clamp clip clamp_min
+clamp_max threshold contiguous clone detach float half double bfloat16 to type type_as requires_grad cpu cuda
+nan_to_num softmax log_softmax softmin pos normalize cumsum cumprod logical_not bitwise_not isnan isinf isfinite
+zeros_like ones_like empty_like full_like rand_like randn_like attr.data sigmoid attr.real round floor ceil trunc
+frac gelu_ fill zero hardshrink softshrink rrelu silu_ copy""".split()
+_BINARY = """add sub rsub mul div true_divide truediv floor_divide floordiv maximum minimum pow fmod remainder mod
+where addcmul addcdiv lerp masked_fill eq ne lt le gt ge logical_and logical_or bitwise_and and or xor hypot atan2
+copysign""".split()
+
+
+@register_rule(*_UNARY, *_BINARY)
+def elementwise(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """Broadcasting element-wise op: aligned channels of all operands are coupled."""
+    out = outs[0]
+    nd = out.ndim
+    ops = [(align(tr.lab(t), nd), (1,) * (nd - t.ndim) + tuple(t.shape)) for t in ins if t.ndim <= nd]
+    used: list[Tensor] = []
+    for i, (lab, shape) in enumerate(ops):
+        others_vary = {d for j, (other, _) in enumerate(ops) if j != i for d in range(nd) if other.shape[d] > 1}
+        if any(shape[d] == 1 for d in others_vary):
+            continue  # broadcast across channels (a scalar gate, a size-1 bias): not per-channel
+        used.append(lab)
+    if not used:
+        return [zeros_like_shape(tuple(o.shape)) for o in outs]
+    labs = torch.broadcast_tensors(*used)
+    result = labs[0]
+    for lab in labs[1:]:
+        fixed = (result == 0) != (lab == 0)
+        if bool(fixed.any()):
+            # A channel meets a tensor whose size is fixed by the code or the input.
+            tr.block(torch.where(fixed, result + lab, 0),
+                     f"channels meet an untracked tensor in '{name}' in module '{tr.current}'")
+        tr.union(result, lab)
+        result = torch.where(result != 0, result, lab)
+    result = compact(result)
+    return [result if o.ndim == nd else zeros_like_shape(tuple(o.shape)) for o in outs]
+
+
+# ---------------------------------------------------------------------- shape ops
+_SHAPE = """view reshape flatten unflatten permute transpose swapaxes swapdims t movedim moveaxis squeeze unsqueeze
+expand expand_as broadcast_to repeat tile repeat_interleave cat concat concatenate stack hstack vstack split chunk
+unbind tensor_split getitem narrow select index_select roll flip view_as reshape_as channel_shuffle
+native_channel_shuffle pixel_shuffle pixel_unshuffle attr.T attr.mT attr.H attr.mH unfold gather take_along_dim
+split_with_sizes unsafe_split unsafe_chunk diagonal""".split()
+
+
+@register_rule(*_SHAPE)
+def shape_op(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+             ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """Pure rearrangement: run the same op on the label tensors (exact for any indexing)."""
+
+    def sub(x: Any) -> Any:
+        if isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex() or id(x) in tr.values):
+            return tr.full(x)
+        return x
+
+    largs, lkwargs = tree_map(sub, (args, kwargs))
+    lout = func(*largs, **lkwargs)
+    labs = [compact(t.round().long()) for t in tree_flatten(lout)[0] if isinstance(t, Tensor)]
+    if name in ("chunk", "split", "unsafe_chunk", "unsafe_split", "tensor_split", "split_with_sizes", "unbind"):
+        _tie_equal_pieces(tr, name, args, kwargs, labs)
+    return labs
+
+
+def _tie_equal_pieces(tr: Tracer, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], labs: list[Tensor]) -> None:
+    """Equal pieces of a channel split must keep equal counts: tie position i of each piece."""
+    if name == "unbind" or len(labs) < 2:
+        return
+    sizes = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("chunks"))
+    if name in ("split", "unsafe_split", "split_with_sizes") and not isinstance(sizes, int):
+        return  # explicit sizes: each piece is free, the sizes argument gets rewritten
+    dim = _arg(args, kwargs, 2, "dim", 0)
+    shapes = {tuple(lab.shape) for lab in labs}
+    if len(shapes) != 1:
+        return
+    stacked = torch.stack([lab for lab in labs])
+    if stacked.shape[1 + dim % labs[0].ndim] == 1:
+        return
+    for i in range(1, len(labs)):
+        tr.union(labs[0], labs[i])
+
+
+@register_rule("pad")
+def pad(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+        ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """Constant padding is a rearrangement; reflect/replicate padding is spatial."""
+    mode = _arg(args, kwargs, 2, "mode", "constant")
+    if mode == "constant":
+        return shape_op(tr, name, func, args, kwargs, ins, outs)
+    return spatial(tr, name, func, args, kwargs, ins, outs)
+
+
+@register_rule("setitem")
+def setitem(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+            ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """``x[idx] = y`` rewrites part of x's labels in place."""
+    target = args[0]
+    lab = tr.full(target)
+    value = args[2]
+    lab[args[1]] = tr.full(value) if isinstance(value, Tensor) else 0.0
+    tr.set(target, compact(lab.round().long()))
+    return [zeros_like_shape(tuple(o.shape)) for o in outs]
+
+
+# ---------------------------------------------------------------------- spatial / reductions
+_SPATIAL = """max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d
+adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d max_pool1d_with_indices
+max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool2d_with_indices lp_pool1d lp_pool2d interpolate
+upsample upsample_nearest upsample_bilinear fractional_max_pool2d""".split()
+
+
+@register_rule(*_SPATIAL)
+def spatial(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+            ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """Ops over dims >= 2 (pooling, resizing): channels pass through unchanged."""
+    x = ins[0]
+    lab = tr.lab(x)
+    if lab.ndim < 2 or any(s > 1 for s in lab.shape[2:]) or lab.shape[0] > 1:
+        if bool((lab != 0).any()):
+            tr.block(lab, f"op '{name}' in module '{tr.current}' mixes positions that carry different channels")
+        return [zeros_like_shape(tuple(o.shape)) for o in outs]
+    return [lab.reshape(lab.shape[:2] + (1,) * (o.ndim - 2)) if o.ndim >= 2 else zeros_like_shape(tuple(o.shape))
+            for o in outs]
+
+
+_REDUCE = """mean sum nansum amax amin max min std var norm logsumexp prod all any argmax argmin median nanmean
+std_mean var_mean count_nonzero vector_norm linalg_vector_norm""".split()
+
+
+@register_rule(*_REDUCE)
+def reduction(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+              ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """Reductions: reducing over a channel dim consumes it; over other dims keeps it."""
+    if name in ("max", "min") and len(ins) >= 2:
+        return elementwise(tr, name, func, args, kwargs, ins, outs)
+    x = ins[0]
+    lab = tr.lab(x)
+    dim = _arg(args, kwargs, 1, "dim", None)
+    if name in ("norm", "vector_norm", "linalg_vector_norm"):
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
+    if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
+        return [zeros_like_shape(tuple(o.shape)) for o in outs]
+    dims = sorted({d % x.ndim for d in ((dim,) if isinstance(dim, int) else dim)})
+    keep = [d for d in range(x.ndim) if d not in dims]
+    if any(lab.shape[d] > 1 for d in dims):
+        if any(lab.shape[d] > 1 for d in keep):
+            tr.block(lab, f"'{name}' in module '{tr.current}' reduces over channels that vary with other dims")
+        return [zeros_like_shape(tuple(o.shape)) for o in outs]
+    reduced = lab
+    for o in outs:
+        if o.ndim == x.ndim:
+            return [reduced for _ in outs]
+    squeezed = lab.reshape([lab.shape[d] for d in keep])
+    return [squeezed if o.ndim == squeezed.ndim else zeros_like_shape(tuple(o.shape)) for o in outs]
+
+
+# ---------------------------------------------------------------------- layers
+@register_rule("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+def conv(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+         ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """Convolution: consumes input channels (per group), produces new output channels."""
+    x, w = args[0], _arg(args, kwargs, 1, "weight")
+    bias = _arg(args, kwargs, 2, "bias")
+    transposed = name.startswith("conv_transpose")
+    groups = _arg(args, kwargs, 6, "groups", 1) if transposed else _arg(args, kwargs, 6, "groups", 1)
+    out = outs[0]
+    c_in, c_out = x.shape[1], out.shape[1]
+    vec = tr.channel_vector(x, 1)
+    in_dim, out_dim = (0, 1) if transposed else (1, 0)
+    if groups == c_in == c_out and w.shape[in_dim] == 1 and not transposed:
+        # Depthwise: output channel c is a function of input channel c only.
+        tr.add_member(w, 0, vec, "norm")
+        tr.add_member(bias, 0, vec, "norm")
+        return [vec.view(1, -1, *([1] * (out.ndim - 2)))]
+    ipg, opg = c_in // groups, c_out // groups
+    atoms = tr.new_atoms(c_out, tr.current or name)
+    if groups > 1:
+        # Every conv group must keep the same number of channels: tie position i across groups.
+        blocks_in = vec.view(groups, ipg)
+        for g in range(1, groups):
+            tr.union(blocks_in[0], blocks_in[g])
+        blocks_out = atoms.view(groups, opg)
+        for g in range(1, groups):
+            tr.union(blocks_out[0], blocks_out[g])
+    if transposed:
+        tr.add_member(w, 0, vec, "in")
+        tr.add_member(w, 1, atoms.view(groups, opg)[0], "out")
+    else:
+        tr.add_member(w, 1, vec.view(groups, ipg)[0], "in")
+        tr.add_member(w, 0, atoms, "out")
+    tr.add_member(bias, 0, atoms, "out")
+    return [atoms.view(1, -1, *([1] * (out.ndim - 2)))]
+
+
+@register_rule("linear")
+def linear(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+           ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """Linear layer: consumes the last dim, produces new output features."""
+    x, w = args[0], _arg(args, kwargs, 1, "weight")
+    bias = _arg(args, kwargs, 2, "bias")
+    out = outs[0]
+    if tr.name_of(w) is None:
+        return matmul_like(tr, name, tr.lab(x), x, w.t(), None, outs)
+    vec = tr.channel_vector(x, -1)
+    tr.add_member(w, 1, vec, "in")
+    atoms = tr.new_atoms(w.shape[0], tr.current or name)
+    tr.add_member(w, 0, atoms, "out")
+    tr.add_member(bias, 0, atoms, "out")
+    return [atoms.view(*([1] * (out.ndim - 1)), -1)]
+
+
+@register_rule("bilinear")
+def bilinear(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+             ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """Bilinear layer: both inputs consumed; output features fixed (not supported as producer)."""
+    return _unknown(tr, name, ins, outs)
+
+
+@register_rule("embedding")
+def embedding(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+              ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """Embedding lookup: produces ``embedding_dim`` new channels."""
+    w = _arg(args, kwargs, 1, "weight")
+    atoms = tr.new_atoms(w.shape[1], tr.current or name)
+    tr.add_member(w, 1, atoms, "out")
+    return [atoms.view(*([1] * (outs[0].ndim - 1)), -1)]
+
+
+@register_rule("batch_norm", "instance_norm")
+def batch_norm(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+               ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """BatchNorm/InstanceNorm: per-channel statistics and affine parameters follow dim 1."""
+    x = args[0]
+    vec = tr.channel_vector(x, 1)
+    keys = ("running_mean", "running_var", "weight", "bias")
+    for i, key in enumerate(keys, start=1):
+        t = _arg(args, kwargs, i, key)
+        if isinstance(t, Tensor) and t.ndim == 1 and t.shape[0] == x.shape[1]:
+            tr.add_member(t, 0, vec, "norm")
+    return [tr.lab(x)]
+
+
+@register_rule("layer_norm", "rms_norm")
+def layer_norm(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+               ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """LayerNorm over the last dim: affine parameters follow it (channel-mixing statistics)."""
+    x = args[0]
+    shape = _arg(args, kwargs, 1, "normalized_shape")
+    n = len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
+    lab = tr.lab(x)
+    if n != 1:
+        if any(s > 1 for s in lab.shape[x.ndim - n:]):
+            tr.block(lab, f"'{name}' over several dims in module '{tr.current}'")
+        return [lab]
+    vec = tr.channel_vector(x, -1)
+    w = _arg(args, kwargs, 2, "weight")
+    b = _arg(args, kwargs, 3, "bias") if name == "layer_norm" else None
+    tr.add_member(w, 0, vec, "norm")
+    tr.add_member(b, 0, vec, "norm")
+    return [tr.lab(x)]
+
+
+@register_rule("group_norm")
+def group_norm(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+               ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """GroupNorm: every group keeps the same count, so position i is tied across groups."""
+    x = args[0]
+    groups = _arg(args, kwargs, 1, "num_groups")
+    vec = tr.channel_vector(x, 1)
+    blocks = vec.view(groups, -1)
+    for g in range(1, groups):
+        tr.union(blocks[0], blocks[g])
+    tr.add_member(_arg(args, kwargs, 2, "weight"), 0, vec, "norm")
+    tr.add_member(_arg(args, kwargs, 3, "bias"), 0, vec, "norm")
+    return [tr.lab(x)]
+
+
+@register_rule("prelu")
+def prelu(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+          ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """PReLU: a per-channel slope (or one shared slope)."""
+    x, w = args[0], args[1]
+    if w.numel() > 1:
+        tr.add_member(w, 0, tr.channel_vector(x, 1), "norm")
+    return [tr.lab(x)]
+
+
+# ---------------------------------------------------------------------- matmul & attention
+@register_rule("matmul", "bmm", "mm")
+def matmul(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+           ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """Matrix product ``a @ b``: the contracted dim couples a's columns with b's rows."""
+    a, b = args[0], args[1]
+    if a.ndim < 2 or b.ndim < 2:
+        return _unknown(tr, name, ins, outs)
+    return matmul_like(tr, name, tr.lab(a), a, b, tr.lab(b) if tr.tracked(b) else None, outs)
+
+
+def matmul_like(tr: Tracer, name: str, lab_a: Tensor, a: Tensor, b: Tensor, lab_b: Tensor | None,
+                outs: list[Tensor]) -> list[Tensor]:
+    """Shared core of matmul/linear-with-computed-weight; see :func:`matmul`."""
+    out = outs[0]
+    nd = out.ndim
+    la = align(lab_a, nd)
+    lb = align(lab_b if lab_b is not None else zeros_like_shape(tuple(b.shape)), nd)
+    batch_varies = any(s > 1 for s in la.shape[:-2]) or any(s > 1 for s in lb.shape[:-2])
+    if tr.name_of(b) is not None and b.ndim == 2 and not batch_varies:
+        # x @ W with a parameter W (k, m): like a linear layer.
+        vec = tr.channel_vector(a, -1)
+        tr.add_member(b, 0, vec, "in")
+        atoms = tr.new_atoms(b.shape[1], tr.current or name)
+        tr.add_member(b, 1, atoms, "out")
+        return [atoms.view(*([1] * (nd - 1)), -1)]
+    if not batch_varies:
+        va = _last_vec(tr, la, -1, a.shape[-1])
+        vb = _last_vec(tr, lb, -2, b.shape[-2])
+        if bool(((va != 0) ^ (vb != 0)).any()):
+            tr.block(torch.cat([va, vb]), f"'{name}' in module '{tr.current}' contracts channels with an untracked tensor")
+        tr.union(va, vb)
+        rows = la.amax(dim=-1, keepdim=True) if la.shape[-2] > 1 else la.narrow(-1, 0, 1)
+        cols = lb.amax(dim=-2, keepdim=True) if lb.shape[-1] > 1 else lb.narrow(-2, 0, 1)
+        rows = rows if la.shape[-2] > 1 else torch.zeros_like(rows)
+        cols = cols if lb.shape[-1] > 1 else torch.zeros_like(cols)
+        if bool((rows != 0).any()) and bool((cols != 0).any()):
+            tr.block(torch.cat([rows.reshape(-1), cols.reshape(-1)]), f"'{name}' in module '{tr.current}' mixes channels of both operands")
+            return [zeros_like_shape(tuple(out.shape))]
+        res = rows if bool((rows != 0).any()) else cols
+        return [compact(res)]
+    # Batched product whose batch dims carry channels (attention heads): everything in one
+    # batch slice goes together, and slice h of a pairs with slice h of b.
+    rep_a = _slice_reps(tr, la)
+    rep_b = _slice_reps(tr, lb)
+    ra, rb = torch.broadcast_tensors(rep_a, rep_b)
+    tr.union(ra, rb)
+    rep = torch.where(ra != 0, ra, rb)
+    return [compact(rep)]
+
+
+def _last_vec(tr: Tracer, lab: Tensor, dim: int, size: int) -> Tensor:
+    moved = lab.movedim(dim, -1).reshape(-1, lab.shape[dim])
+    for col in moved.t():
+        tr.tie(col)
+    vec = moved.amax(dim=0) if moved.shape[0] > 1 else moved[0]
+    return vec.expand(size).clone() if vec.numel() == 1 else vec
+
+
+def _slice_reps(tr: Tracer, lab: Tensor) -> Tensor:
+    """Tie all atoms within each matrix slice; return one representative per slice."""
+    flat = lab.reshape(*lab.shape[:-2], -1)
+    for row in flat.reshape(-1, flat.shape[-1]):
+        tr.tie(row)
+    return flat.amax(dim=-1, keepdim=True).unsqueeze(-1)
+
+
+@register_rule("scaled_dot_product_attention")
+def sdpa(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+         ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """Fused attention = softmax(q k^T + mask) v: heads of q, k, v (and mask) go together."""
+    q, k, v = args[0], args[1], args[2]
+    nd = outs[0].ndim
+    reps = [_slice_reps(tr, align(tr.lab(t), nd)) for t in (q, k, v)]
+    mask = _arg(args, kwargs, 3, "attn_mask")
+    if isinstance(mask, Tensor) and tr.tracked(mask):
+        reps.append(_slice_reps(tr, align(tr.lab(mask), nd)))
+    rep = reps[0]
+    for r in reps[1:]:
+        a, b = torch.broadcast_tensors(rep, r)
+        tr.union(a, b)
+        rep = torch.where(a != 0, a, b)
+    return [compact(rep)]
+
+
+@register_rule("multi_head_attention_forward")
+def mha(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+        ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """``nn.MultiheadAttention`` ties embed_dim to its inner width: its channels stay."""
+    for t in args[:3]:
+        if isinstance(t, Tensor):
+            tr.block(tr.lab(t), f"nn.MultiheadAttention '{tr.current}' ties embed_dim to its q/k/v width")
+    return [zeros_like_shape(tuple(o.shape)) for o in outs]
+
+
+# ---------------------------------------------------------------------- no-ops on channels
+@register_rule("attr.shape", "size", "dim", "numel", "attr.device", "attr.dtype", "attr.is_nested", "attr.requires_grad",
+               "attr.grad_fn", "attr.ndim", "attr.is_cuda", "attr.layout")
+def passthrough_meta(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """Metadata queries return no tensors of interest."""
+    return [zeros_like_shape(tuple(o.shape)) for o in outs]
+
+
+_FACTORIES = """zeros ones empty full arange linspace randn rand randint tensor as_tensor eye new_zeros new_ones
+new_empty new_full new_tensor meshgrid logspace randperm scalar_tensor _assert""".split()
+
+
+@register_rule(*_FACTORIES)
+def factory(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+            ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """Tensors created in forward carry no channels (their sizes are fixed by the code)."""
+    return [zeros_like_shape(tuple(o.shape)) for o in outs]

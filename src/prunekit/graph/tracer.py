@@ -1,0 +1,329 @@
+"""Run a model once under a ``TorchFunctionMode`` and record how channels flow.
+
+The tracer executes the real forward pass (so any Python control flow, dynamic shapes and
+training-only branches just work) and, for every torch function call, applies a channel
+*rule* from :mod:`prunekit.graph.rules`. Rules create atoms (new output channels of conv /
+linear / embedding), union atoms that must be pruned together (residual add, attention
+contraction, grouped-conv blocks), attach parameter slices (*members*) to atoms, and block
+atoms that cannot be pruned, always with a reason that names the op and module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from prunekit.graph.labels import compact, zeros_like_shape
+
+
+@dataclass
+class Member:
+    """One prunable dim of a parameter or buffer: ``atoms[i]`` is the atom of index ``i``."""
+
+    tensor: str
+    dim: int
+    atoms: np.ndarray
+    role: str  # "out" (a producer's filters), "in" (a consumer's inputs), "norm" (per-channel)
+
+
+@dataclass
+class OpRecord:
+    """One recorded torch call: enough to predict its output shapes after pruning."""
+
+    index: int
+    name: str
+    module: str
+    out_shapes: list[tuple[int, ...]]
+    out_labs: list[Tensor]
+    in_labs: list[Tensor]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class Source:
+    """A contiguous range of atoms created by one op (``active``) or one raw parameter."""
+
+    start: int
+    stop: int
+    name: str
+    active: bool
+
+
+@dataclass
+class TraceState:
+    """Everything one or more traced forward passes learned about a model."""
+
+    n_atoms: int = 0
+    sources: list[Source] = field(default_factory=list)
+    unions: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    members: list[Member] = field(default_factory=list)
+    param_elems: list[tuple[str, Tensor]] = field(default_factory=list)
+    blocked: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    grids: dict[tuple[Any, ...], np.ndarray] = field(default_factory=dict)
+    ops: dict[str, list[OpRecord]] = field(default_factory=dict)
+
+
+def op_name(func: Callable[..., Any]) -> str:
+    """Canonical name of a torch function: ``__iadd__``/``add_``/``__add__`` -> ``add``."""
+    name = getattr(func, "__name__", None) or str(func)
+    if name == "__get__":
+        owner = getattr(func, "__self__", None)
+        return "attr." + str(getattr(owner, "__name__", "?"))
+    if name.startswith("__") and name.endswith("__"):
+        core = name[2:-2]
+        if core in ("getitem", "setitem"):
+            return core
+        if core.startswith(("r", "i")) and core[1:] in _DUNDER_BINARY:
+            return core[1:]
+        return core
+    if name.endswith("_") and not name.startswith("_"):
+        return name[:-1]
+    return name
+
+
+_DUNDER_BINARY = {
+    "add", "sub", "mul", "truediv", "floordiv", "pow", "matmul", "and", "or", "xor", "mod",
+}
+
+
+class Tracer:
+    """Records channel flow of ``model`` into a :class:`TraceState` (see module docstring)."""
+
+    def __init__(self, model: nn.Module, state: TraceState | None = None) -> None:
+        self.model = model
+        self.state = state if state is not None else TraceState()
+        self.tensor_names: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self.tensor_names.setdefault(id(p), name)
+        for name, b in model.named_buffers(remove_duplicate=False):
+            self.tensor_names.setdefault(id(b), name)
+        self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+        self.values: dict[int, tuple[tuple[int, ...], Tensor]] = {}
+        self.keep_alive: list[Tensor] = []
+        self.stack: list[str] = [""]
+        self.ops: list[OpRecord] = []
+        self.ignored_prefixes: tuple[str, ...] = ()
+
+    # ----------------------------------------------------------------- atoms & labels
+    def new_atoms(self, n: int, name: str, *, active: bool = True) -> Tensor:
+        """Allocate ``n`` fresh atoms for a producer named ``name``; returns their ids."""
+        st = self.state
+        start = st.n_atoms + 1
+        st.n_atoms += n
+        st.sources.append(Source(start, start + n, name, active))
+        atoms = torch.arange(start, start + n, dtype=torch.long)
+        if active and self.ignored_prefixes and _under(name, self.ignored_prefixes):
+            self.block(atoms, f"module '{name}' is in ignore")
+        return atoms
+
+    def union(self, a: Tensor, b: Tensor) -> None:
+        """Record that atoms ``a[i]`` and ``b[i]`` must be pruned together (0s are skipped)."""
+        a, b = torch.broadcast_tensors(a.reshape(-1) if a.ndim else a, b.reshape(-1) if b.ndim else b)
+        mask = (a != 0) & (b != 0) & (a != b)
+        if bool(mask.any()):
+            self.state.unions.append((a[mask].numpy().copy(), b[mask].numpy().copy()))
+
+    def tie(self, atoms: Tensor) -> None:
+        """Union every non-zero atom in ``atoms`` with each other."""
+        nz = atoms.reshape(-1)
+        nz = nz[nz != 0]
+        if nz.numel() > 1:
+            self.union(nz[:1].expand(nz.numel() - 1), nz[1:])
+
+    def block(self, atoms: Tensor, reason: str) -> None:
+        """Mark atoms unprunable, with a reason shown to the user."""
+        nz = atoms.reshape(-1)
+        nz = nz[nz != 0]
+        if nz.numel():
+            self.state.blocked.append((np.unique(nz.numpy()), reason))
+
+    def name_of(self, t: Tensor) -> str | None:
+        """Qualified parameter/buffer name of ``t``, or None for an activation."""
+        return self.tensor_names.get(id(t))
+
+    def lab(self, t: Tensor) -> Tensor:
+        """Compact label of ``t``; raw parameters/buffers get one fresh atom per element."""
+        v = self.values.get(id(t))
+        if v is not None:
+            return v[1]
+        name = self.name_of(t)
+        if name is not None and t.numel() <= 4_000_000:
+            atoms = self.new_atoms(t.numel(), name, active=False).view(t.shape)
+            self.state.param_elems.append((name, atoms))
+            self.set(t, atoms)
+            return atoms
+        return zeros_like_shape(tuple(t.shape))
+
+    def tracked(self, t: Tensor) -> bool:
+        """True if ``t`` is an activation we traced or a named parameter/buffer."""
+        return id(t) in self.values or id(t) in self.tensor_names
+
+    def set(self, t: Tensor, lab: Tensor) -> None:
+        """Attach a (compact) label to a tensor."""
+        if lab.ndim != t.ndim:
+            lab = lab.reshape((1,) * (t.ndim - lab.ndim) + tuple(lab.shape)) if lab.ndim < t.ndim else lab
+        self.values[id(t)] = (tuple(t.shape), lab)
+        self.keep_alive.append(t)
+
+    def full(self, t: Tensor) -> Tensor:
+        """Label of ``t`` materialised to its full shape, as float64 (ops run on it)."""
+        return self.lab(t).to(torch.float64).expand(t.shape).contiguous()
+
+    def add_member(self, t: Tensor | None, dim: int, atoms: Tensor, role: str) -> None:
+        """Attach dim ``dim`` of parameter/buffer ``t`` to ``atoms`` (one per index)."""
+        if t is None:
+            return
+        name = self.name_of(t)
+        if name is None:
+            # A weight computed at run time has no place to be sliced: its channels are fixed.
+            self.block(atoms, f"a computed (non-parameter) tensor is used as a weight in module '{self.current}'")
+            return
+        if atoms.numel() != t.shape[dim]:
+            raise AssertionError(f"member size mismatch for {name} dim {dim}")
+        self.state.members.append(Member(name, dim, atoms.reshape(-1).numpy().copy(), role))
+
+    def channel_vector(self, t: Tensor, dim: int) -> Tensor:
+        """Per-index atoms of ``t`` along ``dim``, tying the atoms that share an index.
+
+        A consumer (conv, linear, norm) applies one weight slice to every element with the
+        same index along ``dim``; those elements' atoms must therefore go together. Indices
+        that mix tracked and untracked elements are blocked (their size is fixed elsewhere).
+        """
+        lab = self.lab(t)
+        dim = dim % t.ndim
+        size = t.shape[dim]
+        if lab.shape[dim] == 1:
+            moved = lab.movedim(dim, 0).reshape(1, -1)
+        else:
+            moved = lab.movedim(dim, 0).reshape(size, -1)
+        if moved.shape[1] > 1:
+            first = moved[:, :1]
+            if not bool((moved == first).all()):
+                nz = moved != 0
+                any_nz = nz.any(1)
+                mixed = any_nz & ~nz.all(1)
+                if bool(mixed.any()):
+                    self.block(moved[mixed], f"channels meet an untracked tensor in module '{self.current}'")
+                for row in moved[any_nz]:
+                    self.tie(row)
+                first = torch.where(moved != 0, moved, 0).max(dim=1, keepdim=True).values
+        vec = moved[:, 0] if moved.shape[1] == 1 else first[:, 0]
+        return vec.expand(size).clone() if vec.numel() == 1 else vec
+
+    def add_grid(self, lab: Tensor) -> None:
+        """Remember a label varying along 2+ dims: its kept set must be a product set."""
+        squeezed = lab.squeeze()
+        if squeezed.ndim < 2 or not bool((squeezed != 0).any()):
+            return
+        arr = squeezed.numpy()
+        key = (arr.shape, hash(arr.tobytes()))
+        self.state.grids.setdefault(key, arr.copy())
+
+    @property
+    def current(self) -> str:
+        """Path of the innermost module being executed ('' for the root)."""
+        return self.stack[-1]
+
+    # ----------------------------------------------------------------- running
+    def handle(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run ``func`` for real, then apply its channel rule to the outputs."""
+        from prunekit.graph.rules import apply_rule
+
+        out = func(*args, **kwargs)
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        if not outs:
+            return out
+        name = op_name(func)
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        labs = apply_rule(self, name, func, args, kwargs, ins, outs)
+        in_labs = [self.values[id(t)][1] if id(t) in self.values else zeros_like_shape(tuple(t.shape)) for t in ins]
+        for t, lab in zip(outs, labs):
+            self.set(t, lab)
+            if lab.ndim and sum(s > 1 for s in lab.shape) >= 2:
+                self.add_grid(lab)
+        self.ops.append(
+            OpRecord(len(self.ops), name, self.current, [tuple(t.shape) for t in outs], list(labs), in_labs,
+                     _strip_tensors(args), _strip_tensors(kwargs))
+        )
+        return out
+
+    def run(self, example_inputs: Any, mode: str) -> None:
+        """Trace one forward pass in ``mode`` ('eval' or 'train' with BN frozen)."""
+        model = self.model
+        hooks = []
+        names = self.module_names
+
+        def pre(mod: nn.Module, _args: Any) -> None:
+            self.stack.append(names.get(id(mod), "?"))
+
+        def post(mod: nn.Module, _args: Any, _out: Any) -> None:
+            if len(self.stack) > 1:
+                self.stack.pop()
+
+        for m in model.modules():
+            hooks.append(m.register_forward_pre_hook(pre))
+            hooks.append(m.register_forward_hook(post, always_call=True))
+        was_training = {m: m.training for m in model.modules()}
+        try:
+            model.train(mode == "train")
+            if mode == "train":
+                # Training-only branches get traced, but BN must not update running stats.
+                for m in model.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+            with torch.no_grad(), _Mode(self):
+                out = _call(model, example_inputs)
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, Tensor):
+                    self.block(self.lab(t), "it reaches the model output")
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, flag in was_training.items():
+                m.training = flag
+        self.state.ops[mode] = self.ops
+        self.ops = []
+        self.values.clear()
+        self.keep_alive.clear()
+        self.stack = [""]
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, tracer: Tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        return self.tracer.handle(func, tuple(args), dict(kwargs or {}))
+
+
+def _call(model: nn.Module, example_inputs: Any) -> Any:
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def _strip_tensors(obj: Any) -> Any:
+    """Keep only the non-tensor arguments (ints, shapes) of a call: used to fix attributes."""
+    if isinstance(obj, Tensor):
+        return None
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_strip_tensors(o) for o in obj) if not hasattr(obj, "_fields") else tuple(obj)
+    if isinstance(obj, dict):
+        return {k: _strip_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (int, float, bool, str, type(None), torch.Size)):
+        return obj
+    return None
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)

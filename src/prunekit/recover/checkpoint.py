@@ -1,0 +1,94 @@
+"""Atomic checkpoint files and capture/restore of every RNG that affects a training run."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["atomic_torch_save", "capture_rng_state", "load_checkpoint", "restore_rng_state"]
+
+logger = logging.getLogger(__name__)
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a crash (no-op where unsupported)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(str(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` with ``torch.save`` so ``path`` is always either the old or the new file; return it.
+
+    The data go to a temporary file in the same directory (so ``os.replace`` is a rename on
+    one file system), are flushed and fsynced, then renamed over ``path``. On any error the
+    temporary file is removed and the previous ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by the training loop onto the CPU and return its dict.
+
+    Checkpoints hold only tensors and plain Python values, so ``weights_only=True`` loading
+    (no arbitrary unpickling) is used.
+    """
+    return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Return the states of Python's, numpy's and torch's (CPU and CUDA) global generators.
+
+    numpy's state is stored as plain lists/ints (not an ndarray) so the checkpoint stays
+    loadable with ``weights_only=True``.
+    """
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore generator states saved by :func:`capture_rng_state`."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            logger.warning("checkpoint has %d CUDA RNG states but %d devices are visible; CUDA RNG not restored",
+                           len(cuda_states), torch.cuda.device_count())

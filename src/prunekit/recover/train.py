@@ -1,0 +1,335 @@
+"""The one training loop: baseline training, fine-tuning after pruning, training-time methods.
+
+``train`` runs epochs of SGD/AdamW with an optional distillation teacher, per-step hooks
+(soft masks, regularisers), an optional extra loss term, resumable atomic checkpoints and
+JSON-lines logs, on one device or under ``torchrun`` with DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from prunekit.recover.checkpoint import atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state
+from prunekit.recover.config import TrainConfig, TrainResult, build_optimizer, build_scheduler
+from prunekit.recover.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_distributed,
+    unwrap_model,
+)
+from prunekit.recover.evaluate import evaluate, model_device
+from prunekit.recover.losses import distillation_loss
+
+__all__ = ["CHECKPOINT_NAME", "LOG_NAME", "TrainConfig", "TrainResult", "evaluate", "train"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "train_log.jsonl"
+
+Hook = Callable[[nn.Module, int], Any]
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and all CUDA devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _steps_per_epoch(loader: Iterable, cfg: TrainConfig) -> int:
+    """Optimizer steps per epoch: ``len(loader)`` capped by ``max_steps_per_epoch``."""
+    try:
+        n = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        if cfg.max_steps_per_epoch is None:
+            raise ValueError("train_loader has no len(); set TrainConfig.max_steps_per_epoch") from None
+        return cfg.max_steps_per_epoch
+    return n if cfg.max_steps_per_epoch is None else min(n, cfg.max_steps_per_epoch)
+
+
+def _amp_setup(device: torch.device, cfg: TrainConfig) -> tuple[Callable[[], contextlib.AbstractContextManager], torch.amp.GradScaler]:
+    """Return (autocast context factory, GradScaler); both inert unless amp on CUDA."""
+    use_amp = cfg.amp and device.type == "cuda"
+    if cfg.amp and not use_amp:
+        logger.warning("TrainConfig.amp ignored: mixed precision is only used on CUDA (device is %s)", device)
+    dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    # Loss scaling is only needed for fp16; bf16 has float32's exponent range.
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and dtype == torch.float16)
+    if use_amp:
+        return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+    return contextlib.nullcontext, scaler
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` via a temporary file and rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _open_tensorboard(run_dir: Path, cfg: TrainConfig) -> Any:
+    """Return a SummaryWriter under ``run_dir/tb`` or None when tensorboard is not installed."""
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(run_dir / "tb"))
+    except Exception:  # optional dependency: any import or start-up failure just disables it
+        return None
+
+
+def _train_one_epoch(
+    net: nn.Module, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, cfg: TrainConfig, *,
+    device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager], channels_last: bool,
+    teacher: nn.Module | None, hooks: Sequence[Hook], loss_fn_extra: Callable[[nn.Module], Tensor] | None,
+    epoch: int, global_step: int, steps: int, show_progress: bool,
+) -> tuple[dict[str, float], int]:
+    """Run one epoch; return (globally reduced train metrics, updated global step)."""
+    net.train()
+    for obj in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        if hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)  # DistributedSampler reshuffles by seed + epoch
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct, n, extra*n
+    batches = loader if cfg.max_steps_per_epoch is None else islice(loader, cfg.max_steps_per_epoch)
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not show_progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        for i, (x, y) in enumerate(batches):
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            if channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                logits = net(x)
+                teacher_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)
+                loss, _, _ = distillation_loss(
+                    logits, y, teacher_logits, alpha=cfg.kd_alpha, temperature=cfg.kd_temperature,
+                    label_smoothing=cfg.label_smoothing,
+                )
+                extra = loss_fn_extra(model) if loss_fn_extra is not None else None
+            objective = loss if extra is None else loss + extra
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(objective).backward()
+            if cfg.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            global_step += 1
+            for hook in hooks:
+                hook(model, global_step)
+            n = y.shape[0]
+            with torch.no_grad():
+                sums[0] += loss.detach().double() * n
+                sums[1] += (logits.argmax(dim=1) == y).sum()
+                sums[2] += n
+                if extra is not None:
+                    sums[3] += extra.detach().double() * n
+            if (i + 1) % cfg.log_every == 0:
+                # .item() synchronises the device, so only every log_every steps.
+                value = float(loss.item())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"training loss is {value} at epoch {epoch + 1}, step {global_step}")
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+                logger.debug("epoch %d step %d loss %.4f", epoch + 1, global_step, value)
+            bar.update(1)
+    finally:
+        bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    all_reduce_sum(sums)
+    count = max(float(sums[2].item()), 1.0)
+    stats = {
+        "train_loss": float(sums[0].item()) / count,
+        "train_acc": float(sums[1].item()) / count,
+        "train_images": float(sums[2].item()),
+        "seconds": seconds,
+        "images_per_s": float(sums[2].item()) / max(seconds, 1e-9),
+    }
+    if loss_fn_extra is not None:
+        stats["train_extra_loss"] = float(sums[3].item()) / count
+    return stats, global_step
+
+
+def train(
+    model: nn.Module,
+    train_loader: Iterable,
+    cfg: TrainConfig,
+    *,
+    val_loader: Iterable | None = None,
+    teacher: nn.Module | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    hooks: Sequence[Hook] | None = None,
+    loss_fn_extra: Callable[[nn.Module], Tensor] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place for ``cfg.epochs`` epochs and return a :class:`TrainResult`.
+
+    The model trains on the device its parameters are on (moved to ``cuda:LOCAL_RANK`` under
+    NCCL). With ``teacher`` the loss is ``(1 - kd_alpha) * CE + kd_alpha * T^2 * KL``.
+    ``hooks`` are called as ``hook(model, global_step)`` after every optimizer step and
+    ``loss_fn_extra(model)`` is added to each step's loss. With ``run_dir``, after every epoch
+    ``run_dir/checkpoint.pt`` is replaced atomically (model, optimizer, scheduler, scaler,
+    RNG states of every rank, loader generator, history) and a line is appended to
+    ``run_dir/train_log.jsonl``; ``resume=True`` continues from that checkpoint exactly (a
+    missing checkpoint starts fresh). On KeyboardInterrupt the last completed epoch's
+    checkpoint is already on disk and the interrupt is re-raised. Under torchrun the model is
+    wrapped in DistributedDataParallel, metrics are all-reduced and only rank 0 writes
+    files, logs and progress bars; pass the same ``run_dir`` on every rank (the RNG states
+    of all ranks are gathered into rank 0's checkpoint, a collective call).
+    """
+    wall_start = time.perf_counter()
+    if not is_distributed() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        init_distributed()
+    rank, world = get_rank(), get_world_size()
+    main = rank == 0
+    model = unwrap_model(model)
+    if is_distributed() and torch.distributed.get_backend() == "nccl" and model_device(model).type != "cuda":
+        model.to(torch.device("cuda", torch.cuda.current_device()))
+    device = model_device(model)
+    channels_last = cfg.channels_last and device.type == "cuda"
+    if cfg.channels_last and not channels_last:
+        logger.warning("TrainConfig.channels_last ignored: only used on CUDA (device is %s)", device)
+    if cfg.deterministic:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    # Each rank gets its own stream (different augmentation/dropout); the weights are still
+    # identical because DDP broadcasts rank 0's parameters when it wraps the model.
+    _seed_everything(cfg.seed + rank)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher = unwrap_model(teacher).to(device).eval()
+    autocast, scaler = _amp_setup(device, cfg)
+    steps = _steps_per_epoch(train_loader, cfg)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps)
+    generator: torch.Generator | None = getattr(train_loader, "generator", None)
+
+    run_path = Path(run_dir) if run_dir is not None else None
+    ckpt_path = run_path / CHECKPOINT_NAME if run_path is not None else None
+    start_epoch, global_step, history, resumed_from = 0, 0, [], None
+    if resume and ckpt_path is not None and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        changed = cfg.trajectory_diff(ckpt.get("config", {}))
+        if changed and main:
+            logger.warning("resuming with changed TrainConfig fields %s: the run will not match an uninterrupted one", changed)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = resumed_from = int(ckpt["epoch"])
+        global_step, history = int(ckpt["global_step"]), list(ckpt["history"])
+        rng_states = ckpt["rng"]
+        if len(rng_states) != world and main:
+            logger.warning("checkpoint was written by %d ranks, now %d: RNG streams differ from the original run", len(rng_states), world)
+        restore_rng_state(rng_states[rank if rank < len(rng_states) else 0])
+        if generator is not None and ckpt.get("loader_generator") is not None:
+            generator.set_state(ckpt["loader_generator"])
+        if main:
+            logger.info("resumed from %s at epoch %d (step %d)", ckpt_path, start_epoch, global_step)
+    elif resume and main:
+        logger.info("resume=True but no checkpoint at %s; starting from scratch", ckpt_path)
+    elif ckpt_path is not None and ckpt_path.is_file() and main:
+        logger.warning("overwriting the checkpoint in %s (pass resume=True to continue it)", run_path)
+
+    writer = None
+    if run_path is not None and main:
+        run_path.mkdir(parents=True, exist_ok=True)
+        # Rewrite the log from the checkpoint's history so the two always agree, even if the
+        # previous run died between writing the checkpoint and appending the log line.
+        _write_text_atomic(run_path / LOG_NAME, "".join(json.dumps(r) + "\n" for r in history))
+        writer = _open_tensorboard(run_path, cfg)
+
+    net: nn.Module = model
+    if world > 1:
+        if cfg.sync_bn and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.find_unused_parameters,
+        )
+
+    train_seconds, train_images = 0.0, 0.0
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            lr = float(optimizer.param_groups[0]["lr"])
+            stats, global_step = _train_one_epoch(
+                net, model, train_loader, optimizer, scheduler, scaler, cfg, device=device, autocast=autocast,
+                channels_last=channels_last, teacher=teacher, hooks=list(hooks or ()), loss_fn_extra=loss_fn_extra,
+                epoch=epoch, global_step=global_step, steps=steps, show_progress=progress and main,
+            )
+            train_seconds += stats["seconds"]
+            train_images += stats["train_images"]
+            record: dict[str, float] = {"epoch": epoch + 1, "step": global_step, "lr": lr, **stats}
+            if val_loader is not None:
+                val = evaluate(model, val_loader, device=device, amp=cfg.amp, channels_last=channels_last)
+                record.update({f"val_{k}": v for k, v in val.items() if k not in ("images", "images_per_s")})
+            history.append(record)
+            if ckpt_path is not None:
+                rng_states = all_gather_objects(capture_rng_state())  # collective: every rank calls it
+                if main:
+                    atomic_torch_save({
+                        "format": "prunekit.train/1", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                        "global_step": global_step, "rng": rng_states,
+                        "loader_generator": generator.get_state() if generator is not None else None,
+                        "history": history, "config": cfg.to_dict(), "world_size": world,
+                    }, ckpt_path)
+                    with open(run_path / LOG_NAME, "a") as f:  # type: ignore[operator]
+                        f.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for key, value in record.items():
+                    if key not in ("epoch", "step"):
+                        writer.add_scalar(key, value, epoch + 1)
+                writer.flush()
+            if main:
+                val_msg = f" val loss {record['val_loss']:.4f} top1 {record['val_top1']:.4f}" if val_loader is not None else ""
+                logger.info("epoch %d/%d lr %.4g train loss %.4f acc %.4f%s (%.1fs, %.0f img/s)", epoch + 1, cfg.epochs, lr,
+                            stats["train_loss"], stats["train_acc"], val_msg, stats["seconds"], stats["images_per_s"])
+    except KeyboardInterrupt:
+        if main:
+            done = len(history)
+            where = f"; the checkpoint of epoch {done} is {ckpt_path}" if ckpt_path is not None and done else ""
+            logger.warning("interrupted during epoch %d%s", epoch + 1, where)
+        raise
+    finally:
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
+    return TrainResult(
+        final=dict(history[-1]) if history else {},
+        history=history,
+        wall_time_s=time.perf_counter() - wall_start,
+        images_per_s=train_images / train_seconds if train_seconds > 0 else 0.0,
+        epochs_completed=len(history),
+        global_step=global_step,
+        resumed_from_epoch=resumed_from,
+    )

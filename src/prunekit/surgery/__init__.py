@@ -1,0 +1,166 @@
+"""Physically remove channels: slice parameters/buffers and fix module attributes.
+
+Only this package changes a model. :func:`apply_plan` is all-or-nothing: every new tensor
+is computed and checked before the first assignment, and :class:`Journal` can roll an
+in-place change back if validation fails afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunekit.errors import PruningError
+from prunekit.plan import AttrFix, PruningPlan
+
+__all__ = ["Journal", "apply_plan", "fix_module_attrs", "get_tensor"]
+
+
+def get_tensor(model: nn.Module, name: str) -> Tensor:
+    """Parameter or buffer of ``model`` by qualified name (PruningError if missing)."""
+    mod_name, _, leaf = name.rpartition(".")
+    try:
+        mod = model.get_submodule(mod_name) if mod_name else model
+    except AttributeError:
+        raise PruningError(f"plan names '{name}', but the model has no module '{mod_name}'") from None
+    t = mod._parameters.get(leaf, mod._buffers.get(leaf))
+    if t is None:
+        raise PruningError(f"plan names '{name}', but module '{mod_name}' has no parameter or buffer '{leaf}'")
+    return t
+
+
+@dataclass
+class Journal:
+    """Undo log of an in-place change: ``rollback()`` restores every tensor and attribute."""
+
+    entries: list[tuple[Any, str, str, Any]] = field(default_factory=list)
+
+    def set(self, obj: Any, kind: str, key: str, value: Any) -> None:
+        """Set ``obj.<kind>[key]`` (kind 'param', 'buffer' or 'attr') and remember the old value."""
+        if kind == "param":
+            self.entries.append((obj, kind, key, obj._parameters[key]))
+            obj._parameters[key] = value
+        elif kind == "buffer":
+            self.entries.append((obj, kind, key, obj._buffers[key]))
+            obj._buffers[key] = value
+        else:
+            self.entries.append((obj, kind, key, getattr(obj, key)))
+            setattr(obj, key, value)
+
+    def rollback(self) -> None:
+        """Undo every change, newest first."""
+        for obj, kind, key, old in reversed(self.entries):
+            if kind == "param":
+                obj._parameters[key] = old
+            elif kind == "buffer":
+                obj._buffers[key] = old
+            else:
+                setattr(obj, key, old)
+        self.entries.clear()
+
+
+def apply_plan(model: nn.Module, plan: PruningPlan, *, inplace: bool = False, journal: Journal | None = None) -> nn.Module:
+    """Return ``model`` with the plan's channels physically removed.
+
+    A deep copy is pruned unless ``inplace``; a plan that does not fit the model (other
+    shapes, missing tensors) raises PruningError before anything changes.
+    """
+    target = model if inplace else copy.deepcopy(model)
+    journal = journal if journal is not None else Journal()
+    new: dict[int, Tensor] = {}
+    for name, dims in plan.keep.items():
+        t = get_tensor(target, name)
+        want = plan.shapes.get(name)
+        if want is not None and list(t.shape) != list(want):
+            raise PruningError(f"plan does not fit the model: '{name}' has shape {list(t.shape)}, plan expects {want}")
+        data = t.detach()
+        for dim, idx in sorted(dims.items()):
+            if idx and max(idx) >= data.shape[dim]:
+                raise PruningError(f"plan keeps index {max(idx)} of dim {dim} of '{name}' (size {data.shape[dim]})")
+            data = data.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=data.device))
+        new[id(t)] = data.clone()
+    old_attrs = _snapshot_attrs(target)
+    for mod in target.modules():
+        for key, t in list(mod._parameters.items()):
+            if t is not None and id(t) in new:
+                journal.set(mod, "param", key, nn.Parameter(new[id(t)], requires_grad=t.requires_grad))
+        for key, t in list(mod._buffers.items()):
+            if t is not None and id(t) in new:
+                journal.set(mod, "buffer", key, new[id(t)])
+    _share_new_parameters(target)
+    fix_module_attrs(target, old_attrs, journal)
+    for fix in plan.attrs:
+        journal.set(target.get_submodule(fix.module), "attr", fix.attr, fix.value)
+    return target
+
+
+def _share_new_parameters(model: nn.Module) -> None:
+    """Tied weights get one new Parameter object each (not one per alias)."""
+    seen: dict[int, nn.Parameter] = {}
+    for mod in model.modules():
+        for key, p in mod._parameters.items():
+            if p is None:
+                continue
+            base = id(p.data.untyped_storage()) if p.numel() else id(p)
+            if base in seen and seen[base] is not p and seen[base].shape == p.shape and seen[base].data_ptr() == p.data_ptr():
+                mod._parameters[key] = seen[base]
+            else:
+                seen.setdefault(base, p)
+
+
+def _snapshot_attrs(model: nn.Module) -> dict[int, dict[str, Any]]:
+    keys = ("in_channels", "out_channels", "groups")
+    return {id(m): {k: getattr(m, k) for k in keys} for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
+
+
+def fix_module_attrs(model: nn.Module, old: dict[int, dict[str, Any]] | None = None, journal: Journal | None = None) -> list[AttrFix]:
+    """Make standard modules' size attributes agree with their (sliced) tensors.
+
+    Handles convolutions (incl. depthwise/grouped), linear, batch/instance/group/layer norm,
+    embedding and PReLU. Returns the changes made.
+    """
+    journal = journal if journal is not None else Journal()
+    old = old or {}
+    names = {id(m): n for n, m in model.named_modules()}
+    changes: list[AttrFix] = []
+
+    def put(mod: nn.Module, attr: str, value: Any) -> None:
+        if getattr(mod, attr) != value:
+            journal.set(mod, "attr", attr, value)
+            changes.append(AttrFix(names.get(id(mod), "?"), attr, value))
+
+    for mod in model.modules():
+        w = getattr(mod, "weight", None) if isinstance(getattr(mod, "weight", None), Tensor) else None
+        if isinstance(mod, nn.modules.conv._ConvNd) and w is not None:
+            prev = old.get(id(mod), {"in_channels": mod.in_channels, "out_channels": mod.out_channels, "groups": mod.groups})
+            depthwise = prev["groups"] == prev["in_channels"] == prev["out_channels"] and prev["groups"] > 1
+            if mod.transposed:
+                c_in, c_out = w.shape[0], w.shape[1] * mod.groups
+            elif depthwise:
+                c_in = c_out = w.shape[0]
+            else:
+                c_in, c_out = w.shape[1] * mod.groups, w.shape[0]
+            if depthwise:
+                put(mod, "groups", c_out)
+            put(mod, "in_channels", c_in)
+            put(mod, "out_channels", c_out)
+        elif isinstance(mod, nn.Linear) and w is not None:
+            put(mod, "in_features", w.shape[1])
+            put(mod, "out_features", w.shape[0])
+        elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+            ref = w if w is not None else getattr(mod, "running_mean", None)
+            if ref is not None:
+                put(mod, "num_features", ref.shape[0])
+        elif isinstance(mod, nn.GroupNorm) and w is not None:
+            put(mod, "num_channels", w.shape[0])
+        elif isinstance(mod, nn.LayerNorm) and w is not None and len(mod.normalized_shape) == 1:
+            put(mod, "normalized_shape", (w.shape[0],))
+        elif isinstance(mod, nn.Embedding):
+            put(mod, "embedding_dim", mod.weight.shape[1])
+        elif isinstance(mod, nn.PReLU):
+            put(mod, "num_parameters", mod.weight.numel())
+    return changes
