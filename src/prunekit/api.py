@@ -61,12 +61,9 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
             return plan_, candidate
         if inplace:
             journal.rollback()
-        touched = _touched_channels(graph, mismatch.op)
         reason = (f"pruning it breaks op '{mismatch.op.name}' in module '{mismatch.op.module}' "
                   f"({mismatch.mode} mode: {mismatch.message})")
-        blamed = [i for i, (g, r) in enumerate(zip(groups, removed)) if len(r) and touched.intersection(g.channels[r].tolist())]
-        if not blamed:
-            blamed = [i for i, (g, r) in enumerate(zip(groups, removed)) if len(r) and touched.intersection(g.channels.tolist())]
+        blamed = _blame(graph, groups, removed, mismatch)
         if not blamed:
             raise PruningError(f"the pruned model fails and no group can be blamed: {reason}")
         for i in blamed:
@@ -77,12 +74,30 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
     raise PruningError(f"gave up after {max_repairs} repairs; last: {repairs[-1] if repairs else '?'}")
 
 
-def _touched_channels(graph: DependencyGraph, op: Any) -> set[int]:
-    atoms = set()
-    for lab in list(op.in_labs) + list(op.out_labs):
-        atoms.update(int(a) for a in lab.unique().tolist() if a != 0)
+def _touched_channels(graph: DependencyGraph, ops: list[Any]) -> set[int]:
+    atoms: set[int] = set()
+    for op in ops:
+        for lab in list(op.in_labs) + list(op.out_labs):
+            atoms.update(int(a) for a in lab.unique().tolist() if a != 0)
     comps = graph.comp[np.fromiter(atoms, dtype=np.int64)] if atoms else np.zeros(0, dtype=np.int64)
     return set(int(c) for c in comps if c >= 0)
+
+
+def _blame(graph: DependencyGraph, groups: list[Any], removed: list[np.ndarray], mismatch: Any) -> list[int]:
+    """Groups to keep whole after a validation failure, searched from narrow to wide: the
+    failing op's own channels, then every op of its module, then of its parent module.
+    (A size computed from an input's shape, e.g. ``C // num_heads``, is only visible there.)"""
+    ops = graph.state.ops[mismatch.mode]
+    module = mismatch.op.module
+    parent = module.rpartition(".")[0]
+    scopes = [[mismatch.op], [op for op in ops if op.module == module],
+              [op for op in ops if op.module == parent or op.module.startswith(parent + ".")] if parent else ops]
+    for scope in scopes:
+        touched = _touched_channels(graph, scope)
+        blamed = [i for i, (g, r) in enumerate(zip(groups, removed)) if len(r) and touched.intersection(g.channels[r].tolist())]
+        if blamed:
+            return blamed
+    return []
 
 
 def plan(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, criterion: str | Criterion = "l2",

@@ -17,6 +17,7 @@ from scipy.sparse.csgraph import connected_components
 from torch import nn
 
 from prunekit.graph.tracer import Member, TraceState
+from prunekit.graph.unionfind import UnionFind
 
 
 @dataclass(frozen=True)
@@ -62,25 +63,6 @@ class ChannelGroup:
         return list(seen)
 
 
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = np.arange(n)
-
-    def find(self, x: int) -> int:
-        p = self.parent
-        root = x
-        while p[root] != root:
-            root = p[root]
-        while p[x] != root:
-            p[x], x = root, p[x]
-        return int(root)
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
 def components(state: TraceState) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
     """Connected components of atoms under all recorded unions, plus the implied
     member-sharing unions (a tensor dim seen twice, e.g. a module reused or traced in two
@@ -114,28 +96,24 @@ def apply_grid_ties(comp: np.ndarray, grids: list[np.ndarray]) -> np.ndarray:
     shuffle, a class token row) can only lose whole slices along one axis. For each grid we
     tie the channels across the other axes, choosing the axis that leaves the most channels.
     """
-    uf = _UnionFind(int(comp.max()) + 1 if len(comp) else 1)
+    uf = UnionFind(int(comp.max()) + 1 if len(comp) else 1)
     for grid in grids:
-        cells = comp[grid] * (grid != 0) - (grid == 0)  # -1 marks untracked cells
-        best: list[tuple[int, int]] | None = None
+        cells = np.where(grid != 0, comp[grid], -1)
+        best: tuple[np.ndarray, np.ndarray] | None = None
         best_count = -1
         for axis in range(cells.ndim):
-            ties: list[tuple[int, int]] = []
-            trial = _UnionFind(len(uf.parent))
-            trial.parent = uf.parent.copy()
             moved = np.moveaxis(cells, axis, 0).reshape(cells.shape[axis], -1)
-            for row in moved:
-                ids = np.unique(row[row >= 0])
-                for other in ids[1:]:
-                    ties.append((int(ids[0]), int(other)))
-                    trial.union(int(ids[0]), int(other))
-            count = len({trial.find(int(c)) for c in np.unique(cells[cells >= 0])})
+            rep = moved.max(axis=1, keepdims=True)
+            ok = moved >= 0
+            a, b = np.broadcast_to(rep, moved.shape)[ok], moved[ok]
+            trial = uf.copy()
+            trial.union(a, b)
+            count = len(np.unique(trial.find(cells[cells >= 0])))
             if count > best_count:
-                best, best_count = ties, count
-        for a, b in best or []:
-            uf.union(a, b)
-    roots = np.array([uf.find(int(c)) for c in range(len(uf.parent))], dtype=np.int64)
-    return roots[comp]
+                best, best_count = (a, b), count
+        if best is not None:
+            uf.union(*best)
+    return uf.find(comp)
 
 
 def build_groups(state: TraceState, model: nn.Module) -> tuple[list[ChannelGroup], np.ndarray, list[Member]]:
@@ -159,17 +137,18 @@ def build_groups(state: TraceState, model: nn.Module) -> tuple[list[ChannelGroup
             if c >= 0:
                 reason.setdefault(int(c), why)
     # Channels sharing a producer form one group.
-    guf = _UnionFind(n_comp)
+    guf = UnionFind(n_comp)
     for s in state.sources:
-        cs = np.unique(comp[s.start:s.stop])
-        for c in cs[cs >= 0][1:]:
-            guf.union(int(cs[cs >= 0][0]), int(c))
+        cs = comp[s.start:s.stop]
+        cs = cs[cs >= 0]
+        if len(cs) > 1:
+            guf.union(np.full(len(cs), cs[0]), cs)
     uniq, first = np.unique(comp[1:], return_index=True)
     ordered = uniq[np.argsort(first)]
     groups_of: dict[int, list[int]] = {}
     for c in ordered:
         if c >= 0 and active[c]:
-            groups_of.setdefault(guf.find(int(c)), []).append(int(c))
+            groups_of.setdefault(int(guf.find(int(c))), []).append(int(c))
     group_of = np.full(n_comp + 1, -1, dtype=np.int64)  # last slot: atom 0 / untracked
     local_of = np.full(n_comp + 1, -1, dtype=np.int64)
     for gi, chans in enumerate(groups_of.values()):

@@ -109,12 +109,19 @@ def shape_op(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: di
              ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
     """Pure rearrangement: run the same op on the label tensors (exact for any indexing)."""
 
+    labelled = False
+
     def sub(x: Any) -> Any:
-        if isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex() or id(x) in tr.values):
+        nonlocal labelled
+        # Integer/bool tensors are indices (gather, masks): they stay as they are.
+        if isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex()):
+            labelled = True
             return tr.full(x)
         return x
 
     largs, lkwargs = tree_map(sub, (args, kwargs))
+    if not labelled:
+        return [zeros_like_shape(tuple(o.shape)) for o in outs]
     lout = func(*largs, **lkwargs)
     labs = [compact(t.round().long()) for t in tree_flatten(lout)[0] if isinstance(t, Tensor)]
     if name in ("chunk", "split", "unsafe_chunk", "unsafe_split", "tensor_split", "split_with_sizes", "unbind"):
@@ -398,18 +405,15 @@ def matmul_like(tr: Tracer, name: str, lab_a: Tensor, a: Tensor, b: Tensor, lab_
 
 def _last_vec(tr: Tracer, lab: Tensor, dim: int, size: int) -> Tensor:
     moved = lab.movedim(dim, -1).reshape(-1, lab.shape[dim])
-    for col in moved.t():
-        tr.tie(col)
-    vec = moved.amax(dim=0) if moved.shape[0] > 1 else moved[0]
+    vec = tr.tie_rows(moved.t().contiguous())
     return vec.expand(size).clone() if vec.numel() == 1 else vec
 
 
 def _slice_reps(tr: Tracer, lab: Tensor) -> Tensor:
     """Tie all atoms within each matrix slice; return one representative per slice."""
     flat = lab.reshape(*lab.shape[:-2], -1)
-    for row in flat.reshape(-1, flat.shape[-1]):
-        tr.tie(row)
-    return flat.amax(dim=-1, keepdim=True).unsqueeze(-1)
+    rep = tr.tie_rows(flat.reshape(-1, flat.shape[-1]))
+    return rep.reshape(*lab.shape[:-2], 1, 1)
 
 
 @register_rule("scaled_dot_product_attention")

@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from prunekit.graph.labels import compact, zeros_like_shape
+from prunekit.graph.unionfind import UnionFind
 
 
 @dataclass
@@ -68,6 +69,7 @@ class TraceState:
     blocked: list[tuple[np.ndarray, str]] = field(default_factory=list)
     grids: dict[tuple[Any, ...], np.ndarray] = field(default_factory=dict)
     ops: dict[str, list[OpRecord]] = field(default_factory=dict)
+    uf: UnionFind = field(default_factory=lambda: UnionFind(1024))
 
 
 def op_name(func: Callable[..., Any]) -> str:
@@ -105,7 +107,8 @@ class Tracer:
         for name, b in model.named_buffers(remove_duplicate=False):
             self.tensor_names.setdefault(id(b), name)
         self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-        self.values: dict[int, tuple[tuple[int, ...], Tensor]] = {}
+        self.values: dict[int, tuple[tuple[int, ...], Tensor, int]] = {}
+        self.version = 0  # bumped on every new union: labels older than it may shrink
         self.keep_alive: list[Tensor] = []
         self.stack: list[str] = [""]
         self.ops: list[OpRecord] = []
@@ -118,6 +121,7 @@ class Tracer:
         start = st.n_atoms + 1
         st.n_atoms += n
         st.sources.append(Source(start, start + n, name, active))
+        st.uf.grow(st.n_atoms)
         atoms = torch.arange(start, start + n, dtype=torch.long)
         if active and self.ignored_prefixes and _under(name, self.ignored_prefixes):
             self.block(atoms, f"module '{name}' is in ignore")
@@ -128,14 +132,26 @@ class Tracer:
         a, b = torch.broadcast_tensors(a.reshape(-1) if a.ndim else a, b.reshape(-1) if b.ndim else b)
         mask = (a != 0) & (b != 0) & (a != b)
         if bool(mask.any()):
-            self.state.unions.append((a[mask].numpy().copy(), b[mask].numpy().copy()))
+            an, bn = a[mask].numpy(), b[mask].numpy()
+            new = self.state.uf.union(an, bn)
+            if new.any():
+                self.version += 1
+                self.state.unions.append((an[new].copy(), bn[new].copy()))
 
     def tie(self, atoms: Tensor) -> None:
         """Union every non-zero atom in ``atoms`` with each other."""
-        nz = atoms.reshape(-1)
-        nz = nz[nz != 0]
-        if nz.numel() > 1:
-            self.union(nz[:1].expand(nz.numel() - 1), nz[1:])
+        self.tie_rows(atoms.reshape(1, -1))
+
+    def tie_rows(self, rows: Tensor) -> Tensor:
+        """Union the non-zero atoms within each row of a 2-D tensor (vectorised).
+
+        Returns one representative atom per row (0 for an all-zero row).
+        """
+        rep = rows.amax(dim=1) if rows.shape[1] else torch.zeros(rows.shape[0], dtype=torch.long)
+        mask = rows != 0
+        if rows.shape[1] > 1 and bool(mask.any()):
+            self.union(rep.unsqueeze(1).expand_as(rows)[mask], rows[mask])
+        return rep
 
     def block(self, atoms: Tensor, reason: str) -> None:
         """Mark atoms unprunable, with a reason shown to the user."""
@@ -152,7 +168,11 @@ class Tracer:
         """Compact label of ``t``; raw parameters/buffers get one fresh atom per element."""
         v = self.values.get(id(t))
         if v is not None:
-            return v[1]
+            if v[2] == self.version:
+                return v[1]
+            lab = self.canon(v[1])
+            self.values[id(t)] = (v[0], lab, self.version)
+            return lab
         name = self.name_of(t)
         if name is not None and t.numel() <= 4_000_000:
             atoms = self.new_atoms(t.numel(), name, active=False).view(t.shape)
@@ -160,6 +180,13 @@ class Tracer:
             self.set(t, atoms)
             return atoms
         return zeros_like_shape(tuple(t.shape))
+
+    def canon(self, lab: Tensor) -> Tensor:
+        """Replace atoms by their current representatives and re-compact: once channels
+        are tied (a class token joined to the patch tokens), labels shrink back."""
+        if lab.numel() == 0 or not bool((lab != 0).any()):
+            return lab
+        return compact(torch.from_numpy(self.state.uf.find(lab.numpy().reshape(-1)).reshape(tuple(lab.shape))))
 
     def tracked(self, t: Tensor) -> bool:
         """True if ``t`` is an activation we traced or a named parameter/buffer."""
@@ -169,7 +196,7 @@ class Tracer:
         """Attach a (compact) label to a tensor."""
         if lab.ndim != t.ndim:
             lab = lab.reshape((1,) * (t.ndim - lab.ndim) + tuple(lab.shape)) if lab.ndim < t.ndim else lab
-        self.values[id(t)] = (tuple(t.shape), lab)
+        self.values[id(t)] = (tuple(t.shape), lab, self.version)
         self.keep_alive.append(t)
 
     def full(self, t: Tensor) -> Tensor:
@@ -203,17 +230,13 @@ class Tracer:
             moved = lab.movedim(dim, 0).reshape(1, -1)
         else:
             moved = lab.movedim(dim, 0).reshape(size, -1)
-        if moved.shape[1] > 1:
-            first = moved[:, :1]
-            if not bool((moved == first).all()):
-                nz = moved != 0
-                any_nz = nz.any(1)
-                mixed = any_nz & ~nz.all(1)
-                if bool(mixed.any()):
-                    self.block(moved[mixed], f"channels meet an untracked tensor in module '{self.current}'")
-                for row in moved[any_nz]:
-                    self.tie(row)
-                first = torch.where(moved != 0, moved, 0).max(dim=1, keepdim=True).values
+        first = moved[:, :1]
+        if moved.shape[1] > 1 and not bool((moved == first).all()):
+            nz = moved != 0
+            mixed = nz.any(1) & ~nz.all(1)
+            if bool(mixed.any()):
+                self.block(moved[mixed], f"channels meet an untracked tensor in module '{self.current}'")
+            first = self.tie_rows(moved).unsqueeze(1)
         vec = moved[:, 0] if moved.shape[1] == 1 else first[:, 0]
         return vec.expand(size).clone() if vec.numel() == 1 else vec
 
@@ -243,7 +266,8 @@ class Tracer:
         name = op_name(func)
         ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
         labs = apply_rule(self, name, func, args, kwargs, ins, outs)
-        in_labs = [self.values[id(t)][1] if id(t) in self.values else zeros_like_shape(tuple(t.shape)) for t in ins]
+        in_labs = [self.lab(t) if id(t) in self.values else zeros_like_shape(tuple(t.shape)) for t in ins]
+        labs = [self.canon(lab) for lab in labs]
         for t, lab in zip(outs, labs):
             self.set(t, lab)
             if lab.ndim and sum(s > 1 for s in lab.shape) >= 2:

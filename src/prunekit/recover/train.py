@@ -193,7 +193,7 @@ def train(
     """Train ``model`` in place for ``cfg.epochs`` epochs and return a :class:`TrainResult`.
 
     The model trains on the device its parameters are on (moved to ``cuda:LOCAL_RANK`` under
-    NCCL). With ``teacher`` the loss is ``(1 - kd_alpha) * CE + kd_alpha * T^2 * KL``.
+    NCCL). The global Python/numpy/torch RNGs are seeded with ``cfg.seed + rank`` at the start. With ``teacher`` the loss is ``(1 - kd_alpha) * CE + kd_alpha * T^2 * KL``.
     ``hooks`` are called as ``hook(model, global_step)`` after every optimizer step and
     ``loss_fn_extra(model)`` is added to each step's loss. With ``run_dir``, after every epoch
     ``run_dir/checkpoint.pt`` is replaced atomically (model, optimizer, scheduler, scaler,
