@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "trace": "prunekit.api",
     "prune": "prunekit.api",
-    "plan": "prunekit.api",
+    "plan_for": "prunekit.api",
     "apply_plan": "prunekit.surgery",
     "save": "prunekit.persist",
     "load": "prunekit.persist",

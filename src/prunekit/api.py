@@ -1,4 +1,4 @@
-"""The top-level API: :func:`trace`, :func:`plan` and :func:`prune`."""
+"""The top-level API: :func:`trace`, :func:`plan_for` and :func:`prune`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from prunekit.plan import PruningPlan
 from prunekit.surgery import Journal, apply_plan
 from prunekit.surgery.validate import attribute_fixes, check, expected_shapes, make_plan, removed_atoms
 
-__all__ = ["trace", "plan", "prune"]
+__all__ = ["trace", "plan_for", "prune"]
 log = logging.getLogger(__name__)
 
 
@@ -100,7 +100,7 @@ def _blame(graph: DependencyGraph, groups: list[Any], removed: list[np.ndarray],
     return []
 
 
-def plan(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, criterion: str | Criterion = "l2",
+def plan_for(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, criterion: str | Criterion = "l2",
          ignore: Iterable[nn.Module | str] | None = None, ratios: Mapping[str, float] | None = None,
          global_ranking: bool = False, round_to: int = 1, min_channels: int = 1,
          graph: DependencyGraph | None = None, criterion_kwargs: Mapping[str, Any] | None = None,

@@ -74,6 +74,10 @@ class TraceState:
 
 def op_name(func: Callable[..., Any]) -> str:
     """Canonical name of a torch function: ``__iadd__``/``add_``/``__add__`` -> ``add``."""
+    if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        # torch.ops / torch.library custom ops: 'namespace::name' (aten ops lose the prefix).
+        qual = func._schema.name if isinstance(func, torch._ops.OpOverload) else func._qualified_op_name
+        return qual.removeprefix("aten::")
     name = getattr(func, "__name__", None) or str(func)
     if name == "__get__":
         owner = getattr(func, "__self__", None)
