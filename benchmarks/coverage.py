@@ -591,6 +591,7 @@ def main(argv: list[str] | None = None) -> None:
         run_one(args.source, args.one, Path(args.out), args.max_params)
         return
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         handlers=[logging.FileHandler(args.log), logging.StreamHandler(sys.stdout)])
     if args.report_only:

@@ -1,0 +1,51 @@
+"""Allocation: counts per group, rounding, global ranking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from prunekit.allocate import check_ratio, select
+from prunekit.errors import PruningError
+from prunekit.graph.dependency import ChannelGroup, GroupMember
+
+
+def group(i: int, size: int, blocked: int = 0) -> ChannelGroup:
+    prunable = np.ones(size, dtype=bool)
+    prunable[:blocked] = False
+    m = GroupMember(f"m{i}.weight", 0, "out", np.arange(size))
+    return ChannelGroup(i, f"m{i}", np.arange(size) + 100 * i, prunable, tuple("" if p else "x" for p in prunable), (m,))
+
+
+def test_uniform_removes_lowest_per_group() -> None:
+    gs = [group(0, 10), group(1, 4)]
+    scores = [np.arange(10.0)[::-1], np.array([5.0, 1.0, 3.0, 2.0])]
+    out = select(gs, scores, ratio=0.5)
+    assert out[0].tolist() == [5, 6, 7, 8, 9] and out[1].tolist() == [1, 3]
+
+
+def test_blocked_channels_are_never_removed() -> None:
+    gs = [group(0, 6, blocked=4)]
+    out = select(gs, [np.zeros(6)], ratio=0.9)
+    assert set(out[0].tolist()) <= {4, 5}
+
+
+def test_round_to_and_min_channels() -> None:
+    gs = [group(0, 16)]
+    assert len(select(gs, [np.arange(16.0)], ratio=0.3, round_to=8)[0]) == 0  # 16-4=12 -> 16
+    assert len(select(gs, [np.arange(16.0)], ratio=0.6, round_to=8)[0]) == 8  # 16-9=7 -> 8
+    assert len(select(gs, [np.arange(16.0)], ratio=0.99, min_channels=5)[0]) == 11
+
+
+def test_global_ranking_uses_normalised_scores() -> None:
+    gs = [group(0, 4), group(1, 4)]
+    # group 1 has 10x larger scores but the same relative spread: ranking must be fair
+    scores = [np.array([1.0, 2.0, 3.0, 4.0]), np.array([10.0, 20.0, 30.0, 40.0])]
+    out = select(gs, scores, ratio=0.25, global_ranking=True)
+    assert out[0].tolist() == [0] and out[1].tolist() == [0]
+
+
+@pytest.mark.parametrize("bad", [-1, 1, 2.5, "x", None])
+def test_check_ratio_rejects(bad) -> None:
+    with pytest.raises(PruningError, match="opt"):
+        check_ratio(bad, "opt")
