@@ -13,6 +13,7 @@ from prunekit.allocate import check_ratio, select
 from prunekit.criteria import Criterion, score_groups
 from prunekit.errors import PruningError
 from prunekit.graph import DependencyGraph, module_names, trace
+from prunekit.measure import count_flops
 from prunekit.plan import PruningPlan
 from prunekit.surgery import Journal, apply_plan
 from prunekit.surgery.validate import attribute_fixes, check, expected_shapes, make_plan, removed_atoms
@@ -25,8 +26,10 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
                     ignore: Iterable[nn.Module | str] | None, ratios: Mapping[str, float] | None,
                     global_ranking: bool, round_to: int, min_channels: int, inplace: bool,
                     graph: DependencyGraph | None, criterion_kwargs: Mapping[str, Any] | None,
-                    max_repairs: int) -> tuple[PruningPlan, nn.Module]:
+                    max_repairs: int, target_flops: float | None = None) -> tuple[PruningPlan, nn.Module]:
     ratio = check_ratio(ratio, "ratio")
+    if target_flops is not None and not 0.0 < float(target_flops) <= 1.0:
+        raise PruningError(f"target_flops={target_flops!r}: must be in (0, 1] (the fraction of FLOPs kept)")
     checked: dict[str, float] = {}
     if ratios:
         names = module_names(model, list(ratios), "ratios")
@@ -38,9 +41,12 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
     scores = score_groups(model, graph.groups, criterion, **dict(criterion_kwargs or {}))
     groups = list(graph.groups)
     repairs: list[str] = []
+    options = dict(ratios=checked, global_ranking=global_ranking, round_to=round_to, min_channels=min_channels)
+    base_flops = count_flops(model, example_inputs) if target_flops is not None else 0
     for _ in range(max_repairs + 1):
-        removed = select(groups, scores, ratio=ratio, ratios=checked, global_ranking=global_ranking,
-                         round_to=round_to, min_channels=min_channels)
+        if target_flops is not None:
+            ratio = _ratio_for_flops(model, example_inputs, graph, groups, scores, float(target_flops), base_flops, options)
+        removed = select(groups, scores, ratio=ratio, **options)
         gone = removed_atoms(graph, removed)
         base = make_plan(model, graph, gone)
         meta = {
@@ -49,6 +55,8 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
             "groups_pruned": int(sum(len(r) > 0 for r in removed)),
             "channels_removed": int(sum(len(r) for r in removed)), "channels": graph.n_channels, "repairs": repairs,
         }
+        if target_flops is not None:
+            meta["target_flops"] = float(target_flops)
         if base.is_empty:
             return PruningPlan({}, {}, (), meta), model
         expected = expected_shapes(graph, gone)
@@ -72,6 +80,28 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
             repairs.append(f"{g.name}: {reason}")
             log.info("keeping group %s: %s", g.name, reason)
     raise PruningError(f"gave up after {max_repairs} repairs; last: {repairs[-1] if repairs else '?'}")
+
+
+def _ratio_for_flops(model: nn.Module, example_inputs: Any, graph: DependencyGraph, groups: list[Any],
+                     scores: list[np.ndarray], target: float, base_flops: int, options: dict[str, Any]) -> float:
+    """Bisect the ratio so the pruned model keeps ``target`` of the FLOPs (or just above)."""
+    lo, hi = 0.0, 0.99
+    best = 0.0
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        removed = select(groups, scores, ratio=mid, **options)
+        gone = removed_atoms(graph, removed)
+        base = make_plan(model, graph, gone)
+        fixes = attribute_fixes(model, graph, expected_shapes(graph, gone))
+        try:
+            flops = count_flops(apply_plan(model, PruningPlan(base.keep, base.shapes, tuple(fixes))), example_inputs)
+        except Exception:  # noqa: BLE001 - a broken candidate is sorted out by validation
+            return mid
+        if flops / base_flops > target:
+            lo = mid
+        else:
+            hi = best = mid
+    return best if best else hi
 
 
 def _touched_channels(graph: DependencyGraph, ops: list[Any]) -> set[int]:
@@ -104,7 +134,7 @@ def plan_for(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, crite
          ignore: Iterable[nn.Module | str] | None = None, ratios: Mapping[str, float] | None = None,
          global_ranking: bool = False, round_to: int = 1, min_channels: int = 1,
          graph: DependencyGraph | None = None, criterion_kwargs: Mapping[str, Any] | None = None,
-         max_repairs: int = 8) -> PruningPlan:
+         max_repairs: int = 8, target_flops: float | None = None) -> PruningPlan:
     """Decide what to remove (and check that it works) without touching ``model``.
 
     Same options as :func:`prune`; returns the validated :class:`PruningPlan`, which
@@ -112,7 +142,8 @@ def plan_for(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, crite
     """
     p, _ = _plan_and_apply(model, example_inputs, ratio=ratio, criterion=criterion, ignore=ignore, ratios=ratios,
                            global_ranking=global_ranking, round_to=round_to, min_channels=min_channels,
-                           inplace=False, graph=graph, criterion_kwargs=criterion_kwargs, max_repairs=max_repairs)
+                           inplace=False, graph=graph, criterion_kwargs=criterion_kwargs, max_repairs=max_repairs,
+                           target_flops=target_flops)
     return p
 
 
@@ -120,12 +151,13 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, criterio
           ignore: Iterable[nn.Module | str] | None = None, ratios: Mapping[str, float] | None = None,
           global_ranking: bool = False, round_to: int = 1, min_channels: int = 1, inplace: bool = False,
           graph: DependencyGraph | None = None, criterion_kwargs: Mapping[str, Any] | None = None,
-          max_repairs: int = 8, return_plan: bool = False) -> Any:
+          max_repairs: int = 8, target_flops: float | None = None, return_plan: bool = False) -> Any:
     """Return a physically smaller copy of ``model`` (or prune it in place).
 
     ``ratio`` is the fraction of channels removed from every prunable group (ranked within
     the group by ``criterion``), unless ``global_ranking`` ranks normalised scores across
-    groups. ``ratios`` maps module names to their own ratio; ``ignore`` lists modules whose
+    groups; with ``target_flops`` (fraction of FLOPs to keep, e.g. 0.5) the ratio is found
+    by bisection instead. ``ratios`` maps module names to their own ratio; ``ignore`` lists modules whose
     output channels stay; ``round_to`` keeps channel counts multiples of it. The result is
     checked by running it: any op whose shape would break makes the groups involved stay,
     and the plan records why (``plan.meta['repairs']``). On any error the user's model is
@@ -139,7 +171,8 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, criterio
     """
     p, pruned = _plan_and_apply(model, example_inputs, ratio=ratio, criterion=criterion, ignore=ignore, ratios=ratios,
                                 global_ranking=global_ranking, round_to=round_to, min_channels=min_channels,
-                                inplace=inplace, graph=graph, criterion_kwargs=criterion_kwargs, max_repairs=max_repairs)
+                                inplace=inplace, graph=graph, criterion_kwargs=criterion_kwargs, max_repairs=max_repairs,
+                                target_flops=target_flops)
     if pruned is model and not inplace:
         import copy
 
