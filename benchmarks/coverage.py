@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import re
 import statistics
 import subprocess
@@ -271,7 +272,8 @@ def run_one(source: str, name: str, out_path: Path, max_params: float) -> None:
     """Benchmark one model, writing the (growing) record to ``out_path`` after each step."""
     from prunekit.measure import count_flops, count_params
 
-    rec: dict[str, Any] = {"source": source, "name": name, "status": "running"}
+    rec: dict[str, Any] = {"source": source, "name": name, "status": "running",
+                           "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
     save = lambda: write_json(out_path, rec)  # noqa: E731
     save()
     torch.manual_seed(0)
@@ -289,7 +291,11 @@ def run_one(source: str, name: str, out_path: Path, max_params: float) -> None:
             rec.update(status="skipped", note=f"{base['params'] / 1e9:.2f}e9 params > {max_params:.2g}")
             save()
             return
-        base["out_shape"] = list(eval_output(model, x).shape)
+        y0 = eval_output(model, x)
+        base["out_shape"] = list(y0.shape)
+        x2 = torch.randn(1, *size, generator=torch.Generator().manual_seed(1))
+        # how much the output depends on the input: near 0 means the exactness check is weak
+        rec["input_sensitivity"] = float((eval_output(model, x2) - y0).abs().max() / (y0.abs().max() + 1e-12))
         try:
             base["flops"] = count_flops(model, x)
         except Exception as exc:  # noqa: BLE001
@@ -324,14 +330,14 @@ def find_classifiers_in_copy(original: nn.Module, work: nn.Module, clfs: list[nn
 # --------------------------------------------------------------------------- #
 
 
-def spawn_one(source: str, name: str, timeout: float, max_params: float) -> dict[str, Any]:
+def spawn_one(source: str, name: str, timeout: float, max_params: float, threads: int) -> dict[str, Any]:
     """Run ``--one`` in a subprocess and return its record (completed after a crash or timeout)."""
     tmp_dir = RESULTS_DIR / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     out_path = tmp_dir / f"{source}__{name}.json"
     out_path.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--source", source,
-           "--out", str(out_path), "--max-params", str(max_params)]
+           "--out", str(out_path), "--max-params", str(max_params), "--threads", str(threads)]
     t0 = time.perf_counter()
     problem = None
     try:
@@ -400,7 +406,7 @@ def run_all(args: argparse.Namespace) -> None:
     data.setdefault("runs", []).append(machine_info())
     data["machine"] = data["runs"][-1]
     data["config"] = {"ratio": RATIO, "timeout_s": args.timeout, "max_params": args.max_params,
-                      "exact_tol": EXACT_TOL}
+                      "exact_tol": EXACT_TOL, "threads": args.threads}
     todo = select_models(args)
     log.info("%d models selected, %d already done", len(todo),
              sum(f"{s}/{n}" in data["models"] for s, n in todo))
@@ -410,7 +416,7 @@ def run_all(args: argparse.Namespace) -> None:
             continue
         wait_if_paused(Path(args.pause_file))
         log.info("[%d/%d] %s ...", i, len(todo), key)
-        rec = spawn_one(source, name, args.timeout, args.max_params)
+        rec = spawn_one(source, name, args.timeout, args.max_params, args.threads)
         rec["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
         data["models"][key] = rec
         write_json(json_path, data)
@@ -541,7 +547,7 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
     models = data["models"]
     lines = ["# Coverage: prunekit vs Torch-Pruning at ratio 0.5", "", machine_line(data["machine"]), "",
              f"Ratio {RATIO}, final classifier ignored, batch 1, one subprocess per model "
-             f"(timeout {data['config']['timeout_s']:.0f} s). See `benchmarks/README.md` for the columns.", "",
+             f"(timeout {data['config']['timeout_s']:.0f} s, {data['config'].get('threads')} torch thread(s)). See `benchmarks/README.md` for the columns.", "",
              "## Summary", ""]
     lines += summary(models)
     lines += ["## prunekit failures by cause", ""] + failure_groups(models, "prunekit") + [""]
@@ -577,6 +583,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log", default=str(RESULTS_DIR / "coverage.log"), help="progress log file")
     p.add_argument("--pause-file", default=str(RESULTS_DIR / "coverage.pause"),
                    help="while this file exists, wait between models")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads in each model's process (default 1: on a small shared "
+                        "machine more threads than free cores slows every op down many times)")
     p.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the JSON and exit")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--source", help=argparse.SUPPRESS)
@@ -589,6 +598,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.one:
         logging.basicConfig(level=logging.WARNING)
+        torch.set_num_threads(args.threads)
         run_one(args.source, args.one, Path(args.out), args.max_params)
         return
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

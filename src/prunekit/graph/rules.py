@@ -109,21 +109,27 @@ def shape_op(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: di
              ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
     """Pure rearrangement: run the same op on the label tensors (exact for any indexing)."""
 
-    labelled = False
-
-    def sub(x: Any) -> Any:
-        nonlocal labelled
-        # Integer/bool tensors are indices (gather, masks): they stay as they are.
-        if isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex()):
-            labelled = True
-            return tr.full(x)
-        return x
-
-    largs, lkwargs = tree_map(sub, (args, kwargs))
-    if not labelled:
+    data = [x for x in tree_flatten((args, kwargs))[0]
+            if isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex())]
+    if not any(bool((tr.lab(x) != 0).any()) for x in data):
         return [zeros_like_shape(tuple(o.shape)) for o in outs]
-    lout = func(*largs, **lkwargs)
-    labs = [compact(t.round().long()) for t in tree_flatten(lout)[0] if isinstance(t, Tensor)]
+
+    def run(dtype: torch.dtype) -> list[Tensor]:
+        def sub(x: Any) -> Any:
+            # Integer/bool tensors are indices (gather, masks): they stay as they are.
+            if isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex()):
+                return tr.full(x, dtype)
+            return x
+
+        largs, lkwargs = tree_map(sub, (args, kwargs))
+        lout = func(*largs, **lkwargs)
+        return [t for t in tree_flatten(lout)[0] if isinstance(t, Tensor)]
+
+    try:
+        labs = [compact(t) for t in run(torch.long)]
+    except (RuntimeError, TypeError, NotImplementedError):
+        # Some kernels have no integer version; float64 holds atom ids exactly (< 2**53).
+        labs = [compact(t.round().long()) for t in run(torch.float64)]
     if name in ("chunk", "split", "unsafe_chunk", "unsafe_split", "tensor_split", "split_with_sizes", "unbind"):
         _tie_equal_pieces(tr, name, args, kwargs, labs)
     return labs

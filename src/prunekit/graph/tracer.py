@@ -203,9 +203,9 @@ class Tracer:
         self.values[id(t)] = (tuple(t.shape), lab, self.version)
         self.keep_alive.append(t)
 
-    def full(self, t: Tensor) -> Tensor:
-        """Label of ``t`` materialised to its full shape, as float64 (ops run on it)."""
-        return self.lab(t).to(torch.float64).expand(t.shape).contiguous()
+    def full(self, t: Tensor, dtype: torch.dtype = torch.long) -> Tensor:
+        """Label of ``t`` materialised to its full shape (ops run on it)."""
+        return self.lab(t).to(dtype).expand(t.shape).contiguous()
 
     def add_member(self, t: Tensor | None, dim: int, atoms: Tensor, role: str) -> None:
         """Attach dim ``dim`` of parameter/buffer ``t`` to ``atoms`` (one per index)."""

@@ -42,7 +42,8 @@ class UnionFind:
             if not m.any():
                 return new
             lo, hi = np.minimum(ra[m], rb[m]), np.maximum(ra[m], rb[m])
-            self.parent[hi] = lo  # conflicting writes settle over the next rounds
+            # Each root points at the smallest root it meets; the rest settle next round.
+            np.minimum.at(self.parent, hi, lo)
             ra, rb = self.find(a), self.find(b)
 
     def copy(self) -> "UnionFind":

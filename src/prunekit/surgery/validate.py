@@ -86,10 +86,17 @@ def attribute_fixes(model: nn.Module, graph: DependencyGraph, expected: dict[str
     conflict: set[tuple[str, str]] = set()
     for mode, ops in graph.state.ops.items():
         for op, new in zip(ops, expected[mode]):
-            for old_val, new_val in _changed_args(op, new):
-                attr = _find_attr(model, op.module, old_val)
-                if attr is None:
+            for change in _changed_args(op, new):
+                # Alternatives: the value itself, else a multiple of it (``split(self.chs // 2)``).
+                alternatives = [change]
+                if op.name == "split" and isinstance(change[0], int):
+                    k = len(new)
+                    alternatives.append((change[0] * k, change[1] * k))
+                found = [(a, _find_attr(model, op.module, a[0])) for a in alternatives]
+                found = [(a, attr) for a, attr in found if attr is not None]
+                if not found:
                     continue
+                (old_val, new_val), attr = found[0]
                 key = (op.module, attr)
                 if key in wanted and wanted[key] != new_val:
                     conflict.add(key)
@@ -146,7 +153,7 @@ def _find_attr(model: nn.Module, module: str, old: Any) -> str | None:
             continue
         if isinstance(old, int) and isinstance(v, int) and v == old:
             hits.append(k)
-        elif isinstance(old, tuple) and isinstance(v, (tuple, list, torch.Size)) and tuple(v) == old:
+        elif isinstance(old, (tuple, list)) and isinstance(v, (tuple, list, torch.Size)) and tuple(v) == tuple(old):
             hits.append(k)
     if len(hits) > 1:
         hinted = [h for h in hits if h in _HINTS]

@@ -1,0 +1,119 @@
+"""ONNX export with a numerical check against PyTorch (onnx/onnxruntime: the ``export`` extra)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["export_onnx", "OnnxCheckError"]
+log = logging.getLogger(__name__)
+
+_MISSING = "ONNX export needs the optional packages onnx and onnxruntime: pip install 'prunekit[export]'"
+
+
+class OnnxCheckError(RuntimeError):
+    """The exported graph's outputs differ from PyTorch's; ``figures`` holds the comparison."""
+
+    def __init__(self, message: str, figures: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.figures = figures
+
+
+def _require(name: str) -> Any:
+    """Import an optional dependency or raise ImportError with the install hint."""
+    try:
+        return __import__(name)
+    except ImportError as exc:
+        raise ImportError(f"{_MISSING} ({name} is not installed: {exc})") from None
+
+
+def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise TypeError("export_onnx: example_inputs must be a tensor or a tuple of tensors")
+    return inputs
+
+
+def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str, opset: int, dynamic_batch: bool) -> str:
+    """Export with the TorchScript exporter (fast, honours the opset); fall back to dynamo."""
+    names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            axes = {n: {0: "batch"} for n in [*names, "output"]} if dynamic_batch else None
+            torch.onnx.export(model, inputs, path, input_names=names, output_names=["output"], opset_version=opset,
+                              dynamic_axes=axes, dynamo=False)
+        return "torchscript"
+    except Exception as first:  # noqa: BLE001 - the legacy exporter may be gone or fail on new ops
+        log.info("TorchScript ONNX export failed (%s); trying the dynamo exporter", first)
+        _require("onnxscript")
+        shapes = tuple({0: torch.export.Dim("batch")} for _ in inputs) if dynamic_batch else None
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # its progress chatter
+            torch.onnx.export(model, inputs, path, input_names=names, output_names=["output"], opset_version=opset,
+                              dynamic_shapes=shapes, dynamo=True, external_data=False)
+        return "dynamo"
+
+
+def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[str], *, opset: int = 17,
+                check: bool = True, atol: float = 1e-4, rtol: float = 1e-3, dynamic_batch: bool = True,
+                seed: int = 0) -> dict[str, Any]:
+    """Write ``model`` (in eval mode, on CPU) to the ONNX file ``path`` and check it with onnxruntime.
+
+    ``example_inputs`` (a tensor or tuple of tensors) fixes the input shapes; the batch axis
+    stays dynamic unless ``dynamic_batch=False``. With ``check`` a fresh random input (seeded
+    by ``seed``) of the same shapes is run through PyTorch and onnxruntime and the outputs
+    compared elementwise with ``|ort - torch| <= atol + rtol * |torch|``. The file is written
+    to a temporary name and only renamed onto ``path`` once it passed the check, so an
+    existing ``path`` is never left half-written or replaced by a bad graph.
+
+    Returns ``{"path", "opset", "exporter", "bytes", "checked", "max_abs_diff",
+    "max_rel_diff", "atol", "rtol", "match"}``. Raises ``ImportError`` (install hint) if
+    onnx/onnxruntime are missing and :class:`OnnxCheckError` if the outputs differ.
+    """
+    onnx = _require("onnx")
+    ort = _require("onnxruntime") if check else None
+    inputs = tuple(t.detach().cpu() for t in _as_tuple(example_inputs))
+    if any(t.device.type != "cpu" for t in model.state_dict().values()):
+        model = copy.deepcopy(model).cpu()  # never move the caller's model
+    was_training = model.training
+    model.eval()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        exporter = _export(model, inputs, tmp, opset, dynamic_batch)
+        onnx.checker.check_model(tmp)
+        figures: dict[str, Any] = {"path": str(out), "opset": opset, "exporter": exporter,
+                                   "bytes": os.path.getsize(tmp), "checked": bool(check)}
+        if check:
+            gen = torch.Generator().manual_seed(seed)
+            feeds = [torch.randn(t.shape, generator=gen, dtype=t.dtype) if t.is_floating_point() else t for t in inputs]
+            with torch.no_grad():
+                ref = model(*feeds)
+            ref = ref[0] if isinstance(ref, (tuple, list)) else ref
+            sess = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+            got = sess.run(None, {i.name: f.numpy() for i, f in zip(sess.get_inputs(), feeds)})[0]
+            got_t = torch.from_numpy(got)
+            diff = (got_t - ref).abs()
+            figures.update(max_abs_diff=float(diff.max()), max_rel_diff=float((diff / ref.abs().clamp_min(1e-12)).max()),
+                           atol=atol, rtol=rtol, shape=list(got.shape),
+                           match=bool(got_t.shape == ref.shape and torch.all(diff <= atol + rtol * ref.abs())))
+            if not figures["match"]:
+                raise OnnxCheckError(f"ONNX output differs from PyTorch: max abs diff {figures['max_abs_diff']:.3g} "
+                                     f"(tolerance {atol:g} + {rtol:g}*|y|); {out} not written", figures)
+        os.replace(tmp, out)
+        return figures
+    finally:
+        model.train(was_training)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
