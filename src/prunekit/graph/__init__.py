@@ -5,13 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import logging
+
 import numpy as np
+import torch
 from torch import nn
 
 from prunekit.errors import PruningError
 from prunekit.graph.dependency import ChannelGroup, GroupMember, build_groups, describe, summarize_unprunable
 from prunekit.graph.rules import RULES, register_rule
 from prunekit.graph.tracer import Member, TraceState, Tracer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ChannelGroup", "DependencyGraph", "GroupMember", "RULES", "register_rule", "trace", "module_names"]
 
@@ -64,6 +69,15 @@ def module_names(model: nn.Module, modules: Iterable[nn.Module | str] | None, op
     return tuple(out)
 
 
+FAKE_MIN_NUMEL = 65536
+
+
+def _numel(example_inputs: Any) -> int:
+    from torch.utils._pytree import tree_flatten
+
+    return sum(t.numel() for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor))
+
+
 def trace(model: nn.Module, example_inputs: Any, *, ignore: Iterable[nn.Module | str] | None = None,
           modes: tuple[str, ...] = ("eval", "train")) -> DependencyGraph:
     """Trace ``model`` on ``example_inputs`` and return its coupled channel groups.
@@ -78,12 +92,29 @@ def trace(model: nn.Module, example_inputs: Any, *, ignore: Iterable[nn.Module |
     True
     """
     ignored = module_names(model, ignore, "ignore")
-    state = TraceState()
     for mode in modes:
         if mode not in ("eval", "train"):
             raise PruningError(f"modes: unknown mode '{mode}' (expected 'eval' or 'train')")
-        tracer = Tracer(model, state)
-        tracer.ignored_prefixes = ignored
-        tracer.run(example_inputs, mode)
+
+    def run_all(fake: bool) -> TraceState:
+        state = TraceState()
+        for mode in modes:
+            tracer = Tracer(model, state)
+            tracer.ignored_prefixes = ignored
+            tracer.run(example_inputs, mode, fake=fake)
+        return state
+
+    # Fake tensors (shapes only) beat real arithmetic once inputs are image-sized; on tiny
+    # inputs their per-op overhead is larger than the real computation.
+    fake = _numel(example_inputs) >= FAKE_MIN_NUMEL
+    try:
+        state = run_all(fake=fake)
+    except Exception as exc:  # noqa: BLE001 - fake tensors cannot run everything (data-dependent ops)
+        if not fake:
+            raise
+        log.info("fake-tensor trace failed (%s); tracing with real tensors", exc)
+        state = run_all(fake=False)
+        fake = False
+    state.fake = fake
     groups, comp, members = build_groups(state, model)
     return DependencyGraph(groups, comp, members, state, ignored)

@@ -10,6 +10,7 @@ atoms that cannot be pruned, always with a reason that names the op and module.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -70,6 +71,7 @@ class TraceState:
     grids: dict[tuple[Any, ...], np.ndarray] = field(default_factory=dict)
     ops: dict[str, list[OpRecord]] = field(default_factory=dict)
     uf: UnionFind = field(default_factory=lambda: UnionFind(1024))
+    fake: bool = False  # traced on fake tensors (validation then starts with them too)
 
 
 def op_name(func: Callable[..., Any]) -> str:
@@ -267,6 +269,13 @@ class Tracer:
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         if not outs:
             return out
+        with real_tensors():
+            self._record(func, args, kwargs, outs)
+        return out
+
+    def _record(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Tensor]) -> None:
+        from prunekit.graph.rules import apply_rule
+
         name = op_name(func)
         ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
         labs = apply_rule(self, name, func, args, kwargs, ins, outs)
@@ -280,10 +289,13 @@ class Tracer:
             OpRecord(len(self.ops), name, self.current, [tuple(t.shape) for t in outs], list(labs), in_labs,
                      _strip_tensors(args), _strip_tensors(kwargs))
         )
-        return out
 
-    def run(self, example_inputs: Any, mode: str) -> None:
-        """Trace one forward pass in ``mode`` ('eval' or 'train' with BN frozen)."""
+    def run(self, example_inputs: Any, mode: str, *, fake: bool = False) -> None:
+        """Trace one forward pass in ``mode`` ('eval' or 'train' with BN frozen).
+
+        With ``fake`` the forward runs on fake tensors (shapes only, no arithmetic), which
+        is all the channel rules need and costs a fraction of a real forward.
+        """
         model = self.model
         hooks = []
         names = self.module_names
@@ -306,7 +318,7 @@ class Tracer:
                 for m in model.modules():
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
                         m.eval()
-            with torch.no_grad(), _Mode(self):
+            with torch.no_grad(), fake_mode(fake), _Mode(self):
                 out = _call(model, example_inputs)
             for t in tree_flatten(out)[0]:
                 if isinstance(t, Tensor):
@@ -321,6 +333,22 @@ class Tracer:
         self.values.clear()
         self.keep_alive.clear()
         self.stack = [""]
+
+
+def fake_mode(enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """A FakeTensorMode accepting the model's real parameters, or a no-op."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def real_tensors() -> contextlib.AbstractContextManager[Any]:
+    """Suspend an active FakeTensorMode: label bookkeeping runs on real tensors."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
 
 
 class _Mode(TorchFunctionMode):

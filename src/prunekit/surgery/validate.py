@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 
 from prunekit.graph import DependencyGraph
 from prunekit.graph.labels import kept_positions
-from prunekit.graph.tracer import OpRecord, _call
+from prunekit.graph.tracer import OpRecord, _call, fake_mode
 from prunekit.plan import AttrFix, PruningPlan
 
 Shapes = list[list[tuple[int, ...]]]
@@ -186,7 +186,24 @@ class _ShapeRecorder(TorchFunctionMode):
 
 def check(model: nn.Module, example_inputs: Any, graph: DependencyGraph, expected: dict[str, Shapes]) -> Mismatch | None:
     """Run ``model`` in every traced mode and compare each op's output shapes to
-    ``expected``; return the first mismatch (or None when all agree)."""
+    ``expected``; return the first mismatch (or None when all agree).
+
+    Runs on fake tensors (shapes only) first; if fake tensors cannot run the model, or
+    report a failure, the verdict comes from a real forward.
+    """
+    if not graph.state.fake:
+        return _check(model, example_inputs, graph, expected, fake=False)
+    try:
+        found = _check(model, example_inputs, graph, expected, fake=True)
+    except Exception:  # noqa: BLE001 - fake-tensor limitation: decide with real tensors
+        found = _check(model, example_inputs, graph, expected, fake=False)
+    if found is not None:
+        found = _check(model, example_inputs, graph, expected, fake=False)
+    return found
+
+
+def _check(model: nn.Module, example_inputs: Any, graph: DependencyGraph, expected: dict[str, Shapes],
+           fake: bool) -> Mismatch | None:
     flags = {m: m.training for m in model.modules()}
     try:
         for mode, want in expected.items():
@@ -198,7 +215,7 @@ def check(model: nn.Module, example_inputs: Any, graph: DependencyGraph, expecte
             rec = _ShapeRecorder()
             error: str | None = None
             try:
-                with torch.no_grad(), rec:
+                with torch.no_grad(), fake_mode(fake), rec:
                     _call(model, example_inputs)
             except Exception as exc:  # noqa: BLE001 - any failure of the pruned forward is a mismatch
                 error = f"{type(exc).__name__}: {exc}".splitlines()[0]
