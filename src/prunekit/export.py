@@ -90,6 +90,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the ONNX file the usual permissions
     try:
         exporter = _export(model, inputs, tmp, opset, dynamic_batch)
         onnx.checker.check_model(tmp)

@@ -45,10 +45,28 @@ def _round_keep(size: int, n_remove: int, round_to: int, n_prunable: int, min_ch
     return max(n_remove, 0)
 
 
-def _lowest(scores: np.ndarray, prunable: np.ndarray, n: int) -> np.ndarray:
-    cand = np.flatnonzero(prunable)
+def _lowest(group: ChannelGroup, scores: np.ndarray, n: int, min_channels: int) -> np.ndarray:
+    """The ``n`` lowest-scored prunable channels, never emptying a producing layer below
+    ``min_channels`` (a group can join layers of very different widths)."""
+    cand = np.flatnonzero(group.prunable)
     order = cand[np.argsort(scores[cand], kind="stable")]
-    return np.sort(order[:n])
+    if not group.producers:
+        return np.sort(order[:n])
+    remaining = [len(p) for p in group.producers]
+    owners: dict[int, list[int]] = {}
+    for pi, chans in enumerate(group.producers):
+        for c in chans.tolist():
+            owners.setdefault(c, []).append(pi)
+    chosen: list[int] = []
+    for c in order.tolist():
+        if len(chosen) == n:
+            break
+        if any(remaining[p] <= min_channels for p in owners.get(c, ())):
+            continue
+        chosen.append(c)
+        for p in owners.get(c, ()):
+            remaining[p] -= 1
+    return np.sort(np.array(chosen, dtype=np.int64))
 
 
 def select(groups: list[ChannelGroup], scores: list[np.ndarray], *, ratio: float,
@@ -71,7 +89,7 @@ def select(groups: list[ChannelGroup], scores: list[np.ndarray], *, ratio: float
         for g, s in zip(groups, scores):
             r = group_ratio(g, ratio, ratios)
             n = _round_keep(g.size, int(math.floor(r * g.size + 1e-9)), round_to, g.n_prunable, min_channels)
-            out.append(_lowest(s, g.prunable, n))
+            out.append(_lowest(g, s, n, min_channels))
         return out
     entries = []
     for gi, (g, s) in enumerate(zip(groups, scores)):
@@ -91,5 +109,5 @@ def select(groups: list[ChannelGroup], scores: list[np.ndarray], *, ratio: float
         if counts[gi] < caps[gi]:
             counts[gi] += 1
             taken += 1
-    return [_lowest(s, g.prunable, _round_keep(g.size, counts[i], round_to, g.n_prunable, min_channels))
+    return [_lowest(g, s, _round_keep(g.size, counts[i], round_to, g.n_prunable, min_channels), min_channels)
             for i, (g, s) in enumerate(zip(groups, scores))]

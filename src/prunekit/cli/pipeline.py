@@ -23,7 +23,7 @@ _DATA = [("--data", "data", str, "data set: digits, cifar10:PATH, cifar100:PATH,
          ("--num-classes", "num_classes", int, "classifier outputs (default: the data set's)"),
          ("--in-chans", "in_chans", int, "input channels (default: the data set's)"),
          ("--image-size", "image_size", int, "resize images to this size (default: the data set's; digits: 16)"),
-         ("--subset", "subset", int, "train on a class-balanced subset of N images"),
+         ("--subset", "subset", int, "use a class-balanced subset of N images (of the training split; of --split for eval)"),
          ("--workers", "workers", int, "DataLoader worker processes"),
          ("--eval-batch-size", "eval_batch_size", int, "batch size for evaluation")]
 _TRAIN = [("--epochs", "epochs", int, "training epochs"), ("--lr", "lr", float, "peak learning rate"),
@@ -45,12 +45,18 @@ _NAMES = {"finetune_epochs": "--epochs", "finetune_lr": "--lr"}
 def _add(p: argparse.ArgumentParser, table: list[tuple[str, str, Any, str]]) -> None:
     """Add recipe-backed options with default None (so recipe values are only overridden when passed)."""
     for flag, key, typ, text in table:
-        default = DEFAULTS[key] if not isinstance(DEFAULTS[key], list) else "none"
-        text = f"{text} (recipe key {key}; default {default})"
+        text = _help(text, key)
         if typ is None:
             p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             p.add_argument(flag, dest=key, type=typ, default=None, metavar=key.upper(), help=text)
+
+
+def _help(text: str, key: str) -> str:
+    """Help text plus the recipe key and (unless the text already says it) the built-in default."""
+    default = DEFAULTS[key]
+    shown = "" if default in (None, []) or "default" in text else f"; default {default}"
+    return f"{text} (recipe key {key}{shown})"
 
 
 def _run_opts(p: argparse.ArgumentParser, *, out: str | None = None, recipe: bool = True) -> None:
@@ -224,13 +230,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     t_start = time.perf_counter()
     r = _recipe(args, base=load_recipe("digits_demo"))
-    out = _out(args.out)
     train_info, test_info = _data(r, "train", r.subset), _data(r, "test")
     train_loader, test_loader = _loaders(r, train_info, test_info)
     nc, ic = r.num_classes or train_info.num_classes, r.in_chans or train_info.in_chans
     model, _ = _model(r.model or "", num_classes=nc, in_chans=ic)
     shape = _shape(r, model, r.model or "", None, train_info)
-    dev = _device()
+    out, dev = _out(args.out), _device()
     print(f"prunekit demo: {r.model} on {r.data} ({len(train_info)} train / {len(test_info)} test images, "
           f"{shape[2]}x{shape[3]}), device {dev}, output {out}/")
 
@@ -304,6 +309,7 @@ def _summary(rows: list[tuple[str, dict[str, Any], dict[str, float]]]) -> None:
     def lat(p: dict[str, Any]) -> str:
         return "-" if not p.get("latency") else f"{p['latency']['median_ms']:.3f} ms"
 
+    n = 6 if any("top1" in a for _, _, a in rows) else 4
     table = [("", "params", "FLOPs", "latency (b=1)", "top-1", "top-5")]
     table += [(name, human(p["params"]), human(p["flops"]), lat(p), _pct(a.get("top1")), _pct(a.get("top5"))) for name, p, a in rows]
     ref, last = rows[0][1], rows[-1][1]
@@ -313,7 +319,8 @@ def _summary(rows: list[tuple[str, dict[str, Any], dict[str, float]]]) -> None:
            else "-")
     table.append(("after/before", f"{last['params'] / ref['params']:.3f}x", f"{last['flops'] / ref['flops']:.3f}x",
                   lat_ratio, acc, ""))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    table = [row[:n] for row in table]
+    widths = [max(len(row[i]) for row in table) for i in range(n)]
     print()
     for row in table:
         print(row[0].ljust(widths[0]) + "".join("  " + c.rjust(w) for c, w in zip(row[1:], widths[1:])))
@@ -327,16 +334,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     r = _recipe(args)
     if not r.model:
         raise _err("no model: pass --model SPEC or set model: in the recipe")
-    out = _out(args.out)
     train_info, test_info = _data(r, "train", r.subset), _data(r, "test")
     nc, ic = r.num_classes or train_info.num_classes, r.in_chans or train_info.in_chans
     model, plan = _model(r.model, num_classes=nc, in_chans=ic)
     shape = _shape(r, model, r.model, plan, train_info)
+    out = _out(args.out)
     _, world, _ = init_distributed()
     main = is_main_process()
     train_loader, test_loader = _loaders(r, train_info, test_info)
     if main:
-        print(f"prunekit train: {r.model} on {r.data} ({len(train_info)} images, {r.epochs} epochs, {world} process(es)) -> {out}/")
+        print(f"prunekit train: {r.model} on {r.data} ({len(train_info)} images, {r.epochs} epoch(s), {world} process(es)) -> {out}/")
     res = train(model.to(_device()), train_loader, _train_cfg(r, finetune=False), run_dir=out, resume=args.resume,
                 progress=not args.no_progress)
     acc = _accuracy(model, test_loader)
@@ -351,7 +358,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _write(out, r, {"command": "train", "model": spec, "data": r.data, "input_shape": list(shape), "before": {},
                     "after": {**prof, **acc}, "train": {"seconds": res.wall_time_s, "epochs": res.epochs_completed,
                     "resumed_from_epoch": res.resumed_from_epoch, "history": res.history}}, command="train")
-    print(f"trained {res.epochs_completed} epochs ({res.wall_time_s:.1f} s this run): test top-1 {_pct(acc['top1'])}, "
+    print(f"trained {res.epochs_completed} epoch(s) ({res.wall_time_s:.1f} s this run): test top-1 {_pct(acc['top1'])}, "
           f"top-5 {_pct(acc['top5'])}, loss {acc['loss']:.4f}\nsaved {out}/model.safetensors + plan.json "
           f"(prunekit.load('{out}')), checkpoint.pt, train_log.jsonl, report.md, recipe.yaml")
     return 0
@@ -365,7 +372,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     r = _recipe(args)
     if not Path(args.pruned).expanduser().is_dir():
         raise _err(f"--pruned {args.pruned}: not a directory saved by prunekit (model.safetensors + plan.json)")
-    out = _out(args.out)
     train_info, test_info = _data(r, "train", r.subset), _data(r, "test")
     model, plan = _model(args.pruned, num_classes=None, in_chans=None, flag="--pruned")
     teacher = None
@@ -373,13 +379,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         teacher, _ = _model(args.teacher, num_classes=r.num_classes or train_info.num_classes,
                             in_chans=r.in_chans or train_info.in_chans, flag="--teacher", weights=args.teacher_weights)
     shape = _shape(r, model, plan.meta.get("model_spec", ""), plan, train_info)
+    out = _out(args.out)
     _, world, _ = init_distributed()
     main = is_main_process()
     train_loader, test_loader = _loaders(r, train_info, test_info)
     dev = _device()
     before = _accuracy(model.to(dev), test_loader)
     if main:
-        print(f"prunekit finetune: {args.pruned} on {r.data}, {r.finetune_epochs} epochs"
+        print(f"prunekit finetune: {args.pruned} on {r.data}, {r.finetune_epochs} epoch(s)"
               f"{f', distilling from {args.teacher}' if teacher is not None else ''}; test top-1 now {_pct(before['top1'])}")
     res = train(model, train_loader, _train_cfg(r, finetune=True), teacher=teacher.to(dev) if teacher is not None else None,
                 run_dir=out, resume=args.resume, progress=not args.no_progress)
@@ -505,7 +512,7 @@ def _extend_prune(p: argparse.ArgumentParser) -> None:
     for key in ("ratio", "criterion", "round_to", "global_ranking", "ignore", "num_classes", "in_chans", "input_shape"):
         if key in actions:
             actions[key].default = None
-            actions[key].help = f"{actions[key].help} (recipe key {key}; default {DEFAULTS[key] if key != 'ignore' else 'none'})"
+            actions[key].help = _help(str(actions[key].help), key)
     p.add_argument("--recipe", default=None, help="YAML recipe file or packaged recipe name; flags override it")
     _add(p, _PRUNE)
     p.set_defaults(func=cmd_prune)

@@ -44,6 +44,8 @@ class ChannelGroup:
     prunable: np.ndarray = field(repr=False)
     reasons: tuple[str, ...] = field(repr=False)
     members: tuple[GroupMember, ...] = field(repr=False)
+    # Local channels of each producing layer in the group: each must keep some channels.
+    producers: tuple[np.ndarray, ...] = field(default=(), repr=False)
 
     @property
     def size(self) -> int:
@@ -165,14 +167,22 @@ def build_groups(state: TraceState, model: nn.Module) -> tuple[list[ChannelGroup
         g = group_of[cids]
         for gi in np.unique(g[g >= 0]):
             per_group[int(gi)].append(GroupMember(m.tensor, m.dim, m.role, np.where(g == gi, local_of[cids], -1)))
+    producers: list[list[np.ndarray]] = [[] for _ in groups_of]
+    for s in state.sources:
+        if s.active:
+            cids = np.unique(comp[s.start:s.stop])
+            cids = cids[cids >= 0]
+            gids = group_of[cids]
+            for gi in np.unique(gids[gids >= 0]):
+                producers[int(gi)].append(np.sort(local_of[cids[gids == gi]]))
     groups: list[ChannelGroup] = []
-    for chans, gm in zip(groups_of.values(), per_group):
+    for chans, gm, prods in zip(groups_of.values(), per_group, producers):
         if not gm:
             continue
         reasons = tuple(reason.get(c, "") for c in chans)
         prunable = np.array([r == "" for r in reasons], dtype=bool)
         groups.append(ChannelGroup(len(groups), _group_name(gm), np.array(chans, dtype=np.int64), prunable,
-                                   reasons, tuple(gm)))
+                                   reasons, tuple(gm), tuple(prods)))
     return groups, comp, members
 
 
