@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 from pathlib import Path
@@ -143,7 +144,7 @@ def test_prune_from_recipe_with_flag_override(tmp_path: Path, capsys: pytest.Cap
 
 def test_train_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import prunekit.recover.train as train_mod
+    train_mod = importlib.import_module("prunekit.recover.train")  # the package re-exports a function of that name
 
     common = ["--model", "small_cnn", "--data", "digits", "--subset", "100", "--batch-size", "25", "--epochs", "2",
               "--optimizer", "adamw", "--lr", "3e-3", "--no-latency", "--no-progress"]

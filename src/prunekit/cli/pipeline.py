@@ -233,6 +233,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     train_info, test_info = _data(r, "train", r.subset), _data(r, "test")
     train_loader, test_loader = _loaders(r, train_info, test_info)
     nc, ic = r.num_classes or train_info.num_classes, r.in_chans or train_info.in_chans
+    torch.manual_seed(r.seed)  # the initial weights depend on --seed only
     model, _ = _model(r.model or "", num_classes=nc, in_chans=ic)
     shape = _shape(r, model, r.model or "", None, train_info)
     out, dev = _out(args.out), _device()
@@ -328,6 +329,8 @@ def _summary(rows: list[tuple[str, dict[str, Any], dict[str, float]]]) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a model from scratch (resumable, torchrun-aware) and save it with an empty plan."""
+    import torch
+
     from prunekit.plan import PruningPlan
     from prunekit.recover import init_distributed, is_main_process, train
 
@@ -336,6 +339,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise _err("no model: pass --model SPEC or set model: in the recipe")
     train_info, test_info = _data(r, "train", r.subset), _data(r, "test")
     nc, ic = r.num_classes or train_info.num_classes, r.in_chans or train_info.in_chans
+    torch.manual_seed(r.seed)  # the initial weights depend on --seed only
     model, plan = _model(r.model, num_classes=nc, in_chans=ic)
     shape = _shape(r, model, r.model, plan, train_info)
     out = _out(args.out)

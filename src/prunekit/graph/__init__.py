@@ -14,7 +14,7 @@ from torch import nn
 from prunekit.errors import PruningError
 from prunekit.graph.dependency import ChannelGroup, GroupMember, build_groups, describe, summarize_unprunable
 from prunekit.graph.rules import RULES, register_rule
-from prunekit.graph.tracer import Member, TraceState, Tracer
+from prunekit.graph.tracer import Member, TraceState, Tracer, record_shapes
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,13 @@ def _numel(example_inputs: Any) -> int:
     return sum(t.numel() for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor))
 
 
+def _same_structure(state: TraceState, model: nn.Module, example_inputs: Any, fake: bool) -> bool:
+    calls, error = record_shapes(model, example_inputs, "train", fake=fake)
+    ops = state.ops["eval"]
+    return error is None and len(calls) == len(ops) and all(
+        name == op.name and shapes == op.out_shapes for (name, shapes), op in zip(calls, ops))
+
+
 def trace(model: nn.Module, example_inputs: Any, *, ignore: Iterable[nn.Module | str] | None = None,
           modes: tuple[str, ...] = ("eval", "train")) -> DependencyGraph:
     """Trace ``model`` on ``example_inputs`` and return its coupled channel groups.
@@ -99,6 +106,8 @@ def trace(model: nn.Module, example_inputs: Any, *, ignore: Iterable[nn.Module |
     def run_all(fake: bool) -> TraceState:
         state = TraceState()
         for mode in modes:
+            if mode == "train" and "eval" in state.ops and _same_structure(state, model, example_inputs, fake):
+                continue  # training mode runs the very same ops: nothing more to learn
             tracer = Tracer(model, state)
             tracer.ignored_prefixes = ignored
             tracer.run(example_inputs, mode, fake=fake)

@@ -310,15 +310,8 @@ class Tracer:
         for m in model.modules():
             hooks.append(m.register_forward_pre_hook(pre))
             hooks.append(m.register_forward_hook(post, always_call=True))
-        was_training = {m: m.training for m in model.modules()}
         try:
-            model.train(mode == "train")
-            if mode == "train":
-                # Training-only branches get traced, but BN must not update running stats.
-                for m in model.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.eval()
-            with torch.no_grad(), fake_mode(fake), _Mode(self):
+            with model_mode(model, mode), torch.no_grad(), fake_mode(fake), _Mode(self):
                 out = _call(model, example_inputs)
             for t in tree_flatten(out)[0]:
                 if isinstance(t, Tensor):
@@ -326,13 +319,56 @@ class Tracer:
         finally:
             for h in hooks:
                 h.remove()
-            for m, flag in was_training.items():
-                m.training = flag
         self.state.ops[mode] = self.ops
         self.ops = []
         self.values.clear()
         self.keep_alive.clear()
         self.stack = [""]
+
+
+@contextlib.contextmanager
+def model_mode(model: nn.Module, mode: str) -> Any:
+    """Put ``model`` in 'eval' or 'train' mode (BatchNorm frozen, so running statistics are
+    never touched and batch-1 inputs work), restoring every module's flag afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.train(mode == "train")
+        if mode == "train":
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+class ShapeRecorder(TorchFunctionMode):
+    """Records the name and output shapes of every torch call that returns tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, list[tuple[int, ...]]]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        if outs:
+            self.calls.append((op_name(func), [tuple(t.shape) for t in outs]))
+        return out
+
+
+def record_shapes(model: nn.Module, example_inputs: Any, mode: str, *, fake: bool) -> tuple[list[tuple[str, list[tuple[int, ...]]]], str | None]:
+    """Run ``model`` once in ``mode`` and return its calls (name, output shapes) and the
+    first line of the error it raised, if any."""
+    rec = ShapeRecorder()
+    error: str | None = None
+    try:
+        with model_mode(model, mode), torch.no_grad(), fake_mode(fake), rec:
+            _call(model, example_inputs)
+    except Exception as exc:  # noqa: BLE001 - a failing forward is reported, not raised
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
+    return rec.calls, error
 
 
 def fake_mode(enabled: bool) -> contextlib.AbstractContextManager[Any]:

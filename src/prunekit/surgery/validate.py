@@ -14,12 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from prunekit.graph import DependencyGraph
 from prunekit.graph.labels import kept_positions
-from prunekit.graph.tracer import OpRecord, _call, fake_mode
+from prunekit.graph.tracer import OpRecord, record_shapes
 from prunekit.plan import AttrFix, PruningPlan
 
 Shapes = list[list[tuple[int, ...]]]
@@ -171,19 +169,6 @@ class Mismatch:
     message: str
 
 
-class _ShapeRecorder(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: Shapes = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
-        if outs:
-            self.shapes.append([tuple(t.shape) for t in outs])
-        return out
-
-
 def check(model: nn.Module, example_inputs: Any, graph: DependencyGraph, expected: dict[str, Shapes]) -> Mismatch | None:
     """Run ``model`` in every traced mode and compare each op's output shapes to
     ``expected``; return the first mismatch (or None when all agree).
@@ -204,29 +189,13 @@ def check(model: nn.Module, example_inputs: Any, graph: DependencyGraph, expecte
 
 def _check(model: nn.Module, example_inputs: Any, graph: DependencyGraph, expected: dict[str, Shapes],
            fake: bool) -> Mismatch | None:
-    flags = {m: m.training for m in model.modules()}
-    try:
-        for mode, want in expected.items():
-            model.train(mode == "train")
-            if mode == "train":
-                for m in model.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.eval()
-            rec = _ShapeRecorder()
-            error: str | None = None
-            try:
-                with torch.no_grad(), fake_mode(fake), rec:
-                    _call(model, example_inputs)
-            except Exception as exc:  # noqa: BLE001 - any failure of the pruned forward is a mismatch
-                error = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            ops = graph.state.ops[mode]
-            for i, (got, exp) in enumerate(zip(rec.shapes, want)):
-                if got != exp:
-                    return Mismatch(mode, i, ops[i], f"shapes {got} != expected {exp}")
-            if error is not None or len(rec.shapes) != len(want):
-                i = min(len(rec.shapes), len(ops) - 1)
-                return Mismatch(mode, i, ops[i], error or f"{len(rec.shapes)} ops ran, {len(want)} expected")
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+    for mode, want in expected.items():
+        calls, error = record_shapes(model, example_inputs, mode, fake=fake)
+        ops = graph.state.ops[mode]
+        for i, ((_, got), exp) in enumerate(zip(calls, want)):
+            if got != exp:
+                return Mismatch(mode, i, ops[i], f"shapes {got} != expected {exp}")
+        if error is not None or len(calls) != len(want):
+            i = min(len(calls), len(ops) - 1)
+            return Mismatch(mode, i, ops[i], error or f"{len(calls)} ops ran, {len(want)} expected")
     return None
