@@ -127,18 +127,19 @@ def test_prune_a_trained_directory_then_load_it(demo_dir: tuple[Path, str], tmp_
 
 def test_prune_from_recipe_with_flag_override(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: small_cnn\nin_chans: 1\ninput_shape: 1,1,16,16\ntarget_flops: 0.5\ncriterion: l1\n")
+    recipe.write_text("model: small_cnn\nin_chans: 1\ninput_shape: 1,1,16,16\nratio: 0.25\ncriterion: l1\n")
     rc, _, err = _run(capsys, "prune", "--recipe", str(recipe), "--out", str(tmp_path / "a"), "--no-latency")
     assert rc == 0, err
     report = json.loads((tmp_path / "a" / "report.json").read_text())
-    assert 0.4 <= report["after"]["flops"] / report["before"]["flops"] <= 0.6
-    assert report["plan"]["criterion"] == "l1" and report["input_shape"] == [1, 1, 16, 16]
-    rc, _, err = _run(capsys, "prune", "--recipe", str(recipe), "--criterion", "l2", "--target-flops", "0.8",
+    assert report["plan"]["criterion"] == "l1" and report["plan"]["ratio"] == 0.25
+    assert report["input_shape"] == [1, 1, 16, 16]
+    rc, _, err = _run(capsys, "prune", "--recipe", str(recipe), "--criterion", "l2", "--target-flops", "0.5",
                       "--out", str(tmp_path / "b"), "--no-latency")
     assert rc == 0, err
     report = json.loads((tmp_path / "b" / "report.json").read_text())
-    assert report["plan"]["criterion"] == "l2" and report["after"]["flops"] / report["before"]["flops"] > 0.6
-    assert load_recipe(tmp_path / "b" / "recipe.yaml")["criterion"] == "l2"
+    assert report["plan"]["criterion"] == "l2" and 0.4 <= report["after"]["flops"] / report["before"]["flops"] <= 0.6
+    saved = load_recipe(tmp_path / "b" / "recipe.yaml")
+    assert (saved["criterion"], saved["target_flops"], saved["model"]) == ("l2", 0.5, "small_cnn")
     assert pk.load(tmp_path / "b")(torch.randn(1, 1, 16, 16)).shape == (1, 10)
 
 

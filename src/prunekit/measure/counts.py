@@ -85,16 +85,24 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
     the way ``FlopCounterMode`` does: 2 per multiply-add of matmul/convolution-like
     ops (addmm, mm, bmm, convolution, attention, ...). Element-wise and
     normalisation ops (bias adds inside conv, BatchNorm, activations, pooling)
-    count as 0. Inputs are moved to the model's device first.
+    count as 0. ``nn.MultiheadAttention`` is counted through its decomposed path (its
+    fused fast path would count as 0). Inputs are moved to the model's device first.
 
     Returns:
         Total FLOPs of one forward pass, as an ``int``.
     """
     inputs = to_device(example_inputs, infer_device(model, example_inputs))
-    with eval_mode(model), torch.no_grad():
-        counter = FlopCounterMode(display=False)
-        with counter:
-            call_model(model, inputs)
+    # nn.MultiheadAttention's fused eval fast path is invisible to FlopCounterMode; the
+    # decomposed path computes the same thing and is counted.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with eval_mode(model), torch.no_grad():
+            counter = FlopCounterMode(display=False)
+            with counter:
+                call_model(model, inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     flops = int(counter.get_total_flops())
     logger.debug("count_flops: %d FLOPs for %s", flops, type(model).__name__)
     return flops
