@@ -481,11 +481,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
             ratios = {k: float(v) for k, v in (item.split("=", 1) for item in args.ratios)}
         except ValueError:
             raise _err(f"--ratios {args.ratios}: expected MODULE=RATIO entries") from None
-    out = _out(args.out)
     x = torch.randn(*shape)
     t0 = time.perf_counter()
     small, plan = _prune(model.eval(), x, r, ratios)
     seconds = time.perf_counter() - t0
+    out = _out(args.out)  # only once the input is known to be good
     before, after = _profile(model, shape, args), _profile(small, shape, args)
     pk.save(small, plan, out, model_spec=spec, extra=_meta(shape, nc, ic))
     _write(out, r, {"command": "prune", "model": spec, "input_shape": list(shape), "ratio": plan.meta.get("ratio"),

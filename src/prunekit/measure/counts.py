@@ -77,6 +77,18 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
+def _register_cpu_attention_flops() -> None:
+    """FlopCounterMode knows the CUDA attention kernels but not the CPU one that
+    ``F.scaled_dot_product_attention`` dispatches to; count it with the same formula."""
+    from torch.utils import flop_counter
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in flop_counter.flop_registry:
+        return
+    # sdpa_flop is already wrapped to take shapes: register it raw.
+    flop_counter.register_flop_formula(op, get_raw=True)(flop_counter.sdpa_flop)
+
+
 def count_flops(model: nn.Module, example_inputs: Any) -> int:
     """Count the FLOPs of one forward pass with ``torch.utils.flop_counter``.
 
@@ -91,6 +103,7 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
     Returns:
         Total FLOPs of one forward pass, as an ``int``.
     """
+    _register_cpu_attention_flops()
     inputs = to_device(example_inputs, infer_device(model, example_inputs))
     # nn.MultiheadAttention's fused eval fast path is invisible to FlopCounterMode; the
     # decomposed path computes the same thing and is counted.
