@@ -368,10 +368,9 @@ def spawn_one(source: str, name: str, timeout: float, max_params: float, threads
     rec["wall_s"] = time.perf_counter() - t0
     if problem:
         rec["problem"] = problem
-        if rec.get("status") not in ("done", "skipped", "setup_fail"):
-            if "prunekit" not in rec:
-                rec["status"] = "setup_fail"
-                rec["error"] = problem
+        if rec.get("status") not in ("done", "skipped", "setup_fail") and "prunekit" not in rec:
+            rec.update(status="setup_fail", error=problem)  # died while building/measuring the original
+        elif rec.get("status") not in ("done", "skipped", "setup_fail"):
             for tool in ("prunekit", "torch_pruning"):
                 if tool not in rec or rec[tool].get("status") == "running":
                     rec[tool] = {"status": "fail", "stage": "process", "error": problem}

@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -158,6 +159,13 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
              "multi-head-attention fast path off (see `flops()` in the script); with it on, "
              "`count_flops` misses nn.MultiheadAttention and the FLOPs ratio would read "
              + ", ".join(f"{r['model']} {r['flops_ratio_fastpath_uncounted']:.3f}" for r in data["models"]) + ".", ""]
+    cores = data["machine"].get("usable_cores") or data["machine"].get("cpu_count") or 1
+    busy = max(data["machine"].get("loadavg_1m") or 0, data.get("loadavg_end") or 0)
+    if busy + max(cfg["threads"]) > cores + 0.5:
+        lines.append(f"**Warning:** load average up to {busy} on {cores} cores while timing: other processes "
+                     f"competed for the CPU, so these latencies (above all with more than one thread, where "
+                     f"OpenMP threads wait on each other) are noisy; see the per-repeat medians in the JSON.")
+        lines.append("")
     for name, err in data.get("failures", {}).items():
         lines.append(f"- {name} FAILED: `{err}`")
     path.write_text("\n".join(lines))
@@ -175,6 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-run-time", type=float, default=2.0, help="seconds per measurement (default 2.0)")
     p.add_argument("--repeats", type=int, default=3, help="alternating before/after repeats (default 3)")
     p.add_argument("--out", default=str(RESULTS_DIR / "speedup.json"), help="JSON results file")
+    p.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the JSON and exit")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.threads = [int(t) for t in args.threads.split(",")]
@@ -187,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)  # untimed work (pruning, FLOPs); measure_latency sets its own count
     out = Path(args.out)
+    if args.report_only:
+        write_markdown(json.loads(out.read_text()), out.with_suffix(".md"))
+        return
     data: dict[str, Any] = {"machine": machine_info(), "config": {k: v for k, v in vars(args).items() if k != "out"},
                             "models": []}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:

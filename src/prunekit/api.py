@@ -42,7 +42,7 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
     groups = list(graph.groups)
     repairs: list[str] = []
     options = dict(ratios=checked, global_ranking=global_ranking, round_to=round_to, min_channels=min_channels)
-    base_flops = count_flops(model, example_inputs) if target_flops is not None else 0
+    base_flops = _flops(model, example_inputs) if target_flops is not None else 0
     for _ in range(max_repairs + 1):
         if target_flops is not None:
             ratio = _ratio_for_flops(model, example_inputs, graph, groups, scores, float(target_flops), base_flops, options)
@@ -82,9 +82,16 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
     raise PruningError(f"gave up after {max_repairs} repairs; last: {repairs[-1] if repairs else '?'}")
 
 
+def _flops(model: nn.Module, example_inputs: Any) -> int:
+    try:
+        return count_flops(model, example_inputs, meta=True)
+    except Exception:  # noqa: BLE001 - the meta device cannot run every model
+        return count_flops(model, example_inputs)
+
+
 def _ratio_for_flops(model: nn.Module, example_inputs: Any, graph: DependencyGraph, groups: list[Any],
                      scores: list[np.ndarray], target: float, base_flops: int, options: dict[str, Any]) -> float:
-    """Bisect the ratio so the pruned model keeps ``target`` of the FLOPs (or just above)."""
+    """Bisect the ratio so the pruned model keeps ``target`` of the FLOPs (at or just below it)."""
     lo, hi = 0.0, 0.99
     best = 0.0
     for _ in range(14):
@@ -94,7 +101,7 @@ def _ratio_for_flops(model: nn.Module, example_inputs: Any, graph: DependencyGra
         base = make_plan(model, graph, gone)
         fixes = attribute_fixes(model, graph, expected_shapes(graph, gone))
         try:
-            flops = count_flops(apply_plan(model, PruningPlan(base.keep, base.shapes, tuple(fixes))), example_inputs)
+            flops = _flops(apply_plan(model, PruningPlan(base.keep, base.shapes, tuple(fixes))), example_inputs)
         except Exception:  # noqa: BLE001 - a broken candidate is sorted out by validation
             return mid
         if flops / base_flops > target:

@@ -98,7 +98,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
         onnx.checker.check_model(tmp)
         figures: dict[str, Any] = {"path": str(out), "opset": opset, "exporter": exporter,
                                    "bytes": os.path.getsize(tmp), "checked": bool(check)}
-        if check:
+        if ort is not None:
             gen = torch.Generator().manual_seed(seed)
             feeds = [torch.randn(t.shape, generator=gen, dtype=t.dtype) if t.is_floating_point() else t for t in inputs]
             with torch.no_grad():

@@ -23,7 +23,8 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "resolve", "recipe_path", "builtin_recipes", "dump_recipe",
            "RECIPE_DIR"]
@@ -44,11 +45,12 @@ class Recipe:
     saved directory), ``data`` (``digits``, ``cifar10:PATH``, ...), ``num_classes``/``in_chans``
     (default: from the data set), ``image_size``, ``input_shape`` (for pruning without data).
     Training: ``epochs``, ``lr``, ``optimizer`` (sgd/adamw), ``momentum``, ``weight_decay``,
-    ``schedule`` (cosine/step/constant), ``warmup_epochs``, ``label_smoothing``,
-    ``batch_size``, ``eval_batch_size``, ``subset`` (class-balanced training subset), ``augment``,
-    ``seed``, ``workers``, ``tensorboard``. Pruning: ``ratio`` or ``target_flops`` (fraction of
-    FLOPs kept; wins over ``ratio``), ``criterion``, ``global_ranking``, ``round_to``,
-    ``ignore``. Fine-tuning: ``finetune_epochs``, ``finetune_lr``, ``kd_alpha``,
+    ``schedule`` (cosine/step/constant; ``milestones``/``gamma`` for step), ``nesterov``,
+    ``warmup_epochs``, ``label_smoothing``, ``batch_size``, ``eval_batch_size``, ``subset``
+    (class-balanced subset), ``augment``, ``seed``, ``workers``, ``tensorboard``, ``amp`` and
+    ``channels_last`` (CUDA only), ``grad_clip``. Pruning: ``ratio`` or ``target_flops`` (fraction of
+    FLOPs kept; wins over ``ratio``), ``criterion``, ``global_ranking``, ``round_to``, ``ignore``,
+    ``ratios`` (per-module ratios), ``min_channels``. Fine-tuning: ``finetune_epochs``, ``finetune_lr``, ``kd_alpha``,
     ``kd_temperature`` (distillation weight and temperature when a teacher is used).
     """
 
@@ -65,6 +67,9 @@ class Recipe:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    nesterov: bool = False
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     batch_size: int = 128
@@ -74,12 +79,17 @@ class Recipe:
     seed: int = 0
     workers: int = 0
     tensorboard: bool = False
+    amp: bool = False
+    channels_last: bool = False
+    grad_clip: float | None = None
     ratio: float = 0.5
     target_flops: float | None = None
     criterion: str = "l2"
     global_ranking: bool = False
     round_to: int = 1
     ignore: list[str] = field(default_factory=list)
+    ratios: dict[str, float] = field(default_factory=dict)
+    min_channels: int = 1
     finetune_epochs: int = 5
     finetune_lr: float = 0.01
     kd_alpha: float = 0.5
@@ -89,7 +99,7 @@ class Recipe:
         """Return the recipe as a plain dict (field order kept), ready for YAML."""
         return dataclasses.asdict(self)
 
-    def check(self, where: Mapping[str, str] | None = None) -> "Recipe":
+    def check(self, where: Mapping[str, str] | None = None) -> Recipe:
         """Validate value ranges; raise :class:`RecipeError` naming the option (and its source).
 
         ``where`` maps a key to where its value came from (``--target-flops``, ``FILE``) so the
@@ -110,7 +120,7 @@ class Recipe:
         for key in ("epochs", "finetune_epochs", "workers", "seed"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0")
-        for key in ("batch_size", "eval_batch_size", "round_to"):
+        for key in ("batch_size", "eval_batch_size", "round_to", "min_channels"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")
         for key in ("lr", "finetune_lr", "weight_decay", "warmup_epochs"):
@@ -118,6 +128,13 @@ class Recipe:
                 raise bad(key, "must be >= 0")
         if self.subset is not None and self.subset < 1:
             raise bad("subset", "must be >= 1")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise bad("grad_clip", "must be > 0")
+        for name, value in self.ratios.items():
+            if not 0.0 <= value < 1.0:
+                src = where.get("ratios", "ratios")
+                raise RecipeError(f"{src if src.startswith('--') else 'ratios'} {name}={value:g}: must be in [0, 1)"
+                                  + ("" if src.startswith("--") else f" (from {src})"))
         if self.optimizer.lower() not in ("sgd", "adamw"):
             raise bad("optimizer", "must be 'sgd' or 'adamw'")
         if self.schedule.lower() not in ("cosine", "step", "constant"):
@@ -148,10 +165,17 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         raise RecipeError(f"{source}: key '{key}' must not be empty (expected {_type_name(base)})")
     origin = typing.get_origin(base)
     if origin is list:
+        (item,) = typing.get_args(base)
         items = value if isinstance(value, list) else [value]
-        if not all(isinstance(v, str) for v in items):
-            raise RecipeError(f"{source}: key '{key}' must be a list of strings, got {value!r}")
+        if not all(isinstance(v, item) and not isinstance(v, bool) for v in items):
+            raise RecipeError(f"{source}: key '{key}' must be a list of {item.__name__}s, got {value!r}")
         return list(items)
+    if origin is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             for k, v in value.items())
+        if not ok:
+            raise RecipeError(f"{source}: key '{key}' must map module names to numbers, got {value!r}")
+        return {k: float(v) for k, v in value.items()}
     if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if base is str and key == "input_shape" and isinstance(value, list):

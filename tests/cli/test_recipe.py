@@ -38,7 +38,8 @@ def test_unknown_key_is_one_line_naming_key_and_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text,key", [("epochs: ten\n", "epochs"), ("augment: 1\n", "augment"),
-                                      ("lr: true\n", "lr"), ("ignore: [1, 2]\n", "ignore"), ("- a\n", "mapping")])
+                                      ("lr: true\n", "lr"), ("ignore: [1, 2]\n", "ignore"), ("- a\n", "mapping"),
+                                      ("ratios: [layer1]\n", "ratios"), ("milestones: [a]\n", "milestones")])
 def test_wrong_types_are_rejected(tmp_path: Path, text: str, key: str) -> None:
     f = tmp_path / "r.yaml"
     f.write_text(text)
@@ -71,7 +72,7 @@ def test_range_errors_name_the_flag_or_the_file() -> None:
 
 
 def test_dump_round_trips(tmp_path: Path) -> None:
-    r = Recipe(model="resnet20", target_flops=0.4, ignore=["fc"])
+    r = Recipe(model="resnet20", target_flops=0.4, ignore=["fc"], ratios={"layer3": 0.6}, milestones=[2, 4])
     f = tmp_path / "r.yaml"
     f.write_text(dump_recipe(r, "a header\nof two lines"))
     assert Recipe(**load_recipe(f)) == r

@@ -49,48 +49,6 @@ def _load_model(spec: str, num_classes: int | None, in_chans: int | None) -> Any
         raise CliError(f"--model {spec}: {msg}") from None
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
-    """Prune a model by ratio and write the pruned model plus a before/after report."""
-    import torch
-
-    import prunekit as pk
-    from prunekit.errors import PruningError
-    from prunekit.measure import format_comparison
-    from prunekit.report import write_report
-
-    model = _load_model(args.model, args.num_classes, args.in_chans).eval()
-    shape = _input_shape(args.input_shape, model, args.model)
-    x = torch.randn(*shape)
-    ratios = None
-    if args.ratios:
-        try:
-            ratios = {k: float(v) for k, v in (item.split("=", 1) for item in args.ratios)}
-        except ValueError:
-            raise CliError(f"--ratios {args.ratios}: expected MODULE=RATIO entries") from None
-    t0 = time.perf_counter()
-    try:
-        small, plan = pk.prune(model, x, ratio=args.ratio, criterion=args.criterion, ignore=args.ignore or None,
-                               ratios=ratios, global_ranking=args.global_ranking, round_to=args.round_to,
-                               return_plan=True)
-    except (PruningError, KeyError) as exc:
-        raise CliError(str(exc.args[0] if exc.args else exc)) from None
-    seconds = time.perf_counter() - t0
-    before = pk.profile(model, x, latency=not args.no_latency, threads=args.threads)
-    after = pk.profile(small, x, latency=not args.no_latency, threads=args.threads)
-    out = Path(args.out)
-    pk.save(small, plan, out, model_spec=args.model,
-            extra={k: v for k, v in (("num_classes", args.num_classes), ("in_chans", args.in_chans)) if v is not None})
-    write_report(out, {
-        "command": "prune", "model": args.model, "input_shape": list(shape), "ratio": args.ratio,
-        "criterion": args.criterion, "prune_seconds": seconds, "before": before.to_dict(), "after": after.to_dict(),
-        "plan": plan.meta,
-    })
-    print(format_comparison(before, after))
-    print(f"pruned {plan.meta.get('groups_pruned', 0)}/{plan.meta.get('groups', 0)} groups in {seconds:.2f} s; "
-          f"saved to {out}/ (model.safetensors, plan.json, report.json, report.md)")
-    return 0
-
-
 def cmd_profile(args: argparse.Namespace) -> int:
     """Print params, FLOPs and measured latency of a model (or of a saved pruned model)."""
     import torch
@@ -123,9 +81,10 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="model: a zoo name (resnet56), torchvision:NAME, timm:NAME or path/to/file.py:build_fn")
+def _common(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
+    p.add_argument("--model", required=model_required,
+                   help="model: a zoo name (resnet56), torchvision:NAME, timm:NAME or path/to/file.py:build_fn"
+                   + ("" if model_required else ", or a directory written by `prunekit train` (default: the recipe's)"))
     p.add_argument("--num-classes", type=int, default=None, help="number of output classes (default: the model's)")
     p.add_argument("--in-chans", type=int, default=None, help="input channels for zoo/timm models (default: 3)")
     p.add_argument("--input-shape", default=None,
@@ -140,16 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    # Recipe-backed options default to None: a --recipe fills them, flags given override it.
     p = sub.add_parser("prune", help="prune a model and write it with a before/after report")
-    _common(p)
-    p.add_argument("--ratio", type=float, default=0.5, help="fraction of channels removed from every group (0 <= r < 1)")
-    p.add_argument("--criterion", default="l2", help="importance criterion (l1, l2, l1_out, bn, random, ...)")
-    p.add_argument("--ignore", nargs="*", default=[], help="module names whose output channels must stay")
-    p.add_argument("--ratios", nargs="*", default=[], help="per-module ratios, e.g. layer4=0.7")
-    p.add_argument("--global-ranking", action="store_true", help="rank channels across groups (normalised scores)")
-    p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this")
+    _common(p, model_required=False)
+    p.add_argument("--recipe", default=None, help="YAML recipe file or packaged recipe name; flags override it")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="fraction of channels removed from every group, 0 <= r < 1 (default 0.5)")
+    p.add_argument("--criterion", default=None, help="importance criterion: l1, l2 (default), l1_out, bn, random, ...")
+    p.add_argument("--ignore", nargs="*", default=None, help="module names whose output channels must stay")
+    p.add_argument("--ratios", nargs="*", default=None, help="per-module ratios, e.g. layer4=0.7")
+    p.add_argument("--global-ranking", action="store_true", default=None,
+                   help="rank channels across groups (normalised scores)")
+    p.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of this (default 1)")
     p.add_argument("--out", required=True, help="output directory (created; existing files are replaced atomically)")
-    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("profile", help="params, FLOPs and measured latency of a model or a saved pruned model")
     p.add_argument("--json", action="store_true", help="print JSON")

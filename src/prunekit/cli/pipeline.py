@@ -10,16 +10,19 @@ already in ``--out`` is removed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prunekit.recipe import DEFAULTS, Recipe
 
 # (flag, recipe key, type, help); type None means a --flag/--no-flag switch.
-_DATA = [("--data", "data", str, "data set: digits, cifar10:PATH, cifar100:PATH, mnist:DIR, fashion-mnist[:DIR], npz:FILE, imagefolder:DIR"),
+_DATA = [("--data", "data", str,
+          "data set: digits, cifar10:PATH, cifar100:PATH, mnist:DIR, fashion-mnist[:DIR], npz:FILE, imagefolder:DIR"),
          ("--num-classes", "num_classes", int, "classifier outputs (default: the data set's)"),
          ("--in-chans", "in_chans", int, "input channels (default: the data set's)"),
          ("--image-size", "image_size", int, "resize images to this size (default: the data set's; digits: 16)"),
@@ -30,15 +33,24 @@ _TRAIN = [("--epochs", "epochs", int, "training epochs"), ("--lr", "lr", float, 
           ("--optimizer", "optimizer", str, "sgd or adamw"), ("--momentum", "momentum", float, "SGD momentum"),
           ("--weight-decay", "weight_decay", float, "weight decay"),
           ("--schedule", "schedule", str, "learning-rate schedule: cosine, step or constant"),
+          ("--milestones", "milestones", int, "epochs where the step schedule multiplies the LR by --gamma "
+           "(default: 50%% and 75%% of the epochs)"),
+          ("--gamma", "gamma", float, "LR factor at each step milestone"),
+          ("--nesterov", "nesterov", None, "Nesterov momentum for SGD"),
           ("--warmup-epochs", "warmup_epochs", float, "linear warm-up epochs (fractions allowed)"),
           ("--label-smoothing", "label_smoothing", float, "label smoothing of the cross-entropy"),
           ("--batch-size", "batch_size", int, "training batch size (per process under torchrun)"),
           ("--seed", "seed", int, "seed of initialisation, data order and augmentation"),
           ("--augment", "augment", None, "random-crop (and flip) augmentation of the training images"),
-          ("--tensorboard", "tensorboard", None, "also write TensorBoard logs under OUT/tb")]
+          ("--tensorboard", "tensorboard", None, "also write TensorBoard logs under OUT/tb"),
+          ("--amp", "amp", None, "mixed precision (bf16, else fp16) on CUDA"),
+          ("--channels-last", "channels_last", None, "channels-last memory format on CUDA"),
+          ("--grad-clip", "grad_clip", float, "clip the gradient norm to this value")]
 _KD = [("--kd-alpha", "kd_alpha", float, "weight of the distillation term (0..1) when a teacher is used"),
        ("--kd-temperature", "kd_temperature", float, "distillation temperature")]
-_PRUNE = [("--target-flops", "target_flops", float, "fraction of FLOPs to keep, e.g. 0.5 (ratio found by bisection; wins over --ratio)")]
+_PRUNE = [("--target-flops", "target_flops", float,
+           "fraction of FLOPs to keep, e.g. 0.5 (ratio found by bisection; wins over --ratio)"),
+          ("--min-channels", "min_channels", int, "every group keeps at least this many channels")]
 _NAMES = {"finetune_epochs": "--epochs", "finetune_lr": "--lr"}
 
 
@@ -49,20 +61,21 @@ def _add(p: argparse.ArgumentParser, table: list[tuple[str, str, Any, str]]) -> 
         if typ is None:
             p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            p.add_argument(flag, dest=key, type=typ, default=None, metavar=key.upper(), help=text)
+            many = "*" if isinstance(DEFAULTS[key], list) else None
+            p.add_argument(flag, dest=key, type=typ, nargs=many, default=None, metavar=key.upper(), help=text)
 
 
 def _help(text: str, key: str) -> str:
     """Help text plus the recipe key and (unless the text already says it) the built-in default."""
     default = DEFAULTS[key]
-    shown = "" if default in (None, []) or "default" in text else f"; default {default}"
+    shown = "" if default in (None, [], {}) or "default" in text else f"; default {default}"
     return f"{text} (recipe key {key}{shown})"
 
 
-def _run_opts(p: argparse.ArgumentParser, *, out: str | None = None, recipe: bool = True) -> None:
-    if recipe:
-        p.add_argument("--recipe", default=None, help="YAML recipe file or packaged recipe name (resnet20_cifar10, "
-                       "resnet56_cifar10, vgg16_cifar10, mobilenetv2_cifar10, digits_demo); flags override it")
+def _run_opts(p: argparse.ArgumentParser, *, out: str | None = None) -> None:
+    """Options shared by the commands that write a run directory."""
+    p.add_argument("--recipe", default=None, help="YAML recipe file or packaged recipe name (resnet20_cifar10, "
+                   "resnet56_cifar10, vgg16_cifar10, mobilenetv2_cifar10, digits_demo); flags override it")
     p.add_argument("--out", default=out, required=out is None,
                    help="run directory (created; files in it are replaced atomically, none is deleted)"
                    + (f"; default {out}" if out else ""))
@@ -151,10 +164,11 @@ def _train_cfg(r: Recipe, *, finetune: bool) -> Any:
     from prunekit.recover import TrainConfig
 
     return TrainConfig(epochs=r.finetune_epochs if finetune else r.epochs, lr=r.finetune_lr if finetune else r.lr,
-                       optimizer=r.optimizer, momentum=r.momentum, weight_decay=r.weight_decay, schedule=r.schedule,
+                       optimizer=r.optimizer, momentum=r.momentum, nesterov=r.nesterov, weight_decay=r.weight_decay,
+                       schedule=r.schedule, milestones=tuple(r.milestones), gamma=r.gamma,
                        warmup_epochs=0.0 if finetune else r.warmup_epochs, label_smoothing=r.label_smoothing,
                        batch_size=r.batch_size, seed=r.seed, kd_alpha=r.kd_alpha, kd_temperature=r.kd_temperature,
-                       tensorboard=r.tensorboard)
+                       tensorboard=r.tensorboard, amp=r.amp, channels_last=r.channels_last, grad_clip=r.grad_clip)
 
 
 def _loaders(r: Recipe, train_info: Any, test_info: Any) -> tuple[Any, Any]:
@@ -241,7 +255,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{shape[2]}x{shape[3]}), device {dev}, output {out}/")
 
     print(f"[1/4] training {r.model} for {r.epochs} epochs ({r.optimizer}, lr {r.lr:g}, {r.schedule})")
-    res = train(model.to(dev), train_loader, _train_cfg(r, finetune=False), run_dir=out / "baseline", progress=not args.no_progress)
+    res = train(model.to(dev), train_loader, _train_cfg(r, finetune=False), run_dir=out / "baseline",
+                progress=not args.no_progress)
     base = _accuracy(model, test_loader)
     pk.save(model.cpu(), PruningPlan({}, {}), out / "baseline", model_spec=r.model, extra=_meta(shape, nc, ic))
     print(f"      {res.wall_time_s:.1f} s, test top-1 {_pct(base['top1'])}; baseline saved to {out / 'baseline'}/")
@@ -292,13 +307,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prune(model: Any, x: Any, r: Recipe, ratios: dict[str, float] | None = None) -> tuple[Any, Any]:
+def _prune(model: Any, x: Any, r: Recipe) -> tuple[Any, Any]:
+    """``prunekit.prune`` with the recipe's options; returns ``(pruned model, plan)``."""
     import prunekit as pk
 
     try:
         return pk.prune(model, x, ratio=r.ratio, target_flops=r.target_flops, criterion=r.criterion,
-                        ignore=r.ignore or None, ratios=ratios, global_ranking=r.global_ranking, round_to=r.round_to,
-                        return_plan=True)
+                        ignore=r.ignore or None, ratios=r.ratios or None, global_ranking=r.global_ranking,
+                        round_to=r.round_to, min_channels=r.min_channels, return_plan=True)
     except (ValueError, KeyError) as exc:  # PruningError is a ValueError
         raise _err(str(exc.args[0] if exc.args else exc)) from None
 
@@ -311,8 +327,9 @@ def _summary(rows: list[tuple[str, dict[str, Any], dict[str, float]]]) -> None:
         return "-" if not p.get("latency") else f"{p['latency']['median_ms']:.3f} ms"
 
     n = 6 if any("top1" in a for _, _, a in rows) else 4
-    table = [("", "params", "FLOPs", "latency (b=1)", "top-1", "top-5")]
-    table += [(name, human(p["params"]), human(p["flops"]), lat(p), _pct(a.get("top1")), _pct(a.get("top5"))) for name, p, a in rows]
+    table: list[tuple[str, ...]] = [("", "params", "FLOPs", "latency (b=1)", "top-1", "top-5")]
+    table += [(name, human(p["params"]), human(p["flops"]), lat(p), _pct(a.get("top1")), _pct(a.get("top5")))
+              for name, p, a in rows]
     ref, last = rows[0][1], rows[-1][1]
     lat_ratio = (f"{last['latency']['median_ms'] / ref['latency']['median_ms']:.3f}x"
                  if ref.get("latency") and last.get("latency") else "-")
@@ -327,12 +344,33 @@ def _summary(rows: list[tuple[str, dict[str, Any], dict[str, float]]]) -> None:
         print(row[0].ljust(widths[0]) + "".join("  " + c.rjust(w) for c, w in zip(row[1:], widths[1:])))
 
 
+def _distributed(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run ``command`` inside a torchrun process group when launched by torchrun (destroyed afterwards)."""
+
+    @functools.wraps(command)
+    def wrapper(args: argparse.Namespace) -> int:
+        import torch.distributed as dist
+
+        from prunekit.recover import init_distributed, is_distributed
+
+        created = not is_distributed()
+        init_distributed()
+        try:
+            return command(args)
+        finally:
+            if created and is_distributed():
+                dist.destroy_process_group()
+
+    return wrapper
+
+
+@_distributed
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a model from scratch (resumable, torchrun-aware) and save it with an empty plan."""
     import torch
 
     from prunekit.plan import PruningPlan
-    from prunekit.recover import init_distributed, is_main_process, train
+    from prunekit.recover import get_world_size, is_main_process, train
 
     r = _recipe(args)
     if not r.model:
@@ -342,12 +380,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(r.seed)  # the initial weights depend on --seed only
     model, plan = _model(r.model, num_classes=nc, in_chans=ic)
     shape = _shape(r, model, r.model, plan, train_info)
-    out = _out(args.out)
-    _, world, _ = init_distributed()
-    main = is_main_process()
+    out, main = _out(args.out), is_main_process()
     train_loader, test_loader = _loaders(r, train_info, test_info)
     if main:
-        print(f"prunekit train: {r.model} on {r.data} ({len(train_info)} images, {r.epochs} epoch(s), {world} process(es)) -> {out}/")
+        print(f"prunekit train: {r.model} on {r.data} ({len(train_info)} images, {r.epochs} epoch(s), "
+              f"{get_world_size()} process(es)) -> {out}/")
     res = train(model.to(_device()), train_loader, _train_cfg(r, finetune=False), run_dir=out, resume=args.resume,
                 progress=not args.no_progress)
     acc = _accuracy(model, test_loader)
@@ -368,10 +405,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+@_distributed
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a saved pruned model (optionally distilling from a teacher) and save it with the same plan."""
     import prunekit as pk
-    from prunekit.recover import init_distributed, is_main_process, train
+    from prunekit.recover import is_main_process, train
 
     r = _recipe(args)
     if not Path(args.pruned).expanduser().is_dir():
@@ -383,9 +421,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         teacher, _ = _model(args.teacher, num_classes=r.num_classes or train_info.num_classes,
                             in_chans=r.in_chans or train_info.in_chans, flag="--teacher", weights=args.teacher_weights)
     shape = _shape(r, model, plan.meta.get("model_spec", ""), plan, train_info)
-    out = _out(args.out)
-    _, world, _ = init_distributed()
-    main = is_main_process()
+    out, main = _out(args.out), is_main_process()
     train_loader, test_loader = _loaders(r, train_info, test_info)
     dev = _device()
     before = _accuracy(model.to(dev), test_loader)
@@ -417,6 +453,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from prunekit.zoo import make_loader
 
     r = _recipe(args)
+    if args.latency_batch < 1:
+        raise _err(f"--latency-batch {args.latency_batch}: must be >= 1")
     info = _data(r, args.split, r.subset)
     model, plan = _model(args.model, num_classes=r.num_classes or info.num_classes, in_chans=r.in_chans or info.in_chans,
                          weights=args.weights)
@@ -465,6 +503,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     import prunekit as pk
 
+    if args.ratios is not None:
+        try:
+            args.ratios = {k: float(v) for k, v in (item.split("=", 1) for item in args.ratios)}
+        except ValueError:
+            raise _err(f"--ratios {' '.join(args.ratios)}: expected MODULE=RATIO entries, e.g. layer4=0.7") from None
     r = _recipe(args)
     if not r.model:
         raise _err("no model: pass --model SPEC or set model: in the recipe")
@@ -475,15 +518,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     meta0 = plan0.meta if plan0 is not None else {}
     nc, ic = r.num_classes or meta0.get("num_classes"), r.in_chans or meta0.get("in_chans")
     shape = _shape(r, model, spec, plan0)
-    ratios = None
-    if args.ratios:
-        try:
-            ratios = {k: float(v) for k, v in (item.split("=", 1) for item in args.ratios)}
-        except ValueError:
-            raise _err(f"--ratios {args.ratios}: expected MODULE=RATIO entries") from None
     x = torch.randn(*shape)
     t0 = time.perf_counter()
-    small, plan = _prune(model.eval(), x, r, ratios)
+    small, plan = _prune(model.eval(), x, r)
     seconds = time.perf_counter() - t0
     out = _out(args.out)  # only once the input is known to be good
     before, after = _profile(model, shape, args), _profile(small, shape, args)
@@ -500,29 +537,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------- parsers
 
-_SHAPE = [("--input-shape", "input_shape", str, "example input shape, batch first, e.g. 1,3,32,32 (default: from the data or saved model)")]
+_SHAPE = [("--input-shape", "input_shape", str,
+           "example input shape, batch first, e.g. 1,3,32,32 (default: from the data or saved model)")]
 _MODEL = "model: a zoo name (resnet56), torchvision:NAME, timm:NAME, path/to/file.py:build_fn"
 
 
 def _extend_prune(p: argparse.ArgumentParser) -> None:
-    """Give main.py's ``prune`` parser --recipe/--target-flops and route it to :func:`cmd_prune`.
-
-    Recipe-backed options get a default of None so the recipe can fill them; ``--model``
-    stops being required because the recipe may name it (checked in ``cmd_prune``).
-    """
-    actions = {a.dest: a for a in p._actions}  # noqa: SLF001 - argparse exposes no public accessor
-    actions["model"].required = False
-    actions["model"].help = _MODEL + " or a directory saved by prunekit train (its trained weights are pruned)"
-    for key in ("ratio", "criterion", "round_to", "global_ranking", "ignore", "num_classes", "in_chans", "input_shape"):
-        if key in actions:
-            actions[key].default = None
-            actions[key].help = _help(str(actions[key].help), key)
-    p.add_argument("--recipe", default=None, help="YAML recipe file or packaged recipe name; flags override it")
+    """Add the pipeline options (--target-flops, ...) to main.py's ``prune`` parser and route it
+    to :func:`cmd_prune`, which resolves recipe + flags."""
     _add(p, _PRUNE)
     p.set_defaults(func=cmd_prune)
 
 
-def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the pipeline sub-commands on the CLI's sub-parser set (and extend ``prune``)."""
     from prunekit.recipe import load_recipe
 
@@ -530,7 +557,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
         _extend_prune(sub.choices["prune"])
 
     demo = load_recipe("digits_demo")
-    p = sub.add_parser("demo", help="train, prune and fine-tune small_cnn on the embedded digits (CPU, ~1-2 min)",
+    p = sub.add_parser("demo", help="train, prune and fine-tune small_cnn on the embedded digits (CPU, < 1 min)",
                        description="The end-to-end demo: train small_cnn on scikit-learn's digits (upsampled to 16x16), "
                        "prune it to about half its FLOPs, fine-tune it with distillation from the unpruned model, "
                        "measure accuracy, params, FLOPs and latency before/after, and save the model, a report, "
@@ -583,8 +610,7 @@ def add_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> 
 
     p = sub.add_parser("export", help="export to ONNX and check it against PyTorch with onnxruntime",
                        description="Write an ONNX file (dynamic batch axis) and compare onnxruntime's output with "
-                       "PyTorch's on a random input; exits 1 if they differ. Needs pip install 'prunekit[export]'.",
-                       )
+                       "PyTorch's on a random input; exits 1 if they differ. Needs pip install 'prunekit[export]'.")
     p.add_argument("--model", required=True, help=_MODEL + ", or a directory saved by prunekit")
     p.add_argument("--out", required=True, help="the .onnx file to write (replaced atomically, only if the check passes)")
     _add(p, [o for o in _DATA if o[1] in ("num_classes", "in_chans")] + _SHAPE)

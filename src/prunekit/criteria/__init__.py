@@ -81,22 +81,39 @@ def reduce_members(model: nn.Module, group: ChannelGroup, per_index: Callable[[T
     return scores
 
 
+def norm_members(model: nn.Module, group: ChannelGroup, p: int, *, roles: tuple[str, ...] = ("out", "in", "norm")) -> np.ndarray:
+    """Sum over the group's parameter members of ``||slice||_p ** p`` per channel (no copies:
+    the norm runs over the other dims in place)."""
+    scores = np.zeros(group.size, dtype=np.float64)
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    for m in group.members:
+        if m.role not in roles or m.tensor not in params:
+            continue
+        t = tensor_of(model, m.tensor).detach()
+        other = [d for d in range(t.ndim) if d != m.dim]
+        vals = torch.linalg.vector_norm(t.float(), ord=p, dim=other) if other else t.float().abs()
+        vals = vals.double().pow(p).cpu().numpy()
+        ok = m.channel >= 0
+        np.add.at(scores, m.channel[ok], vals[ok])
+    return scores
+
+
 @register("l1")
 def l1(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
     """Sum of absolute weights of every slice the channel owns, over the whole group."""
-    return reduce_members(model, group, lambda w: w.abs().sum(1))
+    return norm_members(model, group, 1)
 
 
 @register("l2")
 def l2(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
     """Group L2 norm: sqrt of the sum of squared weights of every slice the channel owns."""
-    return np.sqrt(reduce_members(model, group, lambda w: w.pow(2).sum(1)))
+    return np.sqrt(norm_members(model, group, 2))
 
 
 @register("l1_out")
 def l1_out(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
     """Classic filter L1 norm (Li et al. 2017): producers' filters only."""
-    return reduce_members(model, group, lambda w: w.abs().sum(1), roles=("out",))
+    return norm_members(model, group, 1, roles=("out",))
 
 
 @register("bn")

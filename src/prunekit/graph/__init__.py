@@ -69,17 +69,8 @@ def module_names(model: nn.Module, modules: Iterable[nn.Module | str] | None, op
     return tuple(out)
 
 
-FAKE_MIN_NUMEL = 65536
-
-
-def _numel(example_inputs: Any) -> int:
-    from torch.utils._pytree import tree_flatten
-
-    return sum(t.numel() for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor))
-
-
-def _same_structure(state: TraceState, model: nn.Module, example_inputs: Any, fake: bool) -> bool:
-    calls, error = record_shapes(model, example_inputs, "train", fake=fake)
+def _same_structure(state: TraceState, model: nn.Module, example_inputs: Any, meta: bool) -> bool:
+    calls, error = record_shapes(model, example_inputs, "train", meta=meta)
     ops = state.ops["eval"]
     return error is None and len(calls) == len(ops) and all(
         name == op.name and shapes == op.out_shapes for (name, shapes), op in zip(calls, ops))
@@ -103,27 +94,23 @@ def trace(model: nn.Module, example_inputs: Any, *, ignore: Iterable[nn.Module |
         if mode not in ("eval", "train"):
             raise PruningError(f"modes: unknown mode '{mode}' (expected 'eval' or 'train')")
 
-    def run_all(fake: bool) -> TraceState:
+    def run_all(meta: bool) -> TraceState:
         state = TraceState()
         for mode in modes:
-            if mode == "train" and "eval" in state.ops and _same_structure(state, model, example_inputs, fake):
+            if mode == "train" and "eval" in state.ops and _same_structure(state, model, example_inputs, meta):
                 continue  # training mode runs the very same ops: nothing more to learn
             tracer = Tracer(model, state)
             tracer.ignored_prefixes = ignored
-            tracer.run(example_inputs, mode, fake=fake)
+            tracer.run(example_inputs, mode, meta=meta)
+        state.meta = meta
         return state
 
-    # Fake tensors (shapes only) beat real arithmetic once inputs are image-sized; on tiny
-    # inputs their per-op overhead is larger than the real computation.
-    fake = _numel(example_inputs) >= FAKE_MIN_NUMEL
+    # Meta tensors carry shapes without arithmetic; a model they cannot run (data-dependent
+    # ops, tensors created on the CPU inside forward) is traced for real.
     try:
-        state = run_all(fake=fake)
-    except Exception as exc:  # noqa: BLE001 - fake tensors cannot run everything (data-dependent ops)
-        if not fake:
-            raise
-        log.info("fake-tensor trace failed (%s); tracing with real tensors", exc)
-        state = run_all(fake=False)
-        fake = False
-    state.fake = fake
+        state = run_all(meta=True)
+    except Exception as exc:  # noqa: BLE001 - any meta failure falls back to real tensors
+        log.info("meta-device trace failed (%s); tracing with real tensors", exc)
+        state = run_all(meta=False)
     groups, comp, members = build_groups(state, model)
     return DependencyGraph(groups, comp, members, state, ignored)

@@ -147,10 +147,11 @@ def build_groups(state: TraceState, model: nn.Module) -> tuple[list[ChannelGroup
             guf.union(np.full(len(cs), cs[0]), cs)
     uniq, first = np.unique(comp[1:], return_index=True)
     ordered = uniq[np.argsort(first)]
+    ordered = ordered[(ordered >= 0)]
+    ordered = ordered[active[ordered]]
     groups_of: dict[int, list[int]] = {}
-    for c in ordered:
-        if c >= 0 and active[c]:
-            groups_of.setdefault(int(guf.find(int(c))), []).append(int(c))
+    for c, root in zip(ordered.tolist(), guf.find(ordered).tolist()):
+        groups_of.setdefault(root, []).append(c)
     group_of = np.full(n_comp + 1, -1, dtype=np.int64)  # last slot: atom 0 / untracked
     local_of = np.full(n_comp + 1, -1, dtype=np.int64)
     for gi, chans in enumerate(groups_of.values()):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from prunekit.graph.labels import compact, zeros_like_shape
 from prunekit.graph.unionfind import UnionFind
@@ -71,7 +71,7 @@ class TraceState:
     grids: dict[tuple[Any, ...], np.ndarray] = field(default_factory=dict)
     ops: dict[str, list[OpRecord]] = field(default_factory=dict)
     uf: UnionFind = field(default_factory=lambda: UnionFind(1024))
-    fake: bool = False  # traced on fake tensors (validation then starts with them too)
+    meta: bool = False  # traced on meta tensors (validation then starts with them too)
 
 
 def op_name(func: Callable[..., Any]) -> str:
@@ -269,8 +269,7 @@ class Tracer:
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         if not outs:
             return out
-        with real_tensors():
-            self._record(func, args, kwargs, outs)
+        self._record(func, args, kwargs, outs)
         return out
 
     def _record(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Tensor]) -> None:
@@ -290,11 +289,12 @@ class Tracer:
                      _strip_tensors(args), _strip_tensors(kwargs))
         )
 
-    def run(self, example_inputs: Any, mode: str, *, fake: bool = False) -> None:
+    def run(self, example_inputs: Any, mode: str, *, meta: bool = False) -> None:
         """Trace one forward pass in ``mode`` ('eval' or 'train' with BN frozen).
 
-        With ``fake`` the forward runs on fake tensors (shapes only, no arithmetic), which
-        is all the channel rules need and costs a fraction of a real forward.
+        With ``meta`` the forward runs on meta tensors (shapes only, no arithmetic, the
+        model's own tensors untouched), which is all the channel rules need and costs a
+        fraction of a real forward.
         """
         model = self.model
         hooks = []
@@ -311,8 +311,14 @@ class Tracer:
             hooks.append(m.register_forward_pre_hook(pre))
             hooks.append(m.register_forward_hook(post, always_call=True))
         try:
-            with model_mode(model, mode), torch.no_grad(), fake_mode(fake), _Mode(self):
-                out = _call(model, example_inputs)
+            swapped = meta_tensors(model) if meta else None
+            inputs = to_meta(example_inputs) if meta else example_inputs
+            if swapped is not None:
+                for name, t in swapped.items():
+                    self.tensor_names.setdefault(id(t), name)
+                self.keep_alive.extend(swapped.values())
+            with model_mode(model, mode), torch.no_grad(), _Mode(self):
+                out = call(model, inputs, swapped)
             for t in tree_flatten(out)[0]:
                 if isinstance(t, Tensor):
                     self.block(self.lab(t), "it reaches the model output")
@@ -358,33 +364,54 @@ class ShapeRecorder(TorchFunctionMode):
         return out
 
 
-def record_shapes(model: nn.Module, example_inputs: Any, mode: str, *, fake: bool) -> tuple[list[tuple[str, list[tuple[int, ...]]]], str | None]:
+def record_shapes(model: nn.Module, example_inputs: Any, mode: str, *, meta: bool) -> tuple[list[tuple[str, list[tuple[int, ...]]]], str | None]:
     """Run ``model`` once in ``mode`` and return its calls (name, output shapes) and the
     first line of the error it raised, if any."""
     rec = ShapeRecorder()
     error: str | None = None
     try:
-        with model_mode(model, mode), torch.no_grad(), fake_mode(fake), rec:
-            _call(model, example_inputs)
+        swapped = meta_tensors(model) if meta else None
+        inputs = to_meta(example_inputs) if meta else example_inputs
+        with model_mode(model, mode), torch.no_grad(), rec:
+            call(model, inputs, swapped)
     except Exception as exc:  # noqa: BLE001 - a failing forward is reported, not raised
         error = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
     return rec.calls, error
 
 
-def fake_mode(enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """A FakeTensorMode accepting the model's real parameters, or a no-op."""
-    if not enabled:
-        return contextlib.nullcontext()
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def meta_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Meta-device stand-ins for every parameter and buffer (tied tensors stay tied)."""
+    out: dict[str, Tensor] = {}
+    made: dict[int, Tensor] = {}
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        if t is None:
+            continue
+        if id(t) not in made:
+            made[id(t)] = torch.empty_like(t, device="meta")
+        out[name] = made[id(t)]
+    return out
 
-    return FakeTensorMode(allow_non_fake_inputs=True)
+
+def to_meta(example_inputs: Any) -> Any:
+    """Meta-device copies of the tensors in ``example_inputs`` (same structure)."""
+    return tree_map(lambda t: torch.empty_like(t, device="meta") if isinstance(t, Tensor) else t, example_inputs)
 
 
-def real_tensors() -> contextlib.AbstractContextManager[Any]:
-    """Suspend an active FakeTensorMode: label bookkeeping runs on real tensors."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    return unset_fake_temporarily()
+def call(model: nn.Module, example_inputs: Any, swapped: dict[str, Tensor] | None = None) -> Any:
+    """Call ``model`` on ``example_inputs`` (a tensor, a tuple of args or a dict of kwargs);
+    with ``swapped`` (from :func:`meta_tensors`) on the meta device instead, in which case
+    the inputs must already be meta tensors (:func:`to_meta`)."""
+    if swapped is None:
+        return _call(model, example_inputs)
+    inputs = example_inputs
+    if isinstance(inputs, dict):
+        args, kwargs = (), inputs
+    elif isinstance(inputs, (tuple, list)):
+        args, kwargs = tuple(inputs), {}
+    else:
+        args, kwargs = (inputs,), {}
+    return torch.func.functional_call(model, swapped, args, kwargs, tie_weights=False, strict=False)
 
 
 class _Mode(TorchFunctionMode):

@@ -69,20 +69,22 @@ def apply_plan(model: nn.Module, plan: PruningPlan, *, inplace: bool = False, jo
     A deep copy is pruned unless ``inplace``; a plan that does not fit the model (other
     shapes, missing tensors) raises PruningError before anything changes.
     """
-    target = model if inplace else copy.deepcopy(model)
     journal = journal if journal is not None else Journal()
-    new: dict[int, Tensor] = {}
-    for name, dims in plan.keep.items():
-        t = get_tensor(target, name)
-        want = plan.shapes.get(name)
-        if want is not None and list(t.shape) != list(want):
-            raise PruningError(f"plan does not fit the model: '{name}' has shape {list(t.shape)}, plan expects {want}")
-        data = t.detach()
-        for dim, idx in sorted(dims.items()):
-            if idx and max(idx) >= data.shape[dim]:
-                raise PruningError(f"plan keeps index {max(idx)} of dim {dim} of '{name}' (size {data.shape[dim]})")
-            data = data.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=data.device))
-        new[id(t)] = data.clone()
+    new = _sliced_tensors(model, plan)
+    if inplace:
+        target = model
+    else:
+        # Copy the model, handing deepcopy the already-sliced tensors so the weights that
+        # are about to shrink are never copied in full.
+        memo: dict[int, Any] = {}
+        for mod in model.modules():
+            for store, wrap in ((mod._parameters, True), (mod._buffers, False)):
+                for t in store.values():
+                    if t is not None and id(t) in new and id(t) not in memo:
+                        memo[id(t)] = nn.Parameter(new[id(t)], requires_grad=t.requires_grad) if wrap else new[id(t)]
+        target = copy.deepcopy(model, memo)
+        _check_result(target, plan)
+        return _fix_attrs(target, plan, journal, None)
     old_attrs = _snapshot_attrs(target)
     for mod in target.modules():
         for key, t in list(mod._parameters.items()):
@@ -92,10 +94,40 @@ def apply_plan(model: nn.Module, plan: PruningPlan, *, inplace: bool = False, jo
             if t is not None and id(t) in new:
                 journal.set(mod, "buffer", key, new[id(t)])
     _share_new_parameters(target)
-    fix_module_attrs(target, old_attrs, journal)
+    return _fix_attrs(target, plan, journal, old_attrs)
+
+
+def _fix_attrs(target: nn.Module, plan: PruningPlan, journal: Journal, old: dict[int, dict[str, Any]] | None) -> nn.Module:
+    fix_module_attrs(target, old, journal)
     for fix in plan.attrs:
         journal.set(target.get_submodule(fix.module), "attr", fix.attr, fix.value)
     return target
+
+
+def _sliced_tensors(model: nn.Module, plan: PruningPlan) -> dict[int, Tensor]:
+    """New data for every tensor the plan shrinks, keyed by id of the original tensor;
+    checks the plan fits the model before anything changes."""
+    new: dict[int, Tensor] = {}
+    for name, dims in plan.keep.items():
+        t = get_tensor(model, name)
+        want = plan.shapes.get(name)
+        if want is not None and list(t.shape) != list(want):
+            raise PruningError(f"plan does not fit the model: '{name}' has shape {list(t.shape)}, plan expects {want}")
+        data = t.detach()
+        for dim, idx in sorted(dims.items()):
+            if idx and max(idx) >= data.shape[dim]:
+                raise PruningError(f"plan keeps index {max(idx)} of dim {dim} of '{name}' (size {data.shape[dim]})")
+            data = data.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=data.device))
+        new[id(t)] = data if data is not t else data.clone()
+    return new
+
+
+def _check_result(model: nn.Module, plan: PruningPlan) -> None:
+    for name, dims in plan.keep.items():
+        t = get_tensor(model, name)
+        for dim, idx in dims.items():
+            if t.shape[dim] != len(idx):
+                raise PruningError(f"'{name}' dim {dim} has {t.shape[dim]} entries after slicing, expected {len(idx)}")
 
 
 def _share_new_parameters(model: nn.Module) -> None:

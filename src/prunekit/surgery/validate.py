@@ -173,24 +173,21 @@ def check(model: nn.Module, example_inputs: Any, graph: DependencyGraph, expecte
     """Run ``model`` in every traced mode and compare each op's output shapes to
     ``expected``; return the first mismatch (or None when all agree).
 
-    Runs on fake tensors (shapes only) first; if fake tensors cannot run the model, or
-    report a failure, the verdict comes from a real forward.
+    Runs on meta tensors (shapes only) when the trace did; a failure found there is
+    confirmed with a real forward, so the verdict never rests on a meta-only limitation.
     """
-    if not graph.state.fake:
-        return _check(model, example_inputs, graph, expected, fake=False)
-    try:
-        found = _check(model, example_inputs, graph, expected, fake=True)
-    except Exception:  # noqa: BLE001 - fake-tensor limitation: decide with real tensors
-        found = _check(model, example_inputs, graph, expected, fake=False)
+    if not graph.state.meta:
+        return _check(model, example_inputs, graph, expected, meta=False)
+    found = _check(model, example_inputs, graph, expected, meta=True)
     if found is not None:
-        found = _check(model, example_inputs, graph, expected, fake=False)
+        found = _check(model, example_inputs, graph, expected, meta=False)
     return found
 
 
 def _check(model: nn.Module, example_inputs: Any, graph: DependencyGraph, expected: dict[str, Shapes],
-           fake: bool) -> Mismatch | None:
+           meta: bool) -> Mismatch | None:
     for mode, want in expected.items():
-        calls, error = record_shapes(model, example_inputs, mode, fake=fake)
+        calls, error = record_shapes(model, example_inputs, mode, meta=meta)
         ops = graph.state.ops[mode]
         for i, ((_, got), exp) in enumerate(zip(calls, want)):
             if got != exp:
