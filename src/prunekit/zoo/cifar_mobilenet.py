@@ -12,6 +12,8 @@ from typing import Final
 
 from torch import Tensor, nn
 
+from prunekit.zoo.init import init_weights
+
 __all__ = ["MOBILENETV2_CIFAR_SETTINGS", "InvertedResidual", "CifarMobileNetV2", "make_divisible"]
 
 #: (expansion t, output channels c, repeats n, first stride s) per stage; the strides of
@@ -116,15 +118,7 @@ class CifarMobileNetV2(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(last_channel, num_classes))
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return class logits of shape ``(N, num_classes)`` for input ``(N, C, H, W)``."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from prunekit.zoo.init import init_weights
+
 __all__ = ["BasicBlock", "CifarResNet"]
 
 
@@ -96,13 +98,7 @@ class CifarResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[2], num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                # He et al. initialise convolutions with the "MSRA" fan-out scheme.
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     @staticmethod
     def _make_layer(in_planes: int, planes: int, blocks: int, *, stride: int) -> nn.Sequential:

@@ -19,6 +19,8 @@ from typing import Final, Literal
 
 from torch import Tensor, nn
 
+from prunekit.zoo.init import init_weights
+
 __all__ = ["VGG_CFGS", "CifarVGG"]
 
 #: Channel configurations; ``"M"`` is a 2x2 max-pool. Only four pools: see module docstring.
@@ -80,15 +82,7 @@ class CifarVGG(nn.Module):
                 nn.Linear(hidden_features, num_classes),
             )
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return class logits of shape ``(N, num_classes)`` for input ``(N, C, H, W)``."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from prunekit.zoo.init import init_weights
+
 __all__ = ["SmallCNN"]
 
 
@@ -58,12 +60,7 @@ class SmallCNN(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(w3, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return class logits of shape ``(N, num_classes)`` for input ``(N, C, H, W)``."""
