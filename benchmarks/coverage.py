@@ -181,19 +181,10 @@ def eval_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def flops(model: nn.Module, x: torch.Tensor) -> int:
-    """``prunekit.measure.count_flops`` with PyTorch's fused multi-head-attention fast path off.
-
-    In eval mode ``nn.MultiheadAttention`` runs ``torch._native_multi_head_attention``, which
-    ``FlopCounterMode`` does not count (torchvision ViT-B/16: 22.5 instead of 33.7 GFLOPs);
-    with the fast path off the same maths runs as countable matmuls."""
+    """FLOPs of one forward (prunekit counts nn.MultiheadAttention and CPU attention too)."""
     from prunekit.measure import count_flops
 
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        return count_flops(model, x)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return count_flops(model, x)
 
 
 def measure_ratios(small: nn.Module, base: dict[str, Any], x: torch.Tensor) -> dict[str, Any]:

@@ -60,18 +60,11 @@ def example(batch: int, size: int = 224, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def flops(model: nn.Module, x: torch.Tensor, fastpath: bool = False) -> int:
-    """``count_flops``, by default with PyTorch's fused multi-head-attention fast path off.
+def flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward (prunekit counts nn.MultiheadAttention and CPU attention too)."""
+    from prunekit.measure import count_flops
 
-    In eval mode ``nn.MultiheadAttention`` runs ``torch._native_multi_head_attention``, which
-    ``FlopCounterMode`` does not count (ViT-B/16: 22.5 instead of 33.7 GFLOPs); with the fast
-    path off the same maths runs as countable matmuls. Latency is timed with it on."""
-    before = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(fastpath)
-    try:
-        return count_flops(model, x)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(before)
+    return count_flops(model, x)
 
 
 def bisect_ratio(model: nn.Module, x: torch.Tensor, graph: Any, target: float, iters: int,
@@ -124,7 +117,6 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     rec: dict[str, Any] = {"model": name, "ratio": ratio, "flops_ratio": flops_ratio, "trace_s": trace_s,
                            "params": count_params(model), "params_ratio": count_params(small) / count_params(model),
                            "flops": flops(model, x),
-                           "flops_ratio_fastpath_uncounted": flops(small, x, fastpath=True) / flops(model, x, fastpath=True),
                            "bisection": history, "timings": []}
     for threads in args.threads:
         for batch in args.batches:
@@ -155,10 +147,8 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
              f"{data['machine'].get('loadavg_1m')}, at end: {data.get('loadavg_end')}.", "",
              md_table(["model", "channel ratio", "params ratio", "FLOPs ratio", "batch", "threads", "before ms", "after ms",
                        "latency ratio", "efficiency"], rows), "",
-             "Efficiency = (1 - latency ratio) / (1 - FLOPs ratio). FLOPs are counted with the fused "
-             "multi-head-attention fast path off (see `flops()` in the script); with it on, "
-             "`count_flops` misses nn.MultiheadAttention and the FLOPs ratio would read "
-             + ", ".join(f"{r['model']} {r['flops_ratio_fastpath_uncounted']:.3f}" for r in data["models"]) + ".", ""]
+             "Efficiency = (1 - latency ratio) / (1 - FLOPs ratio). FLOPs from `prunekit.measure.count_flops` "
+             "(which counts nn.MultiheadAttention and CPU attention).", ""]
     cores = data["machine"].get("usable_cores") or data["machine"].get("cpu_count") or 1
     busy = max(data["machine"].get("loadavg_1m") or 0, data.get("loadavg_end") or 0)
     if busy + max(cfg["threads"]) > cores + 0.5:

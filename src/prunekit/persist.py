@@ -8,7 +8,6 @@ written atomically (temporary file + ``os.replace``) so a crash never leaves hal
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -111,8 +110,3 @@ def load(directory: str | os.PathLike[str], model: nn.Module | Callable[[], nn.M
         raise FileNotFoundError(f"{weights}: missing weights file")
     load_model(pruned, str(weights), strict=True)
     return pruned
-
-
-def read_json(path: str | os.PathLike[str]) -> Any:
-    """Small helper: parse a JSON file."""
-    return json.loads(Path(path).read_text())

@@ -27,11 +27,6 @@ def zeros_like_shape(shape: tuple[int, ...]) -> Tensor:
     return torch.zeros((1,) * len(shape), dtype=torch.long)
 
 
-def varying_dims(lab: Tensor) -> list[int]:
-    """Return the dims along which a compact label varies."""
-    return [d for d in range(lab.ndim) if lab.shape[d] > 1]
-
-
 def align(lab: Tensor, ndim: int) -> Tensor:
     """Left-pad ``lab`` with size-1 dims to ``ndim`` dims (numpy broadcasting rules)."""
     if lab.ndim > ndim:

@@ -282,13 +282,6 @@ def linear(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict
     return [atoms.view(*([1] * (out.ndim - 1)), -1)]
 
 
-@register_rule("bilinear")
-def bilinear(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-             ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
-    """Bilinear layer: both inputs consumed; output features fixed (not supported as producer)."""
-    return _unknown(tr, name, ins, outs)
-
-
 @register_rule("embedding")
 def embedding(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
               ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
