@@ -262,9 +262,7 @@ class Tracer:
 
     # ----------------------------------------------------------------- running
     def handle(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Run ``func`` for real, then apply its channel rule to the outputs."""
-        from prunekit.graph.rules import apply_rule
-
+        """Run ``func`` (on real or meta tensors), then apply its channel rule to the outputs."""
         out = func(*args, **kwargs)
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         if not outs:
