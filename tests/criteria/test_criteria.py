@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -96,6 +98,76 @@ def test_every_registered_criterion_scores_every_group(name: str) -> None:
 
     model = Residual()
     graph = pk.trace(model, torch.randn(1, 3, 8, 8))
-    scores = criteria.score_groups(model, graph.groups, name)
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(2)]
+    scores = criteria.score_groups(model, graph.groups, name, loader=loader)
     assert [len(s) for s in scores] == [g.size for g in graph.groups]
     assert all(np.isfinite(s).all() for s in scores)
+
+
+def test_fpgm_is_the_summed_distance_between_filters(tiny) -> None:
+    model, group = tiny
+    rows = np.array([[1.0, -2.0], [0.5, 0.5], [3.0, 0.0]])  # conv filters (the group's producer)
+    expected = [sum(np.linalg.norm(rows[i] - rows[j]) for j in range(3)) for i in range(3)]
+    np.testing.assert_allclose(criteria.get("fpgm")(model, group), expected)
+
+
+def _batches(n: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(5, 2, 4, 4, generator=g), torch.randint(0, 2, (5,), generator=g)) for _ in range(n)]
+
+
+def test_weight_taylor_is_the_squared_directional_derivative(tiny) -> None:
+    """Oracle: d/da of the loss when every parameter slice of channel c is scaled by a,
+    at a=1 (a finite difference), which equals sum(w * grad) over those slices."""
+    model, group = tiny
+    batches = _batches()
+    got = criteria.score_groups(model, [group], "taylor", loader=batches)[0]
+    eps = 1e-3
+    expected = np.zeros(3)
+    for c in range(3):
+        for x, y in batches:
+            losses = []
+            for a in (1 + eps, 1 - eps):
+                m = copy.deepcopy(model)
+                with torch.no_grad():
+                    m.conv.weight[c] *= a
+                    m.bn.weight[c] *= a
+                    m.bn.bias[c] *= a
+                    m.fc.weight[:, c] *= a
+                losses.append(torch.nn.functional.cross_entropy(m(x), y).item())
+            expected[c] += ((losses[0] - losses[1]) / (2 * eps)) ** 2
+    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-9)
+
+
+def _pooled(model: Tiny, x: torch.Tensor) -> torch.Tensor:
+    return torch.relu(model.bn(model.conv(x))).mean((2, 3))  # the fc's input: where channels are consumed
+
+
+def test_activation_and_apoz_read_the_consumer_input(tiny) -> None:
+    model, group = tiny
+    batches = _batches()
+    with torch.no_grad():
+        acts = [_pooled(model, x) for x, _ in batches]
+    mean_abs = sum(a.abs().mean(0) for a in acts).numpy()
+    nonzero = sum((a != 0).double().mean(0) for a in acts).numpy()
+    np.testing.assert_allclose(criteria.score_groups(model, [group], "activation", loader=batches)[0], mean_abs, rtol=1e-5)
+    np.testing.assert_allclose(criteria.score_groups(model, [group], "apoz", loader=batches)[0], nonzero, rtol=1e-5)
+
+
+def test_activation_taylor_is_activation_times_gradient(tiny) -> None:
+    model, group = tiny
+    batches = _batches()
+    expected = np.zeros(3)
+    for x, y in batches:
+        a = _pooled(model, x).detach().requires_grad_(True)
+        torch.nn.functional.cross_entropy(model.fc(a), y).backward()
+        expected += (a * a.grad).abs().mean(0).detach().numpy()
+    got = criteria.score_groups(model, [group], "taylor_act", loader=batches)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_data_criteria_need_a_loader(tiny) -> None:
+    model, group = tiny
+    with pytest.raises(pk.PruningError, match="criterion 'taylor' needs calibration data"):
+        criteria.score_groups(model, [group], "taylor")

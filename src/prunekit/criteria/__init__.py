@@ -133,6 +133,72 @@ def bn_scale(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
     return scores if found else l2(model, group)
 
 
+@register("fpgm")
+def fpgm(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
+    """Filter pruning via geometric median (He et al. 2019): a channel whose filters lie close
+    to all others (small summed distance, i.e. near the geometric median) is redundant.
+
+    The channel's vector is the concatenation of its producer filters over the whole group
+    (every member with role 'out'; all members if there is none); the score is the sum of
+    Euclidean distances to the other channels' vectors.
+    """
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    members = [m for m in group.members if m.role == "out" and m.tensor in params] or \
+        [m for m in group.members if m.tensor in params]
+    parts = []
+    for m in members:
+        t = tensor_of(model, m.tensor).detach().double()
+        flat = t.movedim(m.dim, 0).reshape(t.shape[m.dim], -1)
+        block = torch.zeros(group.size, flat.shape[1], dtype=torch.float64)
+        ok = torch.as_tensor(m.channel >= 0)
+        block[torch.as_tensor(m.channel[m.channel >= 0])] = flat[ok].cpu()
+        parts.append(block)
+    if not parts:
+        return np.zeros(group.size)
+    vecs = torch.cat(parts, 1)
+    return torch.cdist(vecs, vecs).sum(1).numpy()
+
+
+@register("taylor")
+def taylor(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
+    """First-order Taylor on weights (Molchanov et al. 2019): per calibration batch,
+    ``(sum of w * dL/dw over every slice the channel owns)^2``, summed over batches.
+    Needs ``loader=`` (and optionally ``batches=``, default 8)."""
+    from prunekit.criteria.data import taylor_weight_scores
+
+    return taylor_weight_scores(model, group, ctx)
+
+
+@register("taylor_act")
+def taylor_act(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
+    """First-order Taylor on activations (Molchanov et al. 2017): |mean over positions of
+    activation x gradient|, averaged over samples. Needs ``loader=``."""
+    from prunekit.criteria.data import activation_scores
+
+    return activation_scores("taylor_act", model, group, ctx)
+
+
+@register("activation")
+def mean_activation(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
+    """Mean absolute activation of the channel where it is consumed. Needs ``loader=``."""
+    from prunekit.criteria.data import activation_scores
+
+    return activation_scores("activation", model, group, ctx)
+
+
+@register("apoz")
+def apoz(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
+    """1 - APoZ (Hu et al. 2016): the fraction of non-zero post-activation values; channels
+    that are mostly zero score low. Needs ``loader=``."""
+    from prunekit.criteria.data import activation_scores
+
+    return activation_scores("apoz", model, group, ctx)
+
+
+DATA_CRITERIA = frozenset({"taylor", "taylor_act", "activation", "apoz"})
+"""Criteria that need calibration data (``loader=``)."""
+
+
 @register("random")
 def random_scores(model: nn.Module, group: ChannelGroup, *, seed: int = 0, **ctx: Any) -> np.ndarray:
     """Uniform random scores (a baseline), reproducible from ``seed`` and the group index."""
@@ -140,8 +206,12 @@ def random_scores(model: nn.Module, group: ChannelGroup, *, seed: int = 0, **ctx
 
 
 def score_groups(model: nn.Module, groups: list[ChannelGroup], criterion: str | Criterion, **ctx: Any) -> list[np.ndarray]:
-    """Scores for every group with the given criterion (name or callable)."""
+    """Scores for every group with the given criterion (name or callable): a list of float
+    arrays, one per group. ``ctx`` reaches the criterion (e.g. ``loader``, ``batches``,
+    ``seed``), plus ``groups`` (all groups being scored) and ``_cache`` (a dict shared by this
+    call, so a data-driven criterion can gather statistics for all groups in one pass)."""
     fn = get(criterion) if isinstance(criterion, str) else criterion
+    ctx = {"groups": groups, "_cache": {}, **ctx}
     out = []
     with torch.no_grad():
         for g in groups:
