@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from torch import nn
@@ -13,7 +13,7 @@ from prunekit.allocate import check_ratio, select
 from prunekit.criteria import Criterion, score_groups
 from prunekit.errors import PruningError
 from prunekit.graph import DependencyGraph, module_names, trace
-from prunekit.measure import count_flops
+from prunekit.measure import count_flops, count_params
 from prunekit.plan import PruningPlan
 from prunekit.surgery import Journal, apply_plan
 from prunekit.surgery.validate import attribute_fixes, check, expected_shapes, make_plan, removed_atoms
@@ -26,10 +26,10 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
                     ignore: Iterable[nn.Module | str] | None, ratios: Mapping[str, float] | None,
                     global_ranking: bool, round_to: int, min_channels: int, inplace: bool,
                     graph: DependencyGraph | None, criterion_kwargs: Mapping[str, Any] | None,
-                    max_repairs: int, target_flops: float | None = None) -> tuple[PruningPlan, nn.Module]:
+                    max_repairs: int, target_flops: float | None = None, target_params: float | None = None,
+                    target_latency: float | None = None, latency_table: Any = None) -> tuple[PruningPlan, nn.Module]:
     ratio = check_ratio(ratio, "ratio")
-    if target_flops is not None and not 0.0 < float(target_flops) <= 1.0:
-        raise PruningError(f"target_flops={target_flops!r}: must be in (0, 1] (the fraction of FLOPs kept)")
+    budget = _budget(model, example_inputs, target_flops, target_params, target_latency, latency_table)
     checked: dict[str, float] = {}
     if ratios:
         names = module_names(model, list(ratios), "ratios")
@@ -42,11 +42,12 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
     groups = list(graph.groups)
     repairs: list[str] = []
     options = dict(ratios=checked, global_ranking=global_ranking, round_to=round_to, min_channels=min_channels)
-    base_flops = _flops(model, example_inputs) if target_flops is not None else 0
     for _ in range(max_repairs + 1):
-        if target_flops is not None:
-            ratio = _ratio_for_flops(model, example_inputs, graph, groups, scores, float(target_flops), base_flops, options)
-        removed = select(groups, scores, ratio=ratio, **options)
+        if budget is not None:
+            removed = _removal_for_budget(model, graph, groups, scores, budget, options)
+            ratio = float(sum(len(r) for r in removed) / max(1, graph.n_channels))
+        else:
+            removed = select(groups, scores, ratio=ratio, **options)
         gone = removed_atoms(graph, removed)
         base = make_plan(model, graph, gone)
         meta = {
@@ -55,8 +56,8 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
             "groups_pruned": int(sum(len(r) > 0 for r in removed)),
             "channels_removed": int(sum(len(r) for r in removed)), "channels": graph.n_channels, "repairs": repairs,
         }
-        if target_flops is not None:
-            meta["target_flops"] = float(target_flops)
+        if budget is not None:
+            meta[f"target_{budget.kind}"] = budget.target
         if base.is_empty:
             return PruningPlan({}, {}, (), meta), model
         expected = expected_shapes(graph, gone)
@@ -89,26 +90,92 @@ def _flops(model: nn.Module, example_inputs: Any) -> int:
         return count_flops(model, example_inputs)
 
 
-def _ratio_for_flops(model: nn.Module, example_inputs: Any, graph: DependencyGraph, groups: list[Any],
-                     scores: list[np.ndarray], target: float, base_flops: int, options: dict[str, Any]) -> float:
-    """Bisect the ratio so the pruned model keeps ``target`` of the FLOPs (at or just below it)."""
-    lo, hi = 0.0, 0.99
-    best = 0.0
-    for _ in range(14):
-        mid = (lo + hi) / 2
-        removed = select(groups, scores, ratio=mid, **options)
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What a target constrains: ``measure(model)`` of the pruned model over ``base`` must be
+    at most ``target`` (a fraction kept)."""
+
+    kind: str
+    target: float
+    base: float
+    measure: Callable[[nn.Module], float]
+
+
+def _budget(model: nn.Module, example_inputs: Any, target_flops: float | None, target_params: float | None,
+            target_latency: float | None, latency_table: Any) -> Budget | None:
+    given = {k: v for k, v in (("flops", target_flops), ("params", target_params), ("latency", target_latency))
+             if v is not None}
+    if not given:
+        if latency_table is not None:
+            raise PruningError("latency_table: only used with target_latency")
+        return None
+    if len(given) > 1:
+        raise PruningError(f"give one budget, not {', '.join('target_' + k for k in given)}")
+    kind, target = next(iter(given.items()))
+    try:
+        target = float(target)
+    except (TypeError, ValueError):
+        raise PruningError(f"target_{kind}={target!r}: must be a number in (0, 1]") from None
+    if not 0.0 < target <= 1.0:
+        raise PruningError(f"target_{kind}={target!r}: must be in (0, 1] (the fraction of {kind} kept)")
+    if kind == "flops":
+        measure: Callable[[nn.Module], float] = lambda m: float(_flops(m, example_inputs))  # noqa: E731
+    elif kind == "params":
+        measure = lambda m: float(count_params(m))  # noqa: E731
+    else:
+        if latency_table is None:
+            from prunekit.measure.latency_table import build_latency_table
+
+            latency_table = build_latency_table(model, example_inputs)
+        measure = latency_table.estimate
+    return Budget(kind, target, measure(model), measure)
+
+
+def _removal_for_budget(model: nn.Module, graph: DependencyGraph, groups: list[Any], scores: list[np.ndarray],
+                      budget: Budget, options: dict[str, Any]) -> list[np.ndarray]:
+    """Channels to remove so that the pruned model keeps at most ``budget.target`` of the
+    budgeted quantity, as close to it as one channel allows.
+
+    First bisect the ratio; a uniform ratio moves every group at once (ResNet-20's 16/32/64
+    groups all step at multiples of 1/16), so then bisect over how many groups take the
+    next step, in group order."""
+
+    def value(removed: list[np.ndarray]) -> float:
         gone = removed_atoms(graph, removed)
         base = make_plan(model, graph, gone)
         fixes = attribute_fixes(model, graph, expected_shapes(graph, gone))
+        return budget.measure(apply_plan(model, PruningPlan(base.keep, base.shapes, tuple(fixes)))) / budget.base
+
+    def fits(removed: list[np.ndarray]) -> bool:
         try:
-            flops = _flops(apply_plan(model, PruningPlan(base.keep, base.shapes, tuple(fixes))), example_inputs)
+            return value(removed) <= budget.target
         except Exception:  # noqa: BLE001 - a broken candidate is sorted out by validation
-            return mid
-        if flops / base_flops > target:
-            lo = mid
+            return True
+
+    lo, hi = 0.0, 0.99
+    for _ in range(16):
+        mid = (lo + hi) / 2
+        if fits(select(groups, scores, ratio=mid, **options)):
+            hi = mid
         else:
-            hi = best = mid
-    return best if best else hi
+            lo = mid
+    under, over = select(groups, scores, ratio=hi, **options), select(groups, scores, ratio=lo, **options)
+    if not fits(under):
+        return under  # even the largest ratio cannot meet the budget: prune as much as allowed
+    steps = [i for i, (a, b) in enumerate(zip(under, over)) if len(a) != len(b) or not np.array_equal(a, b)]
+
+    def mixed(k: int) -> list[np.ndarray]:
+        take = set(steps[:k])
+        return [under[i] if i in take else over[i] for i in range(len(groups))]
+
+    a, b = 0, len(steps)  # mixed(b) fits
+    while b - a > 1:
+        k = (a + b) // 2
+        if fits(mixed(k)):
+            b = k
+        else:
+            a = k
+    return mixed(b)
 
 
 def _touched_channels(graph: DependencyGraph, ops: list[Any]) -> set[int]:
@@ -141,7 +208,8 @@ def plan_for(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, crite
          ignore: Iterable[nn.Module | str] | None = None, ratios: Mapping[str, float] | None = None,
          global_ranking: bool = False, round_to: int = 1, min_channels: int = 1,
          graph: DependencyGraph | None = None, criterion_kwargs: Mapping[str, Any] | None = None,
-         max_repairs: int = 8, target_flops: float | None = None) -> PruningPlan:
+         max_repairs: int = 8, target_flops: float | None = None, target_params: float | None = None,
+         target_latency: float | None = None, latency_table: Any = None) -> PruningPlan:
     """Decide what to remove (and check that it works) without touching ``model``.
 
     Same options as :func:`prune`; returns the validated :class:`PruningPlan`, which
@@ -150,7 +218,8 @@ def plan_for(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, crite
     p, _ = _plan_and_apply(model, example_inputs, ratio=ratio, criterion=criterion, ignore=ignore, ratios=ratios,
                            global_ranking=global_ranking, round_to=round_to, min_channels=min_channels,
                            inplace=False, graph=graph, criterion_kwargs=criterion_kwargs, max_repairs=max_repairs,
-                           target_flops=target_flops)
+                           target_flops=target_flops, target_params=target_params,
+                           target_latency=target_latency, latency_table=latency_table)
     return p
 
 
@@ -158,13 +227,18 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, criterio
           ignore: Iterable[nn.Module | str] | None = None, ratios: Mapping[str, float] | None = None,
           global_ranking: bool = False, round_to: int = 1, min_channels: int = 1, inplace: bool = False,
           graph: DependencyGraph | None = None, criterion_kwargs: Mapping[str, Any] | None = None,
-          max_repairs: int = 8, target_flops: float | None = None, return_plan: bool = False) -> Any:
+          max_repairs: int = 8, target_flops: float | None = None, target_params: float | None = None,
+          target_latency: float | None = None, latency_table: Any = None, return_plan: bool = False) -> Any:
     """Return a physically smaller copy of ``model`` (or prune it in place).
 
     ``ratio`` is the fraction of channels removed from every prunable group (ranked within
     the group by ``criterion``), unless ``global_ranking`` ranks normalised scores across
-    groups; with ``target_flops`` (fraction of FLOPs to keep, e.g. 0.5) the ratio is found
-    by bisection instead. ``ratios`` maps module names to their own ratio; ``ignore`` lists modules whose
+    groups. A budget replaces ``ratio``: ``target_flops``, ``target_params`` or
+    ``target_latency`` (the fraction kept, e.g. 0.5) is met by bisecting the ratio; latency is
+    estimated from a per-layer table measured on the model's device
+    (:func:`prunekit.measure.latency_table.build_latency_table`; pass ``latency_table`` to
+    reuse one). Data-driven criteria (``taylor``, ``activation``, ...) take
+    ``criterion_kwargs={'loader': ..., 'batches': N}``. ``ratios`` maps module names to their own ratio; ``ignore`` lists modules whose
     output channels stay; ``round_to`` keeps channel counts multiples of it. The result is
     checked by running it: any op whose shape would break makes the groups involved stay,
     and the plan records why (``plan.meta['repairs']``). On any error the user's model is
@@ -179,7 +253,8 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, criterio
     p, pruned = _plan_and_apply(model, example_inputs, ratio=ratio, criterion=criterion, ignore=ignore, ratios=ratios,
                                 global_ranking=global_ranking, round_to=round_to, min_channels=min_channels,
                                 inplace=inplace, graph=graph, criterion_kwargs=criterion_kwargs, max_repairs=max_repairs,
-                                target_flops=target_flops)
+                                target_flops=target_flops, target_params=target_params,
+                           target_latency=target_latency, latency_table=latency_table)
     if pruned is model and not inplace:
         import copy
 

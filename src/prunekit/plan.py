@@ -67,3 +67,21 @@ class PruningPlan:
     def from_json(cls, text: str) -> "PruningPlan":
         """Parse a plan written by :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
+
+
+def compose(first: PruningPlan, second: PruningPlan) -> PruningPlan:
+    """The plan equal to applying ``first`` and then ``second`` (whose indices refer to the
+    model ``first`` produced): kept indices are chained, shapes stay those of the original,
+    and ``second``'s attribute fixes win. Used to save a model pruned in several steps."""
+    keep: dict[str, dict[int, list[int]]] = {n: dict(d) for n, d in first.keep.items()}
+    for name, dims in second.keep.items():
+        mine = keep.setdefault(name, {})
+        for dim, idx in dims.items():
+            prev = mine.get(dim)
+            mine[dim] = [prev[i] for i in idx] if prev is not None else list(idx)
+    shapes = dict(second.shapes)
+    shapes.update(first.shapes)
+    attrs = {(a.module, a.attr): a for a in first.attrs}
+    attrs.update({(a.module, a.attr): a for a in second.attrs})
+    steps = list(first.meta.get("steps", [first.meta])) + [second.meta]
+    return PruningPlan(keep, shapes, tuple(attrs.values()), {"steps": steps})

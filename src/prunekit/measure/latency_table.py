@@ -1,0 +1,170 @@
+"""A per-layer latency table measured on the current device, to plan for a latency budget.
+
+Every conv/linear layer is timed alone, on its real input shape, at a grid of input/output
+width fractions; a pruned model's latency is then estimated by interpolating each layer in
+the table and scaling the measured latency of the whole original model by the same factor
+(so the ops around the layers, which shrink with them, are counted too). Layers with
+identical configuration and input shape are timed once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from prunekit.measure.counts import call_model, eval_mode
+from prunekit.measure.latency import _torch_threads, measure_latency
+
+__all__ = ["LatencyTable", "build_latency_table"]
+
+FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerTiming:
+    """Timings of one layer: ``grid_ms[i, j]`` at input fraction ``fractions[i]`` and output
+    fraction ``fractions[j]`` of its original ``in_channels``/``out_channels``."""
+
+    in_channels: int
+    out_channels: int
+    grid_ms: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyTable:
+    """Per-layer timings plus the measured latency of the whole original model."""
+
+    layers: dict[str, LayerTiming]
+    fractions: tuple[float, ...]
+    model_ms: float
+    device: str
+
+    def layer_ms(self, name: str, in_channels: int, out_channels: int) -> float:
+        """Interpolated latency (ms) of layer ``name`` with the given widths."""
+        t = self.layers[name]
+        fi, fo = in_channels / t.in_channels, out_channels / t.out_channels
+        f = np.asarray(self.fractions)
+        rows = np.array([np.interp(fo, f, t.grid_ms[i]) for i in range(len(f))])
+        return float(np.interp(fi, f, rows))
+
+    def estimate(self, model: nn.Module) -> float:
+        """Estimated latency (ms) of ``model``, a pruned copy of the tabled model."""
+        full = sum(t.grid_ms[-1, -1] for t in self.layers.values())
+        now = 0.0
+        mods = dict(model.named_modules())
+        for name, t in self.layers.items():
+            m = mods.get(name)
+            if m is None:
+                continue
+            cin, cout = _widths(m)
+            now += self.layer_ms(name, cin, cout)
+        return self.model_ms * now / full if full > 0 else self.model_ms
+
+
+def _widths(m: nn.Module) -> tuple[int, int]:
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    return m.in_channels, m.out_channels  # type: ignore[return-value]
+
+
+def _timed(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or (isinstance(m, nn.modules.conv._ConvNd) and not m.transposed)
+
+
+def _scaled(m: nn.Module, fi: float, fo: float) -> tuple[nn.Module, int]:
+    """A fresh layer like ``m`` with widths scaled by ``fi``/``fo``; returns it and its input width."""
+    if isinstance(m, nn.Linear):
+        cin, cout = max(1, round(m.in_features * fi)), max(1, round(m.out_features * fo))
+        return nn.Linear(cin, cout, bias=m.bias is not None), cin
+    assert isinstance(m, nn.modules.conv._ConvNd)
+    g = m.groups
+    if g > 1 and g == m.in_channels == m.out_channels:  # depthwise: one width
+        cin = cout = g = max(1, round(m.out_channels * fo))
+    else:
+        cin = g * max(1, round(m.in_channels * fi / g))
+        cout = g * max(1, round(m.out_channels * fo / g))
+    cls = type(m)
+    layer = cls(cin, cout, m.kernel_size, m.stride, m.padding, m.dilation, g, m.bias is not None)  # type: ignore[arg-type]
+    return layer, cin
+
+
+def _time(layer: nn.Module, shape: tuple[int, ...], channel_dim: int, cin: int, device: torch.device,
+          min_run_time: float) -> float:
+    shape = list(shape)
+    shape[channel_dim] = cin
+    x = torch.randn(shape, device=device)
+    layer = layer.to(device).eval()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        layer(x)
+        sync()
+        t0 = time.perf_counter()
+        layer(x)
+        sync()
+        once = max(time.perf_counter() - t0, 1e-6)
+        number = max(1, int(min_run_time / 5 / once))  # five blocks of about min_run_time / 5
+        blocks = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                layer(x)
+            sync()
+            blocks.append((time.perf_counter() - t0) / number)
+    return float(np.median(blocks)) * 1e3
+
+
+def build_latency_table(model: nn.Module, example_inputs: Any, *, fractions: tuple[float, ...] = FRACTIONS,
+                        threads: int | None = None, min_run_time: float = 0.02) -> LatencyTable:
+    """Measure every conv/linear layer of ``model`` at a grid of width fractions on its own
+    device (``threads`` intra-op threads on CPU) and the whole model once; returns the table.
+    Fractions must be increasing and end at 1.0."""
+    fractions = tuple(float(f) for f in fractions)
+    if not fractions or fractions[-1] != 1.0 or any(b <= a for a, b in zip(fractions, fractions[1:])):
+        raise ValueError(f"fractions={fractions}: must increase and end at 1.0")
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+
+    def record(name: str) -> Any:
+        def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            shapes.setdefault(name, tuple(args[0].shape))
+        return hook
+
+    for name, m in model.named_modules():
+        if _timed(m):
+            handles.append(m.register_forward_pre_hook(record(name)))
+    try:
+        with eval_mode(model), torch.no_grad():
+            call_model(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    threads = threads or torch.get_num_threads()
+    cache: dict[tuple[Any, ...], float] = {}
+    layers: dict[str, LayerTiming] = {}
+    with _torch_threads(threads):
+        for name, m in model.named_modules():
+            if name not in shapes:
+                continue
+            shape = shapes[name]
+            channel_dim = len(shape) - 1 if isinstance(m, nn.Linear) else 1
+            grid = np.zeros((len(fractions), len(fractions)))
+            for i, fi in enumerate(fractions):
+                for j, fo in enumerate(fractions):
+                    layer, cin = _scaled(m, fi, fo)
+                    key = (repr(layer), shape, channel_dim)
+                    if key not in cache:
+                        cache[key] = _time(layer, shape, channel_dim, cin, device, min_run_time)
+                    grid[i, j] = cache[key]
+            cin, cout = _widths(m)
+            layers[name] = LayerTiming(cin, cout, grid)
+        total = measure_latency(model, example_inputs, threads=threads, min_run_time=max(0.2, 10 * min_run_time))
+    if not math.isfinite(total.median_ms):
+        raise RuntimeError("could not time the model")
+    return LatencyTable(layers, fractions, total.median_ms, str(device))
