@@ -12,7 +12,8 @@ then finds it::
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -195,7 +196,25 @@ def apoz(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
     return activation_scores("apoz", model, group, ctx)
 
 
-DATA_CRITERIA = frozenset({"taylor", "taylor_act", "activation", "apoz"})
+@register("lasso")
+def lasso(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
+    """LASSO channel selection (He et al. 2017) on the consumers' sampled inputs: the largest
+    penalty at which the channel is still selected. Needs ``loader=``."""
+    from prunekit.criteria.reconstruction import lasso_scores
+
+    return lasso_scores(model, group, ctx)
+
+
+@register("cap")
+def cap(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
+    """Compensation-aware importance (CaP): the consumers' reconstruction loss of removing the
+    channel after their other weights are re-solved by least squares. Needs ``loader=``."""
+    from prunekit.criteria.reconstruction import cap_scores
+
+    return cap_scores(model, group, ctx)
+
+
+DATA_CRITERIA = frozenset({"taylor", "taylor_act", "activation", "apoz", "lasso", "cap"})
 """Criteria that need calibration data (``loader=``)."""
 
 

@@ -11,7 +11,8 @@ no such consumer falls back to the output of its producing layers.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,11 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunekit.errors import PruningError
+from prunekit.features import Batch, call_on_device
 from prunekit.graph.dependency import ChannelGroup
 
 DEFAULT_BATCHES = 8
-
-Batch = tuple[Any, Tensor | None]
 
 
 def calibration_batches(loader: Iterable[Any] | None, batches: int, criterion: str) -> Iterator[Batch]:
@@ -41,22 +41,6 @@ def calibration_batches(loader: Iterable[Any] | None, batches: int, criterion: s
             yield item[0], (item[1] if len(item) > 1 else None)
         else:
             yield item, None
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _call(model: nn.Module, x: Any) -> Any:
-    dev = _device(model)
-    if isinstance(x, Tensor):
-        return model(x.to(dev))
-    if isinstance(x, (tuple, list)):
-        return model(*[t.to(dev) if isinstance(t, Tensor) else t for t in x])
-    if isinstance(x, dict):
-        return model(**{k: v.to(dev) if isinstance(v, Tensor) else v for k, v in x.items()})
-    return model(x)
 
 
 def task_loss(output: Any, target: Tensor | None) -> Tensor:
@@ -154,7 +138,7 @@ def _observe(model: nn.Module, groups: list[ChannelGroup], batches: Iterable[Bat
         for x, y in batches:
             captured.clear()
             with torch.set_grad_enabled(with_grad):
-                out = _call(model, x)
+                out = call_on_device(model, x)
                 if with_grad:
                     model.zero_grad(set_to_none=True)
                     task_loss(out, y).backward()
@@ -229,7 +213,7 @@ def weight_taylor(model: nn.Module, groups: list[ChannelGroup], batches: Iterabl
         for x, y in batches:
             model.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                task_loss(_call(model, x), y).backward()
+                task_loss(call_on_device(model, x), y).backward()
             for g in groups:
                 contrib = np.zeros(g.size)
                 for m in g.members:

@@ -1,0 +1,88 @@
+"""Shared low-level pieces for data-driven criteria and recovery: calling a model on
+calibration batches, and a layer's input as rows of receptive fields (with their moments)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Batch = tuple[Any, Tensor | None]
+"""One calibration batch: ``(inputs, targets or None)``."""
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameter-free model)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def call_on_device(model: nn.Module, x: Any) -> Any:
+    """Call ``model`` on a batch's inputs (tensor, tuple of args or dict of kwargs), moved to its device."""
+    dev = model_device(model)
+    if isinstance(x, Tensor):
+        return model(x.to(dev))
+    if isinstance(x, (tuple, list)):
+        return model(*[t.to(dev) if isinstance(t, Tensor) else t for t in x])
+    if isinstance(x, dict):
+        return model(**{k: v.to(dev) if isinstance(v, Tensor) else v for k, v in x.items()})
+    return model(x)
+
+
+def reconstructable(m: nn.Module) -> bool:
+    """Ungrouped conv (zero padding) or linear layers: the ones least squares can rewrite."""
+    if isinstance(m, nn.Linear):
+        return True
+    return (isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.groups == 1
+            and m.padding_mode == "zeros" and isinstance(m.padding, tuple))
+
+
+def unfold_rows(layer: nn.Module, x: Tensor) -> Tensor:
+    """The layer's input as rows of its receptive fields: ``(positions, in_features)`` with
+    features ordered like ``weight.flatten(1)`` (channel-major, then kernel offsets)."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    assert isinstance(layer, nn.modules.conv._ConvNd)
+    if x.ndim == 3:  # conv1d: treat as 2-D with height 1
+        x = x.unsqueeze(2)
+        k, d, p, s = (1, *layer.kernel_size), (1, *layer.dilation), (0, *layer.padding), (1, *layer.stride)
+    elif x.ndim == 4:
+        k, d, p, s = layer.kernel_size, layer.dilation, layer.padding, layer.stride
+    else:
+        raise ValueError(f"cannot unfold a {x.ndim}-D input of {type(layer).__name__}")
+    cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (N, C*k*k, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def output_rows(layer: nn.Module, y: Tensor) -> Tensor:
+    """The layer's output as ``(positions, out_features)``, matching :func:`unfold_rows`."""
+    if isinstance(layer, nn.Linear):
+        return y.reshape(-1, y.shape[-1])
+    return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+
+
+@dataclass
+class Moments:
+    """Running sums for least squares: ``xx = sum x~ x~^T`` and ``xy = sum x~ y^T`` with
+    ``x~ = [x; 1]``, in float64."""
+
+    xx: Tensor
+    xy: Tensor | None
+    count: int = 0
+
+    @classmethod
+    def empty(cls, n_in: int, n_out: int | None) -> Moments:
+        """Zeroed sums for ``n_in`` inputs (plus the constant) and ``n_out`` targets (None: inputs only)."""
+        xy = torch.zeros(n_in + 1, n_out, dtype=torch.float64) if n_out is not None else None
+        return cls(torch.zeros(n_in + 1, n_in + 1, dtype=torch.float64), xy)
+
+    def add(self, x: Tensor, y: Tensor | None = None) -> None:
+        """Accumulate rows ``x`` (and targets ``y``)."""
+        xt = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], 1)
+        self.xx += (xt.T @ xt).cpu()
+        if y is not None and self.xy is not None:
+            self.xy += (xt.T @ y.double()).cpu()
+        self.count += len(x)

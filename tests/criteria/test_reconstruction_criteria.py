@@ -1,0 +1,58 @@
+"""LASSO and compensation-aware criteria against scikit-learn / brute-force numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.linear_model import Lasso
+from torch import nn
+
+import prunekit as pk
+from prunekit import criteria
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(40, 5, generator=g), None) for _ in range(2)]
+    graph = pk.trace(model, torch.randn(1, 5), ignore=["2"])
+    group = [g for g in graph.groups if g.name == "0"][0]
+    with torch.no_grad():
+        h = torch.cat([model[1](model[0](x)) for x, _ in batches]).double().numpy()
+    return model, group, batches, h
+
+
+def test_lasso_keeps_the_support_of_sklearns_lasso() -> None:
+    model, group, batches, h = _setup()
+    scores = criteria.score_groups(model, [group], "lasso", loader=batches)[0]
+    w = model[2].weight.detach().double().numpy()  # (4, 8)
+    z = h[:, None, :] * w[None, :, :]  # (rows, out, channel): each channel's contribution
+    design, y = z.reshape(-1, 8), z.sum(2).reshape(-1)
+    for k in (2, 4, 6):
+        lo, hi = 1e-6, float(np.abs(design.T @ y).max() / len(y))
+        for _ in range(60):  # raise the penalty until k channels remain
+            alpha = (lo * hi) ** 0.5
+            coef = Lasso(alpha=alpha, positive=True, fit_intercept=False, max_iter=20000, tol=1e-10).fit(design, y).coef_
+            if (coef > 1e-12).sum() > k:
+                lo = alpha
+            else:
+                hi = alpha
+        support = set(np.flatnonzero(Lasso(alpha=hi, positive=True, fit_intercept=False, max_iter=20000,
+                                           tol=1e-10).fit(design, y).coef_ > 1e-12))
+        top = set(np.argsort(-scores)[:len(support)])
+        assert top == support, (k, top, support)
+
+
+def test_cap_is_the_loss_after_compensation() -> None:
+    model, group, batches, h = _setup()
+    scores = criteria.score_groups(model, [group], "cap", loader=batches)[0]
+    w = model[2].weight.detach().double().numpy()
+    y = h @ w.T
+    brute = []
+    for c in range(8):
+        rest = [i for i in range(8) if i != c]
+        a = np.hstack([h[:, rest], np.ones((len(h), 1))])
+        sol = np.linalg.lstsq(a, y, rcond=None)[0]
+        brute.append(((a @ sol - y) ** 2).sum(1).mean())
+    np.testing.assert_allclose(scores, brute, rtol=1e-3, atol=1e-8)
