@@ -208,7 +208,7 @@ def plan_for(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, crite
          ignore: Iterable[nn.Module | str] | None = None, ratios: Mapping[str, float] | None = None,
          global_ranking: bool = False, round_to: int = 1, min_channels: int = 1,
          graph: DependencyGraph | None = None, criterion_kwargs: Mapping[str, Any] | None = None,
-         max_repairs: int = 8, target_flops: float | None = None, target_params: float | None = None,
+         max_repairs: int = 32, target_flops: float | None = None, target_params: float | None = None,
          target_latency: float | None = None, latency_table: Any = None) -> PruningPlan:
     """Decide what to remove (and check that it works) without touching ``model``.
 
@@ -227,7 +227,7 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, criterio
           ignore: Iterable[nn.Module | str] | None = None, ratios: Mapping[str, float] | None = None,
           global_ranking: bool = False, round_to: int = 1, min_channels: int = 1, inplace: bool = False,
           graph: DependencyGraph | None = None, criterion_kwargs: Mapping[str, Any] | None = None,
-          max_repairs: int = 8, target_flops: float | None = None, target_params: float | None = None,
+          max_repairs: int = 32, target_flops: float | None = None, target_params: float | None = None,
           target_latency: float | None = None, latency_table: Any = None, return_plan: bool = False) -> Any:
     """Return a physically smaller copy of ``model`` (or prune it in place).
 

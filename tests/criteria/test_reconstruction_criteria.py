@@ -56,3 +56,33 @@ def test_cap_is_the_loss_after_compensation() -> None:
         sol = np.linalg.lstsq(a, y, rcond=None)[0]
         brute.append(((a @ sol - y) ** 2).sum(1).mean())
     np.testing.assert_allclose(scores, brute, rtol=1e-3, atol=1e-8)
+
+
+def test_functionality_removes_duplicates_first() -> None:
+    from prunekit.criteria.functionality import redundancy_order
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(4, 50))
+    feats = np.stack([base[0], 3 * base[0] + 0.01 * rng.normal(size=50), base[1], base[2], base[3]])
+    order = np.argsort(redundancy_order(feats))
+    assert order[0] == 0  # the weaker of the near-duplicate pair goes first
+
+
+def test_functionality_on_a_net_with_duplicated_filters() -> None:
+    """Filter 2 is filter 0 scaled by 1.5: same function, so filter 0 (weaker) is redundant,
+    although its magnitude is not the lowest."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    with torch.no_grad():
+        model[0].weight[2] = 1.5 * model[0].weight[0]
+        model[0].bias[2] = 1.5 * model[0].bias[0]
+        model[0].weight[1] *= 0.1  # the weakest by magnitude, but unique (and alive)
+        model[0].bias[1] = 0.3
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, 6, 6, generator=g), None)]
+    graph = pk.trace(model, torch.randn(1, 3, 6, 6))
+    group = [gr for gr in graph.groups if gr.name == "0"][0]
+    func = criteria.score_groups(model, [group], "functionality", loader=batches)[0]
+    assert np.argmin(func) == 0
+    assert np.argmin(criteria.score_groups(model, [group], "l1_out")[0]) == 1

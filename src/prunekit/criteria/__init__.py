@@ -214,7 +214,16 @@ def cap(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
     return cap_scores(model, group, ctx)
 
 
-DATA_CRITERIA = frozenset({"taylor", "taylor_act", "activation", "apoz", "lasso", "cap"})
+@register("functionality")
+def functionality(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
+    """Functionality-oriented redundancy (Qin et al. 2018): channels whose activation maps
+    duplicate another's (cosine clustering) go first, keeping one per cluster. Needs ``loader=``."""
+    from prunekit.criteria.functionality import functionality_scores
+
+    return functionality_scores(model, group, ctx)
+
+
+DATA_CRITERIA = frozenset({"taylor", "taylor_act", "activation", "apoz", "lasso", "cap", "functionality"})
 """Criteria that need calibration data (``loader=``)."""
 
 

@@ -101,18 +101,17 @@ class _Sites:
                 self.by_module.setdefault(name, []).append((g.index, chan, kind))
 
 
-def _observe(model: nn.Module, groups: list[ChannelGroup], batches: Iterable[Batch], *,
-             stat: Callable[[Tensor], Tensor], with_grad: bool) -> dict[int, np.ndarray]:
-    """Run the batches with hooks at every site and return, per group index, the sum over
-    batches and sites of ``stat(view)`` (one value per observed channel) mapped to the group's
-    channels. ``view`` is ``(samples, channels, positions)``; with ``with_grad`` it is the
-    activation times its gradient of the task loss."""
+def site_views(model: nn.Module, groups: list[ChannelGroup], batches: Iterable[Batch], *,
+               with_grad: bool = False) -> Iterator[tuple[int, np.ndarray, Tensor]]:
+    """Run the batches with hooks at every observation site of ``groups`` and yield, per
+    batch and site, ``(group index, channel map, view)``: ``view`` is the activation as
+    ``(samples, channels, positions)`` (times its gradient of the task loss with
+    ``with_grad``), and ``channel map[i]`` the group channel of view channel ``i`` (-1: none)."""
     sites = _Sites(model, groups)
-    totals = {g.index: np.zeros(g.size) for g in groups}
     captured: dict[str, Tensor] = {}
     handles = []
 
-    def hook_for(name: str) -> Callable[..., None]:
+    def hooks_for(name: str) -> tuple[Callable[..., None], Callable[..., None]]:
         kinds = {k for _, _, k in sites.by_module[name]}
 
         def pre(mod: nn.Module, args: tuple[Any, ...]) -> None:
@@ -126,10 +125,10 @@ def _observe(model: nn.Module, groups: list[ChannelGroup], batches: Iterable[Bat
                 captured[name + ":out"] = out
                 if with_grad and out.requires_grad:
                     out.retain_grad()
-        return pre, post  # type: ignore[return-value]
+        return pre, post
 
     for name, mod in sites.modules.items():
-        pre, post = hook_for(name)  # type: ignore[misc]
+        pre, post = hooks_for(name)
         handles.append(mod.register_forward_pre_hook(pre))
         handles.append(mod.register_forward_hook(post))
     was_training = model.training
@@ -146,19 +145,26 @@ def _observe(model: nn.Module, groups: list[ChannelGroup], batches: Iterable[Bat
                 mod = sites.modules[name]
                 for gi, chan, kind in entries:
                     t = captured.get(f"{name}:{kind}")
-                    if t is None:
-                        continue
-                    if with_grad and t.grad is None:
+                    if t is None or (with_grad and t.grad is None):
                         continue
                     v = t * t.grad if with_grad else t
-                    vals = stat(_channel_view(v.detach(), mod)).double().cpu().numpy()
-                    ok = chan >= 0
-                    np.add.at(totals[gi], chan[ok], vals[ok])
+                    yield gi, chan, _channel_view(v.detach(), mod)
     finally:
         for h in handles:
             h.remove()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+
+
+def _observe(model: nn.Module, groups: list[ChannelGroup], batches: Iterable[Batch], *,
+             stat: Callable[[Tensor], Tensor], with_grad: bool) -> dict[int, np.ndarray]:
+    """Per group index, the sum over batches and sites of ``stat(view)`` (one value per
+    observed channel, see :func:`site_views`) mapped to the group's channels."""
+    totals = {g.index: np.zeros(g.size) for g in groups}
+    for gi, chan, view in site_views(model, groups, batches, with_grad=with_grad):
+        vals = stat(view).double().cpu().numpy()
+        ok = chan >= 0
+        np.add.at(totals[gi], chan[ok], vals[ok])
     return totals
 
 
