@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     from prunekit.cli import pipeline
 
     pipeline.add_commands(sub)
+    from prunekit.cli import analyze
+    analyze.add_commands(sub)
     return parser
 
 
