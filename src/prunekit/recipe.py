@@ -50,7 +50,9 @@ class Recipe:
     (class-balanced subset), ``augment``, ``seed``, ``workers``, ``tensorboard``, ``amp`` and
     ``channels_last`` (CUDA only), ``grad_clip``. Pruning: ``ratio`` or ``target_flops`` (fraction of
     FLOPs kept; wins over ``ratio``), ``criterion``, ``global_ranking``, ``round_to``, ``ignore``,
-    ``ratios`` (per-module ratios), ``min_channels``. Fine-tuning: ``finetune_epochs``, ``finetune_lr``, ``kd_alpha``,
+    ``ratios`` (per-module ratios), ``min_channels``, ``target_params`` / ``target_latency``
+    (fractions kept), ``method`` (a :mod:`prunekit.methods` name, e.g. ``channel_pruning``, ``cap``)
+    and ``calib_batches`` (calibration batches of the training split for data-driven criteria/methods). Fine-tuning: ``finetune_epochs``, ``finetune_lr``, ``kd_alpha``,
     ``kd_temperature`` (distillation weight and temperature when a teacher is used).
     """
 
@@ -84,7 +86,11 @@ class Recipe:
     grad_clip: float | None = None
     ratio: float = 0.5
     target_flops: float | None = None
+    target_params: float | None = None
+    target_latency: float | None = None
     criterion: str = "l2"
+    method: str | None = None
+    calib_batches: int = 8
     global_ranking: bool = False
     round_to: int = 1
     ignore: list[str] = field(default_factory=list)
@@ -115,12 +121,16 @@ class Recipe:
 
         if self.target_flops is not None and not 0.0 < self.target_flops <= 1.0:
             raise bad("target_flops", "must be in (0, 1] (the fraction of FLOPs kept, e.g. 0.5)")
+        for key in ("target_params", "target_latency"):
+            v = getattr(self, key)
+            if v is not None and not 0.0 < v <= 1.0:
+                raise bad(key, "must be in (0, 1] (the fraction kept, e.g. 0.5)")
         if not 0.0 <= self.ratio < 1.0:
             raise bad("ratio", "must be in [0, 1) (the fraction of channels removed)")
         for key in ("epochs", "finetune_epochs", "workers", "seed"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0")
-        for key in ("batch_size", "eval_batch_size", "round_to", "min_channels"):
+        for key in ("batch_size", "eval_batch_size", "round_to", "min_channels", "calib_batches"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")
         for key in ("lr", "finetune_lr", "weight_decay", "warmup_epochs"):

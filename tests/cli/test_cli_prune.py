@@ -49,3 +49,28 @@ def test_graph_and_profile(capsys) -> None:
     assert main(["profile", "--model", "resnet20", "--no-latency", "--json"]) == 0
     prof = json.loads(capsys.readouterr().out)
     assert prof["params"] == sum(p.numel() for p in pk.zoo.resolve_model("resnet20").parameters())
+
+
+def test_prune_with_a_method_and_calibration_data(tmp_path) -> None:
+    """`--method cap` compensates in closed form: the saved model is not the plain slice."""
+    out = tmp_path / "cap"
+    rc = main(["prune", "--model", "small_cnn", "--in-chans", "1", "--input-shape", "1,1,8,8", "--data", "digits",
+               "--method", "cap", "--target-params", "0.5", "--calib-batches", "2", "--out", str(out), "--no-latency"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "cap"
+    assert 0.49 <= report["after"]["params"] / report["before"]["params"] <= 0.5
+    plan = pk.persist.load_plan(out)
+    assert plan.meta["method"] == "cap"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--method", "cap"], "--method cap needs calibration data"),
+    (["--criterion", "taylor"], "--criterion taylor needs calibration data"),
+    (["--method", "nope", "--data", "digits"], "unknown method 'nope'"),
+])
+def test_data_driven_pruning_needs_data(argv, needle, tmp_path, capsys) -> None:
+    rc = main(["prune", "--model", "small_cnn", "--in-chans", "1", "--input-shape", "1,1,8,8", *argv,
+               "--out", str(tmp_path / "o"), "--no-latency"])
+    assert rc == 2
+    assert needle in capsys.readouterr().err

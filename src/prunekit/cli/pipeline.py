@@ -10,6 +10,7 @@ already in ``--out`` is removed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -50,6 +51,15 @@ _KD = [("--kd-alpha", "kd_alpha", float, "weight of the distillation term (0..1)
        ("--kd-temperature", "kd_temperature", float, "distillation temperature")]
 _PRUNE = [("--target-flops", "target_flops", float,
            "fraction of FLOPs to keep, e.g. 0.5 (ratio found by bisection; wins over --ratio)"),
+          ("--target-params", "target_params", float, "fraction of parameters to keep, e.g. 0.5"),
+          ("--target-latency", "target_latency", float,
+           "fraction of the latency to keep, from a per-layer latency table measured on this machine"),
+          ("--method", "method", str, "a published method instead of plain criterion pruning: channel_pruning "
+           "(LASSO + least squares), cap (compensation, no fine-tuning), ucp, functionality, iterative"),
+          ("--data", "data", str, "data set whose training split calibrates data-driven criteria and methods "
+           "(digits, cifar10:PATH, fashion-mnist:PATH, ...)"),
+          ("--calib-batches", "calib_batches", int, "calibration batches (training split) for data-driven "
+           "criteria and methods"),
           ("--min-channels", "min_channels", int, "every group keeps at least this many channels")]
 _NAMES = {"finetune_epochs": "--epochs", "finetune_lr": "--lr"}
 
@@ -307,14 +317,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prune(model: Any, x: Any, r: Recipe) -> tuple[Any, Any]:
-    """``prunekit.prune`` with the recipe's options; returns ``(pruned model, plan)``."""
-    import prunekit as pk
+def _calibration(r: Recipe) -> Any:
+    """Calibration batches (training split, no augmentation, fixed order) when the recipe's
+    criterion or method needs data, else None."""
+    from prunekit import criteria
+    from prunekit.zoo import make_loader
 
+    if not r.method and r.criterion not in criteria.DATA_CRITERIA:
+        return None
+    if not r.data:
+        what = f"--method {r.method}" if r.method else f"--criterion {r.criterion}"
+        raise _err(f"{what} needs calibration data: pass --data SPEC (digits, cifar10:PATH, ...)")
+    info = _data(Recipe(**{**r.to_dict(), "augment": False}), "train")
+    return make_loader(info, batch_size=min(r.batch_size, 64), shuffle=True, seed=r.seed)
+
+
+def _prune(model: Any, x: Any, r: Recipe) -> tuple[Any, Any]:
+    """Prune with the recipe's options (plain criterion pruning, or ``r.method``); returns
+    ``(pruned model, plan)``."""
+    import prunekit as pk
+    from prunekit import methods
+
+    budget = dict(ratio=r.ratio, target_flops=r.target_flops, target_params=r.target_params,
+                  target_latency=r.target_latency, ignore=r.ignore or None, ratios=r.ratios or None,
+                  global_ranking=r.global_ranking, round_to=r.round_to, min_channels=r.min_channels)
     try:
-        return pk.prune(model, x, ratio=r.ratio, target_flops=r.target_flops, criterion=r.criterion,
-                        ignore=r.ignore or None, ratios=r.ratios or None, global_ranking=r.global_ranking,
-                        round_to=r.round_to, min_channels=r.min_channels, return_plan=True)
+        loader = _calibration(r)
+        if r.method:
+            extra = {"criterion": r.criterion} if r.method == "iterative" else {}
+            res = methods.get(r.method)(model, x, loader=loader, batches=r.calib_batches, **extra,
+                                        **{k: v for k, v in budget.items() if v is not None})
+            return res.model, dataclasses.replace(res.plan, meta={**res.plan.meta, "method": r.method})
+        ctx = {"loader": loader, "batches": r.calib_batches} if loader is not None else None
+        return pk.prune(model, x, criterion=r.criterion, criterion_kwargs=ctx, return_plan=True, **budget)
     except (ValueError, KeyError) as exc:  # PruningError is a ValueError
         raise _err(str(exc.args[0] if exc.args else exc)) from None
 
@@ -526,7 +561,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     before, after = _profile(model, shape, args), _profile(small, shape, args)
     pk.save(small, plan, out, model_spec=spec, extra=_meta(shape, nc, ic))
     _write(out, r, {"command": "prune", "model": spec, "input_shape": list(shape), "ratio": plan.meta.get("ratio"),
-                    "target_flops": r.target_flops, "criterion": r.criterion, "prune_seconds": seconds,
+                    "target_flops": r.target_flops, "criterion": r.criterion, "method": r.method, "prune_seconds": seconds,
                     "before": before, "after": after, "plan": plan.meta}, command="prune")
     _summary([("before", before, {}), ("after", after, {})])
     print(f"pruned {plan.meta.get('groups_pruned', 0)}/{plan.meta.get('groups', 0)} groups (ratio "

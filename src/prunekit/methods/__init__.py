@@ -1,0 +1,94 @@
+"""Published pruning methods, one readable module each, composed from the engine's parts.
+
+Every method has the same call shape and is found by name, like criteria::
+
+    result = prunekit.methods.get("channel_pruning")(model, x, loader=calib, target_flops=0.5)
+    result.model, result.plan, result.info
+
+Budgets are those of :func:`prunekit.prune` (``ratio`` or ``target_flops`` / ``target_params`` /
+``target_latency``), plus ``ignore``; ``loader`` yields calibration ``(inputs, targets)``
+batches and ``batches`` says how many to use. Register your own with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from torch import nn
+
+from prunekit.errors import PruningError
+from prunekit.features import Batch
+from prunekit.plan import PruningPlan
+
+
+@dataclass
+class MethodResult:
+    """What a method returns: the pruned model, its plan (relative to the original
+    architecture, so :func:`prunekit.save` works) and method-specific facts."""
+
+    model: nn.Module
+    plan: PruningPlan
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(Protocol):
+    """A pruning method: ``(model, example_inputs, *, loader, ...) -> MethodResult``."""
+
+    def __call__(self, model: nn.Module, example_inputs: Any, **kwargs: Any) -> MethodResult: ...
+
+
+_REGISTRY: dict[str, Method] = {}
+BUDGET_KEYS = ("ratio", "target_flops", "target_params", "target_latency", "latency_table", "ignore",
+               "round_to", "min_channels", "global_ranking", "ratios")
+
+
+def register(name: str) -> Callable[[Method], Method]:
+    """Decorator registering a method under ``name`` (overwriting is an error)."""
+
+    def deco(fn: Method) -> Method:
+        if name in _REGISTRY:
+            raise ValueError(f"method '{name}' is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def _load_all() -> None:
+    from prunekit.methods import cap, channel_pruning, criterion, functionality, iterative, ucp  # noqa: F401
+
+
+def get(name: str) -> Method:
+    """The method registered as ``name``; unknown names raise KeyError listing all."""
+    _load_all()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown method '{name}'; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def list_methods(pattern: str = "*") -> list[str]:
+    """Names of registered methods matching a glob pattern."""
+    _load_all()
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def take_batches(loader: Iterable[Any] | None, batches: int, method: str) -> list[Batch]:
+    """The first ``batches`` calibration batches of ``loader`` as a re-iterable list of
+    ``(inputs, targets or None)``; a missing or empty loader raises :class:`PruningError`."""
+    if loader is None:
+        raise PruningError(f"method '{method}' needs calibration data: pass loader=... (batches of (inputs, targets))")
+    out: list[Batch] = []
+    for item in itertools.islice(loader, batches):
+        out.append((item[0], item[1] if len(item) > 1 else None) if isinstance(item, (tuple, list)) else (item, None))
+    if not out:
+        raise PruningError(f"method '{method}': the calibration loader yielded no batches")
+    return out
+
+
+def budget_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The :func:`prunekit.prune` budget options among ``kwargs`` (the others are the method's)."""
+    return {k: v for k, v in kwargs.items() if k in BUDGET_KEYS and v is not None}

@@ -1,0 +1,93 @@
+"""Pruning with compensation and compensation-aware pruning, CaP (Xie et al. 2021).
+
+  1. gather the consumers' input statistics (second moments) on a small calibration set;
+  2. score each channel by the reconstruction loss its removal causes *after* the consumers'
+     remaining weights are re-solved in closed form (criterion ``cap``), remove the lowest;
+  3. compensate: re-solve every consumer's weights (and offset) by least squares from the
+     original network's statistics, in one pass; no fine-tuning;
+  4. optionally (``evaluate=``) choose per-group ratios bottom-up by binary search: group k
+     takes the largest ratio whose compensated model still scores at least a threshold that
+     falls linearly from the original accuracy to ``original - tolerance`` over the groups
+     (the "step constraint"), so early groups cannot spend the whole accuracy budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+import prunekit as pk
+from prunekit import criteria
+from prunekit.errors import PruningError
+from prunekit.features import Batch
+from prunekit.methods import MethodResult, budget_kwargs, register, take_batches
+from prunekit.plan import PruningPlan
+from prunekit.recover.reconstruct import reconstruct
+
+log = logging.getLogger(__name__)
+
+
+def compensated(model: nn.Module, example_inputs: Any, calib: list[Batch], *, graph: Any, scores: list[np.ndarray],
+                seed: int = 0, **budget: Any) -> tuple[nn.Module, PruningPlan]:
+    """Prune by the given scores under ``budget`` and compensate the consumers in one pass;
+    returns the pruned model and its plan."""
+    small, plan = pk.prune(model, example_inputs, graph=graph, criterion=lambda m, g, **c: scores[g.index],
+                           return_plan=True, **budget)
+    if not plan.is_empty:
+        reconstruct(small, model, plan, calib, mode="oneshot", seed=seed)
+    return small, plan
+
+
+def search_ratios(model: nn.Module, example_inputs: Any, calib: list[Batch], evaluate: Callable[[nn.Module], float], *,
+                  graph: Any, scores: list[np.ndarray], tolerance: float = 0.02, max_ratio: float = 0.9,
+                  steps: int = 4, seed: int = 0) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Bottom-up binary search of one ratio per prunable group (keyed by its first producing
+    module) under the step constraint; returns the ratios and a log of every trial."""
+    base = float(evaluate(model))
+    groups = [g for g in graph.groups if g.n_prunable > 0 and g.modules()]
+    ratios: dict[str, float] = {}
+    trials: list[dict[str, Any]] = []
+    for k, g in enumerate(groups):
+        threshold = base - tolerance * (k + 1) / len(groups)
+        key = g.modules()[0]
+        lo, hi = 0.0, max_ratio
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            try:
+                small, _ = compensated(model, example_inputs, calib, graph=graph, scores=scores, seed=seed,
+                                       ratio=0.0, ratios={**ratios, key: mid})
+                acc = float(evaluate(small))
+            except (PruningError, RuntimeError) as exc:  # e.g. a singular system: treat as too far
+                log.info("group %s ratio %.3f failed: %s", key, mid, exc)
+                acc = -np.inf
+            trials.append({"group": key, "ratio": mid, "score": acc, "threshold": threshold})
+            lo, hi = (mid, hi) if acc >= threshold else (lo, mid)
+        if lo > 0:
+            ratios[key] = lo
+    return ratios, trials
+
+
+@register("cap")
+def cap(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None = None, batches: int = 8,
+        evaluate: Callable[[nn.Module], float] | None = None, tolerance: float = 0.02, max_ratio: float = 0.9,
+        search_steps: int = 4, seed: int = 0, **kwargs: Any) -> MethodResult:
+    """Compensation-aware pruning with closed-form compensation (no fine-tuning). With
+    ``evaluate`` (model -> accuracy), per-group ratios come from the bottom-up search and the
+    budget options are not used; otherwise the budget in ``kwargs`` applies. Returns the
+    compensated model and its plan."""
+    calib = take_batches(loader, batches, "cap")
+    budget = budget_kwargs(kwargs)
+    graph = pk.trace(model, example_inputs, ignore=budget.pop("ignore", None))
+    scores = criteria.score_groups(model, graph.groups, "cap", loader=calib, batches=len(calib), seed=seed)
+    info: dict[str, Any] = {"criterion": "cap"}
+    if evaluate is not None:
+        ratios, trials = search_ratios(model, example_inputs, calib, evaluate, graph=graph, scores=scores,
+                                       tolerance=tolerance, max_ratio=max_ratio, steps=search_steps, seed=seed)
+        budget = {"ratio": 0.0, "ratios": ratios}
+        info.update(searched_ratios=ratios, trials=trials)
+    small, plan = compensated(model, example_inputs, calib, graph=graph, scores=scores, seed=seed, **budget)
+    return MethodResult(small, plan, info)

@@ -1,0 +1,39 @@
+"""Channel Pruning (He, Zhang & Sun, ICCV 2017): LASSO channel selection + least squares.
+
+Algorithm, per coupled group of channels (a residual stage is one problem, all its
+consumers stacked):
+  1. sample receptive fields of the consumers' inputs on calibration data;
+  2. LASSO on the channels' contributions to the consumers' outputs, raising the penalty
+     until the target number of channels remains (criterion ``lasso``);
+  3. remove the others (the budget decides how many per group);
+  4. reconstruct every consumer by least squares, layer by layer in execution order, from
+     the *pruned* network's inputs to the *original* network's outputs, so that errors do
+     not accumulate (the paper's multi-branch variant).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+import prunekit as pk
+from prunekit.methods import MethodResult, budget_kwargs, register, take_batches
+from prunekit.recover.reconstruct import reconstruct
+
+
+@register("channel_pruning")
+def channel_pruning(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None = None,
+                    batches: int = 8, positions: int = 16, reconstruct_layers: bool = True,
+                    seed: int = 0, **kwargs: Any) -> MethodResult:
+    """Prune ``model`` by LASSO selection and least-squares reconstruction (He et al. 2017)
+    under the budget in ``kwargs``; ``positions`` receptive fields per image are sampled.
+    Returns the pruned, reconstructed model and its plan."""
+    calib = take_batches(loader, batches, "channel_pruning")
+    small, plan = pk.prune(model, example_inputs, criterion="lasso", return_plan=True,
+                           criterion_kwargs={"loader": calib, "batches": len(calib), "seed": seed},
+                           **budget_kwargs(kwargs))
+    layers = reconstruct(small, model, plan, calib, mode="sequential", positions=positions, seed=seed) \
+        if reconstruct_layers else []
+    return MethodResult(small, plan, {"criterion": "lasso", "reconstructed": layers})

@@ -1,0 +1,135 @@
+"""Every registered method, and the mechanics each one promises."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import prunekit as pk
+from prunekit import methods
+from prunekit.measure import count_flops
+from prunekit.methods.iterative import schedule
+
+
+def _net() -> nn.Module:
+    from nets import Residual
+
+    torch.manual_seed(0)
+    net = Residual()
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(16, 3, 8, 8))
+    return net.eval()
+
+
+def _batches(n: int = 3, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g)) for _ in range(n)]
+
+
+X = torch.randn(1, 3, 8, 8)
+
+
+@pytest.mark.parametrize("name", methods.list_methods())
+def test_every_method_meets_the_budget_and_leaves_the_model_alone(name: str, tmp_path) -> None:
+    model = _net()
+    before = copy.deepcopy(model.state_dict())
+    kw = {"steps": 5} if name == "ucp" else {}
+    res = methods.get(name)(model, X, loader=_batches(), batches=3, target_flops=0.6, ignore=["fc"], **kw)
+    kept = count_flops(res.model, X) / count_flops(model, X)
+    assert kept <= 0.6 and kept > 0.5 - 0.15  # coarse channels of a tiny net; the model really shrank
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # The plan is relative to the original architecture: save + load reproduces the result.
+    pk.save(res.model, res.plan, tmp_path / "m")
+    loaded = pk.load(tmp_path / "m", model=_net)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), res.model.eval()(x))
+
+
+def _out_err(m: nn.Module, ref: nn.Module) -> float:
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        return float(((m(x) - ref(x)) ** 2).mean())
+
+
+def test_channel_pruning_reconstruction_beats_plain_lasso_removal() -> None:
+    model = _net()
+    fixed = methods.get("channel_pruning")(model, X, loader=_batches(), ratio=0.5, ignore=["fc"])
+    plain = methods.get("channel_pruning")(model, X, loader=_batches(), ratio=0.5, ignore=["fc"],
+                                           reconstruct_layers=False)
+    assert fixed.plan.keep == plain.plan.keep
+    assert _out_err(fixed.model, model) < 0.7 * _out_err(plain.model, model)
+
+
+def test_cap_compensation_beats_plain_removal_of_the_same_channels() -> None:
+    model = _net()
+    res = methods.get("cap")(model, X, loader=_batches(), ratio=0.5, ignore=["fc"])
+    plain = pk.apply_plan(model, res.plan)
+    assert _out_err(res.model, model) < 0.7 * _out_err(plain, model)
+
+
+def test_cap_search_respects_the_step_constraint() -> None:
+    model = _net()
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model(x)
+
+    def fidelity(m: nn.Module) -> float:  # 1 - relative output error: an accuracy-like score
+        with torch.no_grad():
+            return 1 - float(((m(x) - ref) ** 2).mean() / (ref ** 2).mean())
+
+    res = methods.get("cap")(model, X, loader=_batches(), evaluate=fidelity, tolerance=0.05, search_steps=3,
+                             ignore=["fc"])
+    assert res.info["searched_ratios"]  # something was pruned
+    assert fidelity(res.model) >= 1 - 0.05 - 1e-9
+    for t in res.info["trials"]:
+        accepted = t["score"] >= t["threshold"]
+        assert accepted == (t["score"] >= t["threshold"])
+    thresholds = [t["threshold"] for t in res.info["trials"]]
+    assert thresholds == sorted(thresholds, reverse=True)  # the threshold only falls
+
+
+def test_ucp_attention_finds_a_dead_channel() -> None:
+    """Channel 3 of the stem's group feeds nothing (its consumer weights are zero): its
+    attention gets no task gradient, only the L1 pull, so it ends among the lowest and goes
+    at ratio 0.5 (labels are the model's own predictions, so useful channels are pulled up)."""
+    from nets import cbr
+
+    torch.manual_seed(0)
+    model = nn.Sequential(cbr(3, 8), cbr(8, 6), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+    with torch.no_grad():
+        model[1][0].weight[:, 3] = 0
+        calib = [(x, model(x).argmax(1)) for x, _ in _batches()]
+    res = methods.get("ucp")(model, X, loader=calib, steps=60, l1=0.01, lr=0.01, ratio=0.5, ignore=["4"])
+    assert 3 not in res.plan.keep["0.0.weight"][0]
+    assert len(res.plan.keep["0.0.weight"][0]) == 4
+
+
+def test_iterative_schedule_and_composed_plan() -> None:
+    np.testing.assert_allclose(schedule(0.25, 2), [0.5, 0.25])
+    np.testing.assert_allclose(schedule(0.5, 2, "linear"), [0.75, 0.5])
+    model = _net()
+    calls = []
+    res = methods.get("iterative")(model, X, steps=3, target_flops=0.5, ignore=["fc"],
+                                   recover=lambda m, step: calls.append(step))
+    assert calls == [0, 1]  # recovery between steps, not after the last
+    assert res.info["reached"][-1] <= 0.5
+    assert res.info["reached"] == sorted(res.info["reached"], reverse=True)
+    # The composed plan applied to the original reproduces the three-step result exactly.
+    again = pk.apply_plan(model, res.plan)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), res.model(x))
+
+
+def test_methods_need_data_and_known_names() -> None:
+    with pytest.raises(pk.PruningError, match="method 'cap' needs calibration data"):
+        methods.get("cap")(_net(), X, ratio=0.5)
+    with pytest.raises(KeyError, match="unknown method 'nope'"):
+        methods.get("nope")
