@@ -40,6 +40,7 @@ from prunekit.features import (
 from prunekit.graph.dependency import ChannelGroup
 
 MAX_ROWS = 4096  # sampled receptive fields per consumer layer
+LASSO_ENTRIES = 40_000  # rows x outputs of one group's stacked LASSO problem
 
 
 def _consumers(model: nn.Module, group: ChannelGroup) -> list[tuple[str, nn.Module, np.ndarray]]:
@@ -103,10 +104,16 @@ def lasso_scores(model: nn.Module, group: ChannelGroup, ctx: dict[str, Any]) -> 
 
     rows = _rows(model, group, ctx, "lasso")
     cols, target = [], []
-    for name, mod, chan in _consumers(model, group):
+    consumers = _consumers(model, group)
+    gen = torch.Generator().manual_seed(int(ctx.get("seed", 0)))
+    for name, mod, chan in consumers:
         x = rows.get(name)
         if x is None:
             continue
+        # Keep the stacked problem small (LASSO_ENTRIES rows x outputs over the whole group).
+        keep = max(32, LASSO_ENTRIES // max(1, mod.weight.shape[0] * len(consumers)))
+        if len(x) > keep:
+            x = x[torch.randperm(len(x), generator=gen)[:keep]]
         k = _blocks(mod)
         w = mod.weight.detach().double().cpu().flatten(1)  # (out, C*k)
         z = torch.einsum("rck,ock->cro", x.view(len(x), -1, k), w.view(len(w), -1, k))  # per input channel
