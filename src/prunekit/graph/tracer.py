@@ -263,7 +263,9 @@ class Tracer:
     # ----------------------------------------------------------------- running
     def handle(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run ``func`` (on real or meta tensors), then apply its channel rule to the outputs."""
-        out = func(*args, **kwargs)
+        out = meta_norm(func, args, kwargs)
+        if out is None:
+            out = func(*args, **kwargs)
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         if not outs:
             return out
@@ -347,6 +349,62 @@ def model_mode(model: nn.Module, mode: str) -> Any:
             m.training = flag
 
 
+_NORM_PARAMS = {  # functional norm -> (argument name, position) of its per-channel tensors
+    torch.nn.functional.batch_norm: (("running_mean", 1), ("running_var", 2), ("weight", 3), ("bias", 4)),
+    torch.nn.functional.instance_norm: (("running_mean", 1), ("running_var", 2), ("weight", 3), ("bias", 4)),
+    torch.nn.functional.group_norm: (("weight", 2), ("bias", 3)),
+}
+
+
+_F = torch.nn.functional
+_ACTIVATIONS = {_F.relu, _F.relu6, _F.hardtanh, _F.hardswish, _F.hardsigmoid, _F.silu, _F.gelu, _F.mish, _F.elu,
+                _F.selu, _F.celu, _F.leaky_relu, _F.softplus, _F.dropout, _F.dropout1d, _F.dropout2d, _F.dropout3d,
+                torch.sigmoid, torch.tanh, torch.relu, Tensor.relu, Tensor.sigmoid, Tensor.tanh}
+_INPLACE_ACTIVATIONS = {Tensor.relu_, Tensor.sigmoid_, Tensor.tanh_, torch.relu_, _F.relu_, _F.hardtanh_,
+                        _F.leaky_relu_, _F.elu_}
+
+
+def _inplace_position(func: Callable[..., Any], cache: dict[Any, int | None] = {}) -> int | None:  # noqa: B006
+    if func not in cache:
+        import inspect
+
+        try:
+            cache[func] = list(inspect.signature(func).parameters).index("inplace")
+        except (ValueError, TypeError):
+            cache[func] = None
+    return cache[func]
+
+
+def meta_norm(func: Callable[..., Any], args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> Tensor | None:
+    """Output of a channel norm or an activation on a meta tensor without running it (their
+    meta kernels are slow Python decompositions, most of a meta forward's time); None when
+    ``func`` is not one or the input is not meta. A norm's per-channel tensors are still
+    checked against the input's channels, so a broken pruned model fails here as it would
+    for real."""
+    if not args or not isinstance(args[0], Tensor) or args[0].device.type != "meta":
+        return None
+    x = args[0]
+    if func in _INPLACE_ACTIVATIONS:
+        return x
+    if func in _ACTIVATIONS:
+        pos = _inplace_position(func)
+        inplace = kwargs.get("inplace", args[pos] if pos is not None and len(args) > pos else False)
+        return x if inplace is True else torch.empty_like(x)
+    spec = _NORM_PARAMS.get(func)  # type: ignore[call-overload]
+    if spec is None or x.ndim < 2:
+        return None
+    for name, pos in spec:
+        t = kwargs.get(name, args[pos] if len(args) > pos else None)
+        if isinstance(t, Tensor) and t.numel() != x.shape[1]:
+            raise RuntimeError(f"{getattr(func, '__name__', 'norm')}: {name} has {t.numel()} elements, "
+                               f"input has {x.shape[1]} channels")
+    if func is torch.nn.functional.group_norm:
+        groups = kwargs.get("num_groups", args[1] if len(args) > 1 else None)
+        if isinstance(groups, int) and x.shape[1] % groups:
+            raise RuntimeError(f"group_norm: {x.shape[1]} channels are not divisible by {groups} groups")
+    return torch.empty_like(x)
+
+
 class ShapeRecorder(TorchFunctionMode):
     """Records the name and output shapes of every torch call that returns tensors."""
 
@@ -355,7 +413,9 @@ class ShapeRecorder(TorchFunctionMode):
         self.calls: list[tuple[str, list[tuple[int, ...]]]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
+        out = meta_norm(func, args, kwargs or {})
+        if out is None:
+            out = func(*args, **(kwargs or {}))
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         if outs:
             self.calls.append((op_name(func), [tuple(t.shape) for t in outs]))
