@@ -14,7 +14,8 @@ runs are kept in the results JSON and skipped on a rerun, so an interrupted run 
 
 Rows: ``criterion:NAME`` are plain criterion pruning (no recovery before fine-tuning);
 ``channel_pruning``, ``cap``, ``ucp``, ``functionality`` are the methods of
-:mod:`prunekit.methods`; ``tp:*`` are Torch-Pruning 1.x pruners, their ratio bisected to the
+:mod:`prunekit.methods`; ``l2+compensation`` and ``functionality+compensation`` add CaP's
+closed-form compensation to those choices; ``tp:*`` are Torch-Pruning 1.x pruners, their ratio bisected to the
 same FLOPs. Seeds change the calibration batches, the fine-tuning order and random scores.
 """
 
@@ -39,6 +40,7 @@ import prunekit as pk  # noqa: E402
 from prunekit import methods  # noqa: E402
 from prunekit.measure import count_flops, count_params, measure_latency  # noqa: E402
 from prunekit.recover import TrainConfig, evaluate, train  # noqa: E402
+from prunekit.recover.reconstruct import reconstruct  # noqa: E402
 from prunekit.zoo import load_dataset, make_loader  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,7 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 DATASETS = ("fashion-mnist", "cifar10-partial")
 ROWS = ("criterion:random", "criterion:l1", "criterion:l2", "criterion:fpgm", "criterion:bn", "criterion:taylor",
         "criterion:activation", "criterion:apoz", "channel_pruning", "cap", "ucp", "functionality",
-        "tp:magnitude", "tp:taylor", "tp:group_norm")
+        "tp:magnitude", "tp:taylor", "tp:group_norm", "l2+compensation", "functionality+compensation")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -125,6 +127,13 @@ def prune_row(row: str, model: nn.Module, x: torch.Tensor, calib: list[Any], arg
               seed: int) -> nn.Module:
     if row.startswith("tp:"):
         return tp_prune(model, x, row[3:], calib, args.target_flops)
+    if row == "l2+compensation":  # plain L2 choice, then CaP's closed-form compensation: isolates its effect
+        small, plan = pk.prune(model, x, criterion="l2", target_flops=args.target_flops, ignore=["fc"], return_plan=True)
+        reconstruct(small, model, plan, calib, mode="oneshot", seed=seed)
+        return small
+    if row == "functionality+compensation":
+        return methods.get("functionality")(model, x, loader=calib, batches=len(calib), target_flops=args.target_flops,
+                                            ignore=["fc"], seed=seed, compensate=True).model
     kw: dict[str, Any] = {"loader": calib, "batches": len(calib), "target_flops": args.target_flops, "ignore": ["fc"]}
     if row in ("cap", "channel_pruning", "functionality", "ucp"):
         kw["seed"] = seed
