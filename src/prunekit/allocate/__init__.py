@@ -52,6 +52,9 @@ def _lowest(group: ChannelGroup, scores: np.ndarray, n: int, min_channels: int) 
     order = cand[np.argsort(scores[cand], kind="stable")]
     if not group.producers:
         return np.sort(order[:n])
+    first = order[:n]
+    if all(len(p) - np.isin(p, first).sum() >= min_channels for p in group.producers):
+        return np.sort(first)  # the common case: no producing layer runs short, no need to walk
     remaining = [len(p) for p in group.producers]
     owners: dict[int, list[int]] = {}
     for pi, chans in enumerate(group.producers):

@@ -263,7 +263,7 @@ class Tracer:
     # ----------------------------------------------------------------- running
     def handle(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run ``func`` (on real or meta tensors), then apply its channel rule to the outputs."""
-        out = meta_norm(func, args, kwargs)
+        out = meta_shortcut(func, args, kwargs)
         if out is None:
             out = func(*args, **kwargs)
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
@@ -375,7 +375,7 @@ def _inplace_position(func: Callable[..., Any], cache: dict[Any, int | None] = {
     return cache[func]
 
 
-def meta_norm(func: Callable[..., Any], args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> Tensor | None:
+def meta_shortcut(func: Callable[..., Any], args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> Tensor | None:
     """Output of a channel norm or an activation on a meta tensor without running it (their
     meta kernels are slow Python decompositions, most of a meta forward's time); None when
     ``func`` is not one or the input is not meta. A norm's per-channel tensors are still
@@ -390,6 +390,12 @@ def meta_norm(func: Callable[..., Any], args: tuple[Any, ...] | list[Any], kwarg
         pos = _inplace_position(func)
         inplace = kwargs.get("inplace", args[pos] if pos is not None and len(args) > pos else False)
         return x if inplace is True else torch.empty_like(x)
+    if func is _F.linear:
+        return _meta_linear(x, *args[1:], **kwargs)
+    if func is _F.conv2d:
+        return _meta_conv2d(x, *args[1:], **kwargs)
+    if func is _F.layer_norm:
+        return _meta_layer_norm(x, *args[1:], **kwargs)
     spec = _NORM_PARAMS.get(func)  # type: ignore[call-overload]
     if spec is None or x.ndim < 2:
         return None
@@ -405,6 +411,42 @@ def meta_norm(func: Callable[..., Any], args: tuple[Any, ...] | list[Any], kwarg
     return torch.empty_like(x)
 
 
+def _meta_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    if weight.ndim != 2 or x.shape[-1] != weight.shape[1] or (bias is not None and bias.numel() != weight.shape[0]):
+        raise RuntimeError(f"linear: input {tuple(x.shape)} @ weight {tuple(weight.shape)}"
+                           f"{'' if bias is None else f' + bias {tuple(bias.shape)}'} do not match")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+def _meta_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 1, padding: Any = 0,
+                 dilation: Any = 1, groups: int = 1) -> Tensor | None:
+    if isinstance(padding, str) or x.ndim != 4 or weight.ndim != 4:
+        return None  # 'same'/'valid' and unbatched inputs take the real meta kernel
+    if x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups or \
+            (bias is not None and bias.numel() != weight.shape[0]):
+        raise RuntimeError(f"conv2d: input {tuple(x.shape)}, weight {tuple(weight.shape)}, groups {groups} do not match")
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    h = (x.shape[2] + 2 * ph - dh * (weight.shape[2] - 1) - 1) // sh + 1
+    w = (x.shape[3] + 2 * pw - dw * (weight.shape[3] - 1) - 1) // sw + 1
+    if h <= 0 or w <= 0:
+        raise RuntimeError(f"conv2d: output size {h}x{w} is too small")
+    return x.new_empty((x.shape[0], weight.shape[0], h, w))
+
+
+def _meta_layer_norm(x: Tensor, normalized_shape: Any, weight: Tensor | None = None, bias: Tensor | None = None,
+                     eps: float = 1e-5) -> Tensor:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if tuple(x.shape[len(x.shape) - len(shape):]) != shape or any(
+            t is not None and tuple(t.shape) != shape for t in (weight, bias)):
+        raise RuntimeError(f"layer_norm: input {tuple(x.shape)} does not end in normalized_shape {shape} "
+                           "(or weight/bias differ)")
+    return torch.empty_like(x)
+
+
 class ShapeRecorder(TorchFunctionMode):
     """Records the name and output shapes of every torch call that returns tensors."""
 
@@ -413,7 +455,7 @@ class ShapeRecorder(TorchFunctionMode):
         self.calls: list[tuple[str, list[tuple[int, ...]]]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = meta_norm(func, args, kwargs or {})
+        out = meta_shortcut(func, args, kwargs or {})
         if out is None:
             out = func(*args, **(kwargs or {}))
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
