@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-subset", type=int, default=2000, help="class-balanced training images to fine-tune on")
     p.add_argument("--finetune-lr", type=float, default=0.01)
     p.add_argument("--test-subset", type=int, default=2000, help="class-balanced test images (0 = all)")
-    p.add_argument("--ucp-steps", type=int, default=50)
+    p.add_argument("--ucp-steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--baselines", default=str(REPO / "runs" / "baselines"))
     p.add_argument("--fashion-mnist", default=os.environ.get("PRUNEKIT_FASHION_MNIST"))

@@ -4,8 +4,9 @@
      normalisation layers (after BN, where a scale is not undone) or else at its producing
      layers; all blocks of one coupled group (e.g. a ResNet stage, shortcut included) share
      the group's channels, so the stage is pruned consistently;
-  2. train the attention briefly on the task loss (network frozen by default) with a small
-     L1 pull on the attention values;
+  2. train the attention briefly on the task loss (network frozen by default) with an L1
+     pull on the attention values: channels the task does not hold up sink (on ResNet-20 /
+     Fashion-MNIST, l1=0.1 gave 80.3% after a short fine-tune against 77.7% with l1=1e-3);
   3. the channel's importance is its mean attention over calibration data, summed over the
      group's blocks; remove the lowest under the budget and detach the blocks;
   4. optionally re-initialise the pruned structure to retrain it from scratch (the paper's
@@ -141,7 +142,7 @@ def train_attention(model: nn.Module, att: Attention, batches: Iterable[Any], *,
 
 @register("ucp")
 def ucp(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None = None, batches: int = 8,
-        steps: int = 100, lr: float = 1e-2, l1: float = 1e-3, reduction: int = 4, train_network: bool = False,
+        steps: int = 100, lr: float = 1e-2, l1: float = 0.1, reduction: int = 4, train_network: bool = False,
         from_scratch: bool = False, seed: int = 0, **kwargs: Any) -> MethodResult:
     """Prune with attention learned by SE-style blocks (UCP) under the budget in ``kwargs``:
     trains the blocks for ``steps`` batches of ``loader`` (the first ``batches`` are the
