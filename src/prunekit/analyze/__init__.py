@@ -8,30 +8,7 @@ Neural Network", NeurIPS 2021); :func:`write_report` saves it as JSON, Markdown 
 
 from __future__ import annotations
 
-from prunekit.analyze.criteria import (
-    DATA_DRIVEN_DEFAULT,
-    DATA_FREE_CRITERIA,
-    CriteriaReport,
-    Distinguishability,
-    GroupAnalysis,
-    LayerNormality,
-    criteria_report,
-    distinguishability,
-    rank_correlations,
-    weight_normality,
-    write_report,
-)
+from prunekit.analyze import criteria as _criteria
+from prunekit.analyze.criteria import *  # noqa: F403 - the analyses are this package's API
 
-__all__ = [
-    "DATA_DRIVEN_DEFAULT",
-    "DATA_FREE_CRITERIA",
-    "CriteriaReport",
-    "Distinguishability",
-    "GroupAnalysis",
-    "LayerNormality",
-    "criteria_report",
-    "distinguishability",
-    "rank_correlations",
-    "weight_normality",
-    "write_report",
-]
+__all__ = list(_criteria.__all__)

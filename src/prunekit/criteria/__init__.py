@@ -11,7 +11,6 @@ then finds it::
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.graph.dependency import ChannelGroup
+from prunekit.registry import Registry
 
 
 class Criterion(Protocol):
@@ -28,31 +28,23 @@ class Criterion(Protocol):
     def __call__(self, model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray: ...
 
 
-_REGISTRY: dict[str, Criterion] = {}
+_CRITERIA: Registry[Criterion] = Registry("criterion")
+_REGISTRY = _CRITERIA.items  # name -> criterion
 
 
 def register(name: str) -> Callable[[Criterion], Criterion]:
     """Decorator registering a criterion under ``name`` (overwriting is an error)."""
-
-    def deco(fn: Criterion) -> Criterion:
-        if name in _REGISTRY:
-            raise ValueError(f"criterion '{name}' is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+    return _CRITERIA.register(name)
 
 
 def get(name: str) -> Criterion:
     """Return the criterion registered as ``name``; unknown names raise KeyError listing all."""
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown criterion '{name}'; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return _CRITERIA.get(name)
 
 
 def list_criteria(pattern: str = "*") -> list[str]:
     """Names of registered criteria matching a glob pattern."""
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    return _CRITERIA.names(pattern)
 
 
 def tensor_of(model: nn.Module, name: str) -> Tensor:

@@ -12,7 +12,6 @@ batches and ``batches`` says how many to use. Register your own with :func:`regi
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from torch import nn
 from prunekit.errors import PruningError
 from prunekit.features import Batch
 from prunekit.plan import PruningPlan
+from prunekit.registry import Registry
 
 
 @dataclass
@@ -41,21 +41,14 @@ class Method(Protocol):
     def __call__(self, model: nn.Module, example_inputs: Any, **kwargs: Any) -> MethodResult: ...
 
 
-_REGISTRY: dict[str, Method] = {}
+_METHODS: Registry[Method] = Registry("method")
 BUDGET_KEYS = ("ratio", "target_flops", "target_params", "target_latency", "latency_table", "ignore",
                "round_to", "min_channels", "global_ranking", "ratios")
 
 
 def register(name: str) -> Callable[[Method], Method]:
     """Decorator registering a method under ``name`` (overwriting is an error)."""
-
-    def deco(fn: Method) -> Method:
-        if name in _REGISTRY:
-            raise ValueError(f"method '{name}' is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+    return _METHODS.register(name)
 
 
 def _load_all() -> None:
@@ -65,15 +58,13 @@ def _load_all() -> None:
 def get(name: str) -> Method:
     """The method registered as ``name``; unknown names raise KeyError listing all."""
     _load_all()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown method '{name}'; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return _METHODS.get(name)
 
 
 def list_methods(pattern: str = "*") -> list[str]:
     """Names of registered methods matching a glob pattern."""
     _load_all()
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    return _METHODS.names(pattern)
 
 
 def take_batches(loader: Iterable[Any] | None, batches: int, method: str) -> list[Batch]:
