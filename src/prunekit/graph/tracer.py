@@ -301,15 +301,19 @@ class Tracer:
         names = self.module_names
 
         def pre(mod: nn.Module, _args: Any) -> None:
-            self.stack.append(names.get(id(mod), "?"))
+            name = names.get(id(mod))
+            if name is not None:
+                self.stack.append(name)
 
         def post(mod: nn.Module, _args: Any, _out: Any) -> None:
-            if len(self.stack) > 1:
+            if id(mod) in names and len(self.stack) > 1:
                 self.stack.pop()
 
-        for m in model.modules():
-            hooks.append(m.register_forward_pre_hook(pre))
-            hooks.append(m.register_forward_hook(post, always_call=True))
+        # Two global hooks instead of two per module: creating a handle costs ~0.2 ms.
+        from torch.nn.modules import module as _module
+
+        hooks.append(_module.register_module_forward_pre_hook(pre))
+        hooks.append(_module.register_module_forward_hook(post, always_call=True))
         try:
             swapped = meta_tensors(model) if meta else None
             inputs = to_meta(example_inputs) if meta else example_inputs
