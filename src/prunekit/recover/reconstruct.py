@@ -104,6 +104,7 @@ class _Capture:
             self.handle = layer.register_forward_hook(lambda m, a, o: setattr(self, "value", o.detach()))
 
     def close(self) -> None:
+        """Remove the hook."""
         self.handle.remove()
 
 
