@@ -67,6 +67,8 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
         candidate = apply_plan(model, plan_, inplace=inplace, journal=journal)
         mismatch = check(candidate, example_inputs, graph, expected)
         if mismatch is None:
+            if budget is not None:  # what the budget measure says the result keeps (latency: estimated)
+                meta[f"{budget.kind}_kept"] = budget.measure(candidate) / budget.base
             return plan_, candidate
         if inplace:
             journal.rollback()

@@ -67,3 +67,13 @@ def test_only_one_budget_and_in_range() -> None:
         pk.prune(model, X, target_flops=0.5, target_params=0.5)
     with pytest.raises(pk.PruningError, match="target_params=1.5"):
         pk.prune(model, X, target_params=1.5)
+
+
+def test_latency_budget_builds_a_table_when_none_is_given() -> None:
+    from prunekit.zoo.models import create_model as make
+
+    model = make("small_cnn", in_chans=1).eval()
+    x = torch.randn(1, 1, 8, 8)
+    _, plan = pk.prune(model, x, target_latency=0.7, return_plan=True)
+    assert plan.meta["target_latency"] == 0.7
+    assert 0.6 <= plan.meta["latency_kept"] <= 0.7  # by the measured table's estimate
