@@ -30,6 +30,7 @@ from torch import Tensor, nn
 import prunekit as pk
 from prunekit.criteria.data import task_loss
 from prunekit.features import call_on_device
+from prunekit.graph import module_names
 from prunekit.graph.dependency import ChannelGroup
 from prunekit.methods import MethodResult, budget_kwargs, register, take_batches
 
@@ -154,9 +155,11 @@ def ucp(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None =
     torch.manual_seed(seed)
     calib = take_batches(loader, batches, "ucp")
     budget = budget_kwargs(kwargs)
+    ignore = budget.pop("ignore", None)
+    names = module_names(model, list(ignore), "ignore") if ignore else None  # module objects -> names of the copy
     work = copy.deepcopy(model)
     work.requires_grad_(train_network)
-    graph = pk.trace(work, example_inputs, ignore=budget.pop("ignore", None))
+    graph = pk.trace(work, example_inputs, ignore=names)
     groups = [g for g in graph.groups if g.n_prunable > 0]
     att = Attention(work, groups, reduction)
     try:
