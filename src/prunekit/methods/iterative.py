@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from prunekit.errors import PruningError
+from prunekit.graph import module_names
 from prunekit.measure import count_flops, count_params
 from prunekit.methods import MethodResult, budget_kwargs, register
 from prunekit.methods.criterion import prune_by_criterion
@@ -45,6 +46,8 @@ def prune_iteratively(model: nn.Module, example_inputs: Any, *, steps: int = 4, 
     with ``recover`` in between (not after the last step). Returns the final model, the
     composed plan and the per-step fractions reached."""
     budget = budget_kwargs(kwargs)
+    if budget.get("ignore"):  # names stay valid in every pruned copy; module objects do not
+        budget["ignore"] = list(module_names(model, list(budget["ignore"]), "ignore"))
     if "target_latency" in budget:
         raise PruningError("iterative pruning takes ratio, target_flops or target_params (not target_latency)")
     kinds = [k for k in ("target_flops", "target_params") if k in budget]
