@@ -171,7 +171,9 @@ def run_one(ds: str, row: str, seed: int, base: nn.Module, data: dict[str, Any],
 def load_data(ds: str, spec: str, args: argparse.Namespace) -> dict[str, Any]:
     train_info = load_dataset(spec, split="train", augment=False, seed=0)
     ft_info = load_dataset(spec, split="train", augment=True, subset=args.finetune_subset or None, seed=0)
-    test_info = load_dataset(spec, split="test", augment=False, subset=args.test_subset or None, seed=0)
+    test_info = load_dataset(spec, split="test", augment=False, seed=0)
+    if args.test_subset and len(test_info) > args.test_subset:  # the partial CIFAR-10 has only 1,017
+        test_info = load_dataset(spec, split="test", augment=False, subset=args.test_subset, seed=0)
     x = torch.zeros(1, train_info.in_chans, train_info.image_size, train_info.image_size)
     # A pool of calibration images (a fixed random 2,048 of the training split), sampled per seed.
     g = torch.Generator().manual_seed(1234)
@@ -194,13 +196,13 @@ def mean_std(vals: list[float]) -> str:
 
 def report(results: dict[str, Any], path: Path) -> None:
     lines = ["# Pruning methods at equal FLOPs: ResNet-20 on Fashion-MNIST and CIFAR-10 (partial)", "",
-             f"Machine: {machine_line(results['machine'])}", ""]
+             machine_line(results["machine"]), ""]
     cfg = results["config"]
     lines += [f"Target: keep {cfg['target_flops']:.0%} of the FLOPs; classifier kept whole. Calibration: "
               f"{cfg['calib_batches']} batches of 64 training images per seed. Fine-tuning (same for every row): "
               f"{cfg['finetune_epochs']} epoch(s) over a class-balanced {cfg['finetune_subset']}-image training "
               f"subset, SGD lr {cfg['finetune_lr']} cosine, batch 64, augmentation on. Test: class-balanced "
-              f"{cfg['test_subset'] or 'full'} test images. Seeds: {cfg['seeds']}. {cfg['threads']} torch thread(s); "
+              f"{cfg['test_subset'] or 'all'} test images at most (CIFAR-10 partial has 1,017, all used). Seeds: {cfg['seeds']}. {cfg['threads']} torch thread(s); "
               "latency = batch-1 median on this CPU.", ""]
     for ds in cfg["datasets"]:
         base = results.get("baselines", {}).get(ds)
