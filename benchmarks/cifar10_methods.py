@@ -228,7 +228,9 @@ def report(results: dict[str, Any], path: Path) -> None:
                             "prune s", "fine-tune s", "seeds"], rows), ""]
     lines += ["Columns: mean ± std over seeds; ratios are pruned / baseline. *prune s* includes scoring, "
               "calibration passes and (for the methods) reconstruction; Torch-Pruning's includes its ratio "
-              "bisection to the FLOPs target (about 12 prunes).", ""]
+              "bisection to the FLOPs target (about 12 prunes). *latency ×* divides by the baseline latency of the last "
+              "invocation on a shared 2-core machine with other jobs running: treat it as indicative only (the "
+              "`speedup.py` benchmark measures latency properly).", ""]
     path.write_text("\n".join(lines))
 
 
