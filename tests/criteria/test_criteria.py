@@ -171,3 +171,14 @@ def test_data_criteria_need_a_loader(tiny) -> None:
     model, group = tiny
     with pytest.raises(pk.PruningError, match="criterion 'taylor' needs calibration data"):
         criteria.score_groups(model, [group], "taylor")
+
+
+def test_member_reductions(tiny) -> None:
+    """Per member |slice|: conv row, bn gamma, bn beta, fc column (see the l1 test)."""
+    model, group = tiny
+    per = np.array([[3.0, 0.1, 0.0, 2.0], [1.0, 4.0, 1.0, 1.0], [3.0, 1.0, 1.0, 2.0]])
+    l1 = criteria.get("l1")
+    np.testing.assert_allclose(l1(model, group, reduction="mean"), per.mean(1))
+    np.testing.assert_allclose(l1(model, group, reduction="max"), per.max(1))
+    with pytest.raises(ValueError, match="reduction='median'"):
+        l1(model, group, reduction="median")

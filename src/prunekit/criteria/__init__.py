@@ -74,10 +74,18 @@ def reduce_members(model: nn.Module, group: ChannelGroup, per_index: Callable[[T
     return scores
 
 
-def norm_members(model: nn.Module, group: ChannelGroup, p: int, *, roles: tuple[str, ...] = ("out", "in", "norm")) -> np.ndarray:
-    """Sum over the group's parameter members of ``||slice||_p ** p`` per channel (no copies:
-    the norm runs over the other dims in place)."""
+REDUCTIONS = ("sum", "mean", "max")
+
+
+def norm_members(model: nn.Module, group: ChannelGroup, p: int, *, roles: tuple[str, ...] = ("out", "in", "norm"),
+                 reduction: str = "sum") -> np.ndarray:
+    """``||slice||_p ** p`` per channel, aggregated over the group's parameter members by
+    ``reduction``: 'sum' (the norm of everything the channel owns), 'mean' (per member) or
+    'max' (its strongest member). No copies: the norm runs over the other dims in place."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}: one of {', '.join(REDUCTIONS)}")
     scores = np.zeros(group.size, dtype=np.float64)
+    counts = np.zeros(group.size, dtype=np.float64)
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     for m in group.members:
         if m.role not in roles or m.tensor not in params:
@@ -87,26 +95,28 @@ def norm_members(model: nn.Module, group: ChannelGroup, p: int, *, roles: tuple[
         vals = torch.linalg.vector_norm(t.float(), ord=p, dim=other) if other else t.float().abs()
         vals = vals.double().pow(p).cpu().numpy()
         ok = m.channel >= 0
-        np.add.at(scores, m.channel[ok], vals[ok])
-    return scores
+        (np.maximum if reduction == "max" else np.add).at(scores, m.channel[ok], vals[ok])
+        np.add.at(counts, m.channel[ok], 1.0)
+    return scores / np.maximum(counts, 1.0) if reduction == "mean" else scores
 
 
 @register("l1")
 def l1(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
-    """Sum of absolute weights of every slice the channel owns, over the whole group."""
-    return norm_members(model, group, 1)
+    """Sum of absolute weights of every slice the channel owns, over the whole group
+    (``reduction='mean'|'max'`` aggregates per member instead)."""
+    return norm_members(model, group, 1, reduction=ctx.get("reduction", "sum"))
 
 
 @register("l2")
 def l2(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
     """Group L2 norm: sqrt of the sum of squared weights of every slice the channel owns."""
-    return np.sqrt(norm_members(model, group, 2))
+    return np.sqrt(norm_members(model, group, 2, reduction=ctx.get("reduction", "sum")))
 
 
 @register("l1_out")
 def l1_out(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
     """Classic filter L1 norm (Li et al. 2017): producers' filters only."""
-    return norm_members(model, group, 1, roles=("out",))
+    return norm_members(model, group, 1, roles=("out",), reduction=ctx.get("reduction", "sum"))
 
 
 @register("bn")
