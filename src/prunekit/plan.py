@@ -84,4 +84,9 @@ def compose(first: PruningPlan, second: PruningPlan) -> PruningPlan:
     attrs = {(a.module, a.attr): a for a in first.attrs}
     attrs.update({(a.module, a.attr): a for a in second.attrs})
     steps = list(first.meta.get("steps", [first.meta])) + [second.meta]
-    return PruningPlan(keep, shapes, tuple(attrs.values()), {"steps": steps})
+    channels = steps[0].get("channels", 0)
+    removed = sum(int(m.get("channels_removed", 0)) for m in steps)
+    meta = {"steps": steps, "groups": steps[0].get("groups", 0), "channels": channels, "channels_removed": removed,
+            "groups_pruned": max(int(m.get("groups_pruned", 0)) for m in steps),  # the most in any one step
+            "ratio": removed / channels if channels else 0.0}
+    return PruningPlan(keep, shapes, tuple(attrs.values()), meta)
