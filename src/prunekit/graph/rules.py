@@ -249,12 +249,9 @@ def conv(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[s
     atoms = tr.new_atoms(c_out, tr.current or name)
     if groups > 1:
         # Every conv group must keep the same number of channels: tie position i across groups.
-        blocks_in = vec.view(groups, ipg)
-        for g in range(1, groups):
-            tr.union(blocks_in[0], blocks_in[g])
-        blocks_out = atoms.view(groups, opg)
-        for g in range(1, groups):
-            tr.union(blocks_out[0], blocks_out[g])
+        blocks_in, blocks_out = vec.view(groups, ipg), atoms.view(groups, opg)
+        tr.union(blocks_in[:1].expand(groups - 1, ipg), blocks_in[1:])  # one vectorised union, not one per group
+        tr.union(blocks_out[:1].expand(groups - 1, opg), blocks_out[1:])
     if transposed:
         tr.add_member(w, 0, vec, "in")
         tr.add_member(w, 1, atoms.view(groups, opg)[0], "out")
