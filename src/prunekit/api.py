@@ -48,8 +48,6 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
             ratio = float(sum(len(r) for r in removed) / max(1, graph.n_channels))
         else:
             removed = select(groups, scores, ratio=ratio, **options)
-        gone = removed_atoms(graph, removed)
-        base = make_plan(model, graph, gone)
         meta = {
             "ratio": ratio, "criterion": criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "custom"),
             "global_ranking": global_ranking, "round_to": round_to, "groups": len(groups),
@@ -58,11 +56,9 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
         }
         if budget is not None:
             meta[f"target_{budget.kind}"] = budget.target
-        if base.is_empty:
-            return PruningPlan({}, {}, (), meta), model
-        expected = expected_shapes(graph, gone)
-        fixes = attribute_fixes(model, graph, expected)
-        plan_ = PruningPlan(base.keep, base.shapes, tuple(fixes), meta)
+        plan_, expected = _candidate(model, graph, removed, meta)
+        if plan_.is_empty:
+            return plan_, model
         journal = Journal()
         candidate = apply_plan(model, plan_, inplace=inplace, journal=journal)
         mismatch = check(candidate, example_inputs, graph, expected)
@@ -83,6 +79,19 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
             repairs.append(f"{g.name}: {reason}")
             log.info("keeping group %s: %s", g.name, reason)
     raise PruningError(f"gave up after {max_repairs} repairs; last: {repairs[-1] if repairs else '?'}")
+
+
+def _candidate(model: nn.Module, graph: DependencyGraph, removed: list[np.ndarray],
+               meta: dict[str, Any] | None = None) -> tuple[PruningPlan, dict[str, Any]]:
+    """The plan removing ``removed`` (local channels per group), with its attribute fixes,
+    and the op output shapes the pruned model must produce."""
+    gone = removed_atoms(graph, removed)
+    base = make_plan(model, graph, gone)
+    if base.is_empty:
+        return PruningPlan({}, {}, (), meta if meta is not None else {}), {}
+    expected = expected_shapes(graph, gone)
+    fixes = attribute_fixes(model, graph, expected)
+    return PruningPlan(base.keep, base.shapes, tuple(fixes), meta if meta is not None else {}), expected
 
 
 def _flops(model: nn.Module, example_inputs: Any) -> int:
@@ -143,10 +152,7 @@ def _removal_for_budget(model: nn.Module, graph: DependencyGraph, groups: list[A
     next step, in group order."""
 
     def value(removed: list[np.ndarray]) -> float:
-        gone = removed_atoms(graph, removed)
-        base = make_plan(model, graph, gone)
-        fixes = attribute_fixes(model, graph, expected_shapes(graph, gone))
-        return budget.measure(apply_plan(model, PruningPlan(base.keep, base.shapes, tuple(fixes)))) / budget.base
+        return budget.measure(apply_plan(model, _candidate(model, graph, removed)[0])) / budget.base
 
     def fits(removed: list[np.ndarray]) -> bool:
         try:
@@ -240,11 +246,11 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, criterio
     estimated from a per-layer table measured on the model's device
     (:func:`prunekit.measure.latency_table.build_latency_table`; pass ``latency_table`` to
     reuse one). Data-driven criteria (``taylor``, ``activation``, ...) take
-    ``criterion_kwargs={'loader': ..., 'batches': N}``. ``ratios`` maps module names to their own ratio; ``ignore`` lists modules whose
-    output channels stay; ``round_to`` keeps channel counts multiples of it. The result is
-    checked by running it: any op whose shape would break makes the groups involved stay,
-    and the plan records why (``plan.meta['repairs']``). On any error the user's model is
-    unchanged. With ``return_plan`` the result is ``(model, plan)``.
+    ``criterion_kwargs={'loader': ..., 'batches': N}``. ``ratios`` maps module names to
+    their own ratio; ``ignore`` lists modules whose output channels stay; ``round_to`` keeps
+    channel counts multiples of it. The result is checked by running it: any op whose shape
+    would break makes the groups involved stay, and the plan records why
+    (``plan.meta['repairs']``). On any error the user's model is unchanged. With ``return_plan`` the result is ``(model, plan)``.
 
     >>> import torch, torchvision
     >>> m = torchvision.models.resnet18()
@@ -256,7 +262,7 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, criterio
                                 global_ranking=global_ranking, round_to=round_to, min_channels=min_channels,
                                 inplace=inplace, graph=graph, criterion_kwargs=criterion_kwargs, max_repairs=max_repairs,
                                 target_flops=target_flops, target_params=target_params,
-                           target_latency=target_latency, latency_table=latency_table)
+                                target_latency=target_latency, latency_table=latency_table)
     if pruned is model and not inplace:
         import copy
 

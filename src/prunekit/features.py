@@ -14,6 +14,14 @@ Batch = tuple[Any, Tensor | None]
 """One calibration batch: ``(inputs, targets or None)``."""
 
 
+def as_batch(item: Any) -> Batch:
+    """One loader item as ``(inputs, targets or None)``: a tuple/list gives its first two
+    entries, anything else is inputs without targets."""
+    if isinstance(item, (tuple, list)):
+        return item[0], (item[1] if len(item) > 1 else None)
+    return item, None
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Device of the model's first parameter (CPU for a parameter-free model)."""
     p = next(model.parameters(), None)

@@ -346,7 +346,7 @@ def _prune(model: Any, x: Any, r: Recipe) -> tuple[Any, Any]:
         if r.method:
             extra = {"criterion": r.criterion} if r.method == "iterative" else {}
             res = methods.get(r.method)(model, x, loader=loader, batches=r.calib_batches, **extra,
-                                        **{k: v for k, v in budget.items() if v is not None})
+                                        **methods.budget_kwargs(budget))
             return res.model, dataclasses.replace(res.plan, meta={**res.plan.meta, "method": r.method})
         ctx = {"loader": loader, "batches": r.calib_batches} if loader is not None else None
         return pk.prune(model, x, criterion=r.criterion, criterion_kwargs=ctx, return_plan=True, **budget)

@@ -11,6 +11,7 @@ no such consumer falls back to the output of its producing layers.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunekit.errors import PruningError
-from prunekit.features import Batch, call_on_device
+from prunekit.features import Batch, as_batch, call_on_device
 from prunekit.graph.dependency import ChannelGroup
 
 DEFAULT_BATCHES = 8
@@ -34,13 +35,8 @@ def calibration_batches(loader: Iterable[Any] | None, batches: int, criterion: s
                            f"{{'loader': ..., 'batches': N}} (it uses {DEFAULT_BATCHES} batches by default)")
     if batches < 1:
         raise PruningError(f"criterion '{criterion}': batches={batches} must be >= 1")
-    for i, item in enumerate(loader):
-        if i >= batches:
-            break
-        if isinstance(item, (tuple, list)):
-            yield item[0], (item[1] if len(item) > 1 else None)
-        else:
-            yield item, None
+    for item in itertools.islice(loader, batches):
+        yield as_batch(item)
 
 
 def task_loss(output: Any, target: Tensor | None) -> Tensor:

@@ -28,6 +28,7 @@ from prunekit.criteria.data import (
     DEFAULT_BATCHES,
     _all_groups,
     _cached,
+    _weight_members,
     calibration_batches,
 )
 from prunekit.features import (
@@ -44,15 +45,7 @@ LASSO_ENTRIES = 40_000  # rows x outputs of one group's stacked LASSO problem
 
 
 def _consumers(model: nn.Module, group: ChannelGroup) -> list[tuple[str, nn.Module, np.ndarray]]:
-    out = []
-    for m in group.members:
-        name, _, leaf = m.tensor.rpartition(".")
-        if m.role != "in" or leaf != "weight" or m.dim != 1:
-            continue
-        mod = model.get_submodule(name) if name else model
-        if reconstructable(mod):
-            out.append((name, mod, m.channel))
-    return out
+    return [site for site in _weight_members(model, group, "in") if reconstructable(site[1])]
 
 
 def consumer_rows(model: nn.Module, groups: list[ChannelGroup], batches: Iterable[Batch], *,

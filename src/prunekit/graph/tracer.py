@@ -11,6 +11,8 @@ atoms that cannot be pruned, always with a reason that names the op and module.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -368,15 +370,12 @@ _INPLACE_ACTIVATIONS = {Tensor.relu_, Tensor.sigmoid_, Tensor.tanh_, torch.relu_
                         _F.leaky_relu_, _F.elu_}
 
 
-def _inplace_position(func: Callable[..., Any], cache: dict[Any, int | None] = {}) -> int | None:  # noqa: B006
-    if func not in cache:
-        import inspect
-
-        try:
-            cache[func] = list(inspect.signature(func).parameters).index("inplace")
-        except (ValueError, TypeError):
-            cache[func] = None
-    return cache[func]
+@functools.cache
+def _inplace_position(func: Callable[..., Any]) -> int | None:
+    try:
+        return list(inspect.signature(func).parameters).index("inplace")
+    except (ValueError, TypeError):
+        return None
 
 
 def meta_shortcut(func: Callable[..., Any], args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> Tensor | None:

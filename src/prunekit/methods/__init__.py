@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from prunekit.errors import PruningError
-from prunekit.features import Batch
+from prunekit.features import Batch, as_batch
 from prunekit.plan import PruningPlan
 from prunekit.registry import Registry
 
@@ -72,9 +72,7 @@ def take_batches(loader: Iterable[Any] | None, batches: int, method: str) -> lis
     ``(inputs, targets or None)``; a missing or empty loader raises :class:`PruningError`."""
     if loader is None:
         raise PruningError(f"method '{method}' needs calibration data: pass loader=... (batches of (inputs, targets))")
-    out: list[Batch] = []
-    for item in itertools.islice(loader, batches):
-        out.append((item[0], item[1] if len(item) > 1 else None) if isinstance(item, (tuple, list)) else (item, None))
+    out = [as_batch(item) for item in itertools.islice(loader, batches)]
     if not out:
         raise PruningError(f"method '{method}': the calibration loader yielded no batches")
     return out

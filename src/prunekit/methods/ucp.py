@@ -70,6 +70,11 @@ def _sites(model: nn.Module, group: ChannelGroup) -> list[tuple[str, nn.Module, 
     return norms or producers
 
 
+def _key(module: str) -> str:
+    """ModuleDict key of the block at ``module`` (dots are not allowed in keys)."""
+    return module.replace(".", "/") or "root"
+
+
 class Attention:
     """The attached blocks: forward hooks that scale each site's output, and their statistics."""
 
@@ -88,9 +93,8 @@ class Attention:
                 if name in seen:
                     continue
                 seen.add(name)
-                width = len(chan)
-                key = name.replace(".", "/") or "root"
-                self.blocks[key] = Excitation(width, reduction)
+                key = _key(name)
+                self.blocks[key] = Excitation(len(chan), reduction)
                 self.handles.append(mod.register_forward_hook(self._hook(key, dim)))
         self.device = next(model.parameters()).device
         self.blocks.to(self.device)
@@ -115,7 +119,7 @@ class Attention:
         """Mean attention per channel of every group, summed over the group's sites."""
         out = {g.index: np.zeros(g.size) for g in groups}
         for gi, name, chan, _ in self.sites:
-            key = name.replace(".", "/") or "root"
+            key = _key(name)
             mean = (self.sums[key] / max(1, self.count)).double().cpu().numpy()
             ok = chan >= 0
             np.add.at(out[gi], chan[ok], mean[ok])
