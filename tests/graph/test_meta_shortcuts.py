@@ -53,3 +53,46 @@ def test_layer_shortcuts_match_the_real_kernels() -> None:
             func(*args)
         with pytest.raises(RuntimeError):
             meta_shortcut(func, [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args], {})
+
+
+def _meta(args: tuple) -> list:
+    return [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def test_binary_pool_and_mean_shortcuts_match_the_real_kernels() -> None:
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 8, 5, 5), torch.randn(1, 8, 1, 1)
+    half, ints = torch.randn(8, 1, 1).half(), torch.arange(5)
+    cases = [
+        (torch.add, (a, b), {}), (torch.Tensor.__mul__, (a, b), {}), (torch.Tensor.__rsub__, (a, 2), {}),
+        (torch.mul, (a, half), {}), (torch.add, (b, a), {"alpha": 2}),
+        (torch.Tensor.__radd__, (ints, 1.5), {}),
+        (F.adaptive_avg_pool2d, (a, 1), {}), (F.adaptive_avg_pool2d, (a, (3, None)), {}),
+        (F.adaptive_max_pool2d, (a, (2, 2)), {}),
+        (torch.mean, (a, (2, 3)), {"keepdim": True}), (torch.Tensor.mean, (a, -1), {}), (torch.mean, (a, [1, 2]), {}),
+    ]
+    for func, args, kwargs in cases:
+        real = func(*args, **kwargs)
+        meta = meta_shortcut(func, _meta(args), kwargs)
+        assert meta is not None, func
+        assert meta.shape == real.shape and meta.dtype == real.dtype, (func, meta.shape, real.shape, meta.dtype)
+
+
+def test_inplace_binary_shortcut_returns_its_input_and_declines_what_it_cannot_model() -> None:
+    x = torch.empty(2, 8, 4, 4, device="meta")
+    y = torch.empty(8, 1, 1, device="meta")
+    assert meta_shortcut(torch.Tensor.__iadd__, (x, y), {}) is x
+    assert meta_shortcut(torch.Tensor.mul_, (x, 2.0), {}) is x
+    # broadcasting would grow the in-place operand, or change its dtype: the real kernel decides
+    assert meta_shortcut(torch.Tensor.add_, (y, x), {}) is None
+    assert meta_shortcut(torch.Tensor.add_, (torch.empty(3, dtype=torch.long, device="meta"), 0.5), {}) is None
+    # channels-last operands and out= keep the real kernel (output layout / semantics)
+    cl = torch.empty(2, 8, 4, 4).to(memory_format=torch.channels_last).to("meta")
+    assert meta_shortcut(torch.add, (cl, cl), {}) is None
+    assert meta_shortcut(torch.add, (x, x), {"out": x}) is None
+    # integer true division promotes to float: left to the real kernel
+    assert meta_shortcut(torch.Tensor.__truediv__, (torch.empty(5, dtype=torch.long, device="meta"), 2), {}) is None
+    with pytest.raises(RuntimeError):
+        torch.randn(2, 3) + torch.randn(4)
+    with pytest.raises(RuntimeError, match="do not broadcast"):
+        meta_shortcut(torch.add, (torch.empty(2, 3, device="meta"), torch.empty(4, device="meta")), {})

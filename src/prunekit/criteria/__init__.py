@@ -62,7 +62,7 @@ def reduce_members(model: nn.Module, group: ChannelGroup, per_index: Callable[[T
     to 2-D ``(size, -1)`` and returns one value per index.
     """
     scores = np.zeros(group.size, dtype=np.float64)
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    params = parameter_names(model) if parameters_only else set()
     for m in group.members:
         if m.role not in roles or (parameters_only and m.tensor not in params):
             continue
@@ -77,46 +77,77 @@ def reduce_members(model: nn.Module, group: ChannelGroup, per_index: Callable[[T
 REDUCTIONS = ("sum", "mean", "max")
 
 
+def parameter_names(model: nn.Module) -> set[str]:
+    """Qualified names of every parameter of ``model`` (aliases included)."""
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)}
+
+
+def slice_norms(t: Tensor, dim: int, p: int) -> Tensor:
+    """``||t.select(dim, i)||_p ** p`` for every index ``i`` of ``dim``, as float64.
+
+    Reductions over a non-leading dim of a big weight (a conv's input channels) are slow
+    when strided, so the tensor is viewed as ``(outer, size, inner)`` and reduced over its
+    contiguous inner extent first (an einsum for p=2)."""
+    t = t.detach().float()
+    if t.ndim == 1:
+        return t.abs().double().pow(p)
+    size = t.shape[dim]
+    if dim == 0:
+        return torch.linalg.vector_norm(t.reshape(size, -1), ord=p, dim=1).double().pow(p)
+    v = t.reshape(int(np.prod(t.shape[:dim])), size, -1)
+    per = torch.einsum("asb,asb->as", v, v) if p == 2 else v.abs().pow(p).sum(2)
+    return per.sum(0).double()
+
+
 def norm_members(model: nn.Module, group: ChannelGroup, p: int, *, roles: tuple[str, ...] = ("out", "in", "norm"),
-                 reduction: str = "sum") -> np.ndarray:
+                 reduction: str = "sum", params: set[str] | None = None) -> np.ndarray:
     """``||slice||_p ** p`` per channel, aggregated over the group's parameter members by
     ``reduction``: 'sum' (the norm of everything the channel owns), 'mean' (per member) or
-    'max' (its strongest member). No copies: the norm runs over the other dims in place."""
+    'max' (its strongest member). ``params`` (from :func:`parameter_names`) saves recomputing
+    the model's parameter names for every group."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: one of {', '.join(REDUCTIONS)}")
     scores = np.zeros(group.size, dtype=np.float64)
     counts = np.zeros(group.size, dtype=np.float64)
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    params = parameter_names(model) if params is None else params
     for m in group.members:
         if m.role not in roles or m.tensor not in params:
             continue
-        t = tensor_of(model, m.tensor).detach()
-        other = [d for d in range(t.ndim) if d != m.dim]
-        vals = torch.linalg.vector_norm(t.float(), ord=p, dim=other) if other else t.float().abs()
-        vals = vals.double().pow(p).cpu().numpy()
+        vals = slice_norms(tensor_of(model, m.tensor), m.dim, p).cpu().numpy()
         ok = m.channel >= 0
         (np.maximum if reduction == "max" else np.add).at(scores, m.channel[ok], vals[ok])
         np.add.at(counts, m.channel[ok], 1.0)
     return scores / np.maximum(counts, 1.0) if reduction == "mean" else scores
 
 
+def _params(model: nn.Module, ctx: dict[str, Any]) -> set[str] | None:
+    """The model's parameter names, computed once per :func:`score_groups` call."""
+    cache = ctx.get("_cache")
+    if cache is None:
+        return None
+    if "param_names" not in cache:
+        cache["param_names"] = parameter_names(model)
+    return cache["param_names"]
+
+
 @register("l1")
 def l1(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
     """Sum of absolute weights of every slice the channel owns, over the whole group
     (``reduction='mean'|'max'`` aggregates per member instead)."""
-    return norm_members(model, group, 1, reduction=ctx.get("reduction", "sum"))
+    return norm_members(model, group, 1, reduction=ctx.get("reduction", "sum"), params=_params(model, ctx))
 
 
 @register("l2")
 def l2(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
     """Group L2 norm: sqrt of the sum of squared weights of every slice the channel owns."""
-    return np.sqrt(norm_members(model, group, 2, reduction=ctx.get("reduction", "sum")))
+    return np.sqrt(norm_members(model, group, 2, reduction=ctx.get("reduction", "sum"), params=_params(model, ctx)))
 
 
 @register("l1_out")
 def l1_out(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
     """Classic filter L1 norm (Li et al. 2017): producers' filters only."""
-    return norm_members(model, group, 1, roles=("out",), reduction=ctx.get("reduction", "sum"))
+    return norm_members(model, group, 1, roles=("out",), reduction=ctx.get("reduction", "sum"),
+                        params=_params(model, ctx))
 
 
 @register("bn")

@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunekit._perf import gc_paused
 from prunekit.errors import PruningError
 from prunekit.graph.dependency import ChannelGroup, GroupMember, build_groups, describe, summarize_unprunable
 from prunekit.graph.rules import RULES, register_rule
-from prunekit.graph.tracer import Member, TraceState, Tracer, record_shapes
+from prunekit.graph.tracer import Member, TraceState, Tracer, meta_tensors, record_shapes
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,15 @@ def module_names(model: nn.Module, modules: Iterable[nn.Module | str] | None, op
     return tuple(out)
 
 
-def _same_structure(state: TraceState, model: nn.Module, example_inputs: Any, meta: bool) -> bool:
-    calls, error = record_shapes(model, example_inputs, "train", meta=meta)
+def _same_structure(state: TraceState, model: nn.Module, example_inputs: Any, meta: bool,
+                    swapped: dict[str, torch.Tensor] | None) -> bool:
+    calls, error = record_shapes(model, example_inputs, "train", meta=meta, swapped=swapped)
     ops = state.ops["eval"]
     return error is None and len(calls) == len(ops) and all(
         name == op.name and shapes == op.out_shapes for (name, shapes), op in zip(calls, ops))
 
 
+@gc_paused
 def trace(model: nn.Module, example_inputs: Any, *, ignore: Iterable[nn.Module | str] | None = None,
           modes: tuple[str, ...] = ("eval", "train")) -> DependencyGraph:
     """Trace ``model`` on ``example_inputs`` and return its coupled channel groups.
@@ -96,12 +99,13 @@ def trace(model: nn.Module, example_inputs: Any, *, ignore: Iterable[nn.Module |
 
     def run_all(meta: bool) -> TraceState:
         state = TraceState()
+        swapped = meta_tensors(model) if meta else None  # one set of stand-ins serves every mode
         for mode in modes:
-            if mode == "train" and "eval" in state.ops and _same_structure(state, model, example_inputs, meta):
+            if mode == "train" and "eval" in state.ops and _same_structure(state, model, example_inputs, meta, swapped):
                 continue  # training mode runs the very same ops: nothing more to learn
             tracer = Tracer(model, state)
             tracer.ignored_prefixes = ignored
-            tracer.run(example_inputs, mode, meta=meta)
+            tracer.run(example_inputs, mode, meta=meta, swapped=swapped)
         state.meta = meta
         return state
 

@@ -12,10 +12,10 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from prunekit.graph.labels import align, compact, zeros_like_shape
-from prunekit.graph.tracer import Tracer
+from prunekit.graph.tracer import Tracer, tensors_in
 
 Rule = Callable[[Tracer, str, Callable[..., Any], tuple[Any, ...], dict[str, Any], list[Tensor], list[Tensor]], list[Tensor]]
 RULES: dict[str, Rule] = {}
@@ -109,8 +109,7 @@ def shape_op(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: di
              ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
     """Pure rearrangement: run the same op on the label tensors (exact for any indexing)."""
 
-    data = [x for x in tree_flatten((args, kwargs))[0]
-            if isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex())]
+    data = [x for x in tensors_in((args, kwargs)) if x.is_floating_point() or x.is_complex()]
     if not any(bool((tr.lab(x) != 0).any()) for x in data):
         return [zeros_like_shape(tuple(o.shape)) for o in outs]
 
@@ -123,7 +122,7 @@ def shape_op(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: di
 
         largs, lkwargs = tree_map(sub, (args, kwargs))
         lout = func(*largs, **lkwargs)
-        return [t for t in tree_flatten(lout)[0] if isinstance(t, Tensor)]
+        return tensors_in(lout)
 
     try:
         labs = [compact(t) for t in run(torch.long)]

@@ -268,7 +268,7 @@ class Tracer:
         out = meta_shortcut(func, args, kwargs)
         if out is None:
             out = func(*args, **kwargs)
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        outs = tensors_in(out)
         if not outs:
             return out
         self._record(func, args, kwargs, outs)
@@ -278,10 +278,13 @@ class Tracer:
         from prunekit.graph.rules import apply_rule
 
         name = op_name(func)
-        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        ins = tensors_in((args, kwargs))
+        version = self.version
         labs = apply_rule(self, name, func, args, kwargs, ins, outs)
         in_labs = [self.lab(t) if id(t) in self.values else zeros_like_shape(tuple(t.shape)) for t in ins]
-        labs = [self.canon(lab) for lab in labs]
+        # Inputs' labels are canonical for the version they were read at: unless the rule
+        # itself joined atoms, its outputs need no re-mapping, only compacting.
+        labs = [self.canon(lab) if self.version != version else compact(lab) for lab in labs]
         for t, lab in zip(outs, labs):
             self.set(t, lab)
             if lab.ndim and sum(s > 1 for s in lab.shape) >= 2:
@@ -291,12 +294,12 @@ class Tracer:
                      _strip_tensors(args), _strip_tensors(kwargs))
         )
 
-    def run(self, example_inputs: Any, mode: str, *, meta: bool = False) -> None:
+    def run(self, example_inputs: Any, mode: str, *, meta: bool = False, swapped: dict[str, Tensor] | None = None) -> None:
         """Trace one forward pass in ``mode`` ('eval' or 'train' with BN frozen).
 
         With ``meta`` the forward runs on meta tensors (shapes only, no arithmetic, the
         model's own tensors untouched), which is all the channel rules need and costs a
-        fraction of a real forward.
+        fraction of a real forward; ``swapped`` reuses stand-ins from :func:`meta_tensors`.
         """
         model = self.model
         hooks = []
@@ -317,7 +320,7 @@ class Tracer:
         hooks.append(_module.register_module_forward_pre_hook(pre))
         hooks.append(_module.register_module_forward_hook(post, always_call=True))
         try:
-            swapped = meta_tensors(model) if meta else None
+            swapped = (swapped if swapped is not None else meta_tensors(model)) if meta else None
             inputs = to_meta(example_inputs) if meta else example_inputs
             if swapped is not None:
                 for name, t in swapped.items():
@@ -340,19 +343,30 @@ class Tracer:
 
 @contextlib.contextmanager
 def model_mode(model: nn.Module, mode: str) -> Any:
-    """Put ``model`` in 'eval' or 'train' mode (BatchNorm frozen, so running statistics are
-    never touched and batch-1 inputs work), restoring every module's flag afterwards."""
-    flags = {m: m.training for m in model.modules()}
+    """Put ``model`` in 'eval' or 'train' mode, restoring every module's flag afterwards.
+
+    Training mode keeps BatchNorm frozen (running statistics are never touched and batch-1
+    inputs work) and keeps the stochastic regularisers (dropout, stochastic depth, drop
+    path, drop block) in eval mode: they only scale values by a random mask of the input's
+    own shape, so the channel flow is the same, and the training pass then differs from the
+    eval pass only where the model's own code branches on ``self.training``.
+    """
+    modules = list(model.modules())
+    flags = [m.training for m in modules]
     try:
         model.train(mode == "train")
         if mode == "train":
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            for m in modules:
+                if isinstance(m, _FROZEN_IN_TRAINING) or type(m).__name__ in _MASK_REGULARISERS:
+                    m.training = False
         yield model
     finally:
-        for m, flag in flags.items():
+        for m, flag in zip(modules, flags):
             m.training = flag
+
+
+_FROZEN_IN_TRAINING = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+_MASK_REGULARISERS = frozenset({"StochasticDepth", "DropPath", "DropBlock2d", "DropBlock", "DropBlockFast2d"})
 
 
 _NORM_PARAMS = {  # functional norm -> (argument name, position) of its per-channel tensors
@@ -392,7 +406,14 @@ def meta_shortcut(func: Callable[..., Any], args: tuple[Any, ...] | list[Any], k
     if func in _ACTIVATIONS:
         pos = _inplace_position(func)
         inplace = kwargs.get("inplace", args[pos] if pos is not None and len(args) > pos else False)
-        return x if inplace is True else torch.empty_like(x)
+        return x if inplace is True else _like(x)
+    binary = _BINARY.get(func)  # type: ignore[call-overload]
+    if binary is not None:
+        return _meta_binary(x, args, kwargs, inplace=binary[0], div=binary[1])
+    if func is _F.adaptive_avg_pool2d or func is _F.adaptive_max_pool2d:
+        return _meta_adaptive_pool2d(x, *args[1:], **kwargs)
+    if func is torch.mean or func is Tensor.mean:
+        return _meta_mean(x, *args[1:], **kwargs)
     if func is _F.linear:
         return _meta_linear(x, *args[1:], **kwargs)
     if func is _F.conv2d:
@@ -411,14 +432,103 @@ def meta_shortcut(func: Callable[..., Any], args: tuple[Any, ...] | list[Any], k
         groups = kwargs.get("num_groups", args[1] if len(args) > 1 else None)
         if isinstance(groups, int) and x.shape[1] % groups:
             raise RuntimeError(f"group_norm: {x.shape[1]} channels are not divisible by {groups} groups")
-    return torch.empty_like(x)
+    return _like(x)
+
+
+def _like(x: Tensor) -> Tensor:
+    """``torch.empty_like(x)`` on meta at a fraction of its cost (it runs a Python decomposition)."""
+    return _on_meta(x)
+
+
+def _binary_ops() -> dict[Callable[..., Any], tuple[bool, bool]]:
+    """Element-wise binary functions (all spellings) -> (writes into its first input, divides)."""
+    out: dict[Callable[..., Any], tuple[bool, bool]] = {}
+    for name, rname in (("add", "radd"), ("sub", "rsub"), ("mul", "rmul"), ("div", "rtruediv"), ("true_divide", None)):
+        div = name in ("div", "true_divide")
+        for f in (getattr(torch, name, None), getattr(Tensor, name, None)):
+            if f is not None:
+                out[f] = (False, div)
+        if getattr(Tensor, name + "_", None) is not None:
+            out[getattr(Tensor, name + "_")] = (True, div)
+        if rname is not None:
+            out[getattr(Tensor, f"__{rname}__")] = (False, div)
+    for dunder in ("add", "sub", "mul", "truediv"):
+        out[getattr(Tensor, f"__{dunder}__")] = (False, dunder == "truediv")
+        out[getattr(Tensor, f"__i{dunder}__")] = (True, dunder == "truediv")
+    return out
+
+
+_BINARY = _binary_ops()
+
+
+def _meta_binary(x: Tensor, args: Any, kwargs: dict[str, Any], *, inplace: bool, div: bool) -> Tensor | None:
+    """Broadcast shape and promoted dtype of an element-wise binary op on meta tensors; None
+    (run the real meta kernel) for anything unusual: out=, rounding modes, integer division,
+    non-contiguous or non-meta operands (the output's memory layout could differ)."""
+    if len(args) != 2 or (kwargs and set(kwargs) != {"alpha"}):
+        return None
+    other = args[1]
+    if isinstance(other, Tensor):
+        if other.device.type != "meta" or not other.is_contiguous():
+            return None
+        shape = _broadcast(tuple(x.shape), tuple(other.shape))
+    elif isinstance(other, (int, float, bool)):
+        shape = tuple(x.shape)
+    else:
+        return None
+    if shape is None:
+        raise RuntimeError(f"element-wise op: shapes {tuple(x.shape)} and {tuple(other.shape)} do not broadcast")
+    if not x.is_contiguous():
+        return None
+    dtype = torch.result_type(x, other)
+    if div and not dtype.is_floating_point:
+        return None
+    if inplace:
+        if shape != tuple(x.shape) or dtype != x.dtype:
+            return None
+        return x
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    """NumPy broadcast of two shapes, or None when they do not broadcast."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+    out = []
+    for i, j in zip(a, b):
+        if i == j or j == 1:
+            out.append(i)
+        elif i == 1:
+            out.append(j)
+        else:
+            return None
+    return tuple(out)
+
+
+def _meta_adaptive_pool2d(x: Tensor, output_size: Any, return_indices: bool = False) -> Tensor | None:
+    if return_indices or x.ndim not in (3, 4):
+        return None
+    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if len(size) != 2:
+        return None
+    h, w = (s if s is not None else x.shape[x.ndim - 2 + i] for i, s in enumerate(size))
+    return torch.empty((*x.shape[:-2], h, w), dtype=x.dtype, device="meta")
+
+
+def _meta_mean(x: Tensor, dim: Any = None, keepdim: bool = False, *, dtype: torch.dtype | None = None) -> Tensor | None:
+    if dim is None or dtype is not None or not x.is_floating_point() or not x.is_contiguous():
+        return None
+    dims = {d % x.ndim for d in ((dim,) if isinstance(dim, int) else dim)} if x.ndim else set()
+    shape = [1 if i in dims else s for i, s in enumerate(x.shape)] if keepdim else \
+        [s for i, s in enumerate(x.shape) if i not in dims]
+    return torch.empty(shape, dtype=x.dtype, device="meta")
 
 
 def _meta_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if weight.ndim != 2 or x.shape[-1] != weight.shape[1] or (bias is not None and bias.numel() != weight.shape[0]):
         raise RuntimeError(f"linear: input {tuple(x.shape)} @ weight {tuple(weight.shape)}"
                            f"{'' if bias is None else f' + bias {tuple(bias.shape)}'} do not match")
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device="meta")
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -437,7 +547,7 @@ def _meta_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: 
     w = (x.shape[3] + 2 * pw - dw * (weight.shape[3] - 1) - 1) // sw + 1
     if h <= 0 or w <= 0:
         raise RuntimeError(f"conv2d: output size {h}x{w} is too small")
-    return x.new_empty((x.shape[0], weight.shape[0], h, w))
+    return torch.empty((x.shape[0], weight.shape[0], h, w), dtype=x.dtype, device="meta")
 
 
 def _meta_layer_norm(x: Tensor, normalized_shape: Any, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -447,7 +557,7 @@ def _meta_layer_norm(x: Tensor, normalized_shape: Any, weight: Tensor | None = N
             t is not None and tuple(t.shape) != shape for t in (weight, bias)):
         raise RuntimeError(f"layer_norm: input {tuple(x.shape)} does not end in normalized_shape {shape} "
                            "(or weight/bias differ)")
-    return torch.empty_like(x)
+    return _like(x)
 
 
 class ShapeRecorder(TorchFunctionMode):
@@ -461,19 +571,23 @@ class ShapeRecorder(TorchFunctionMode):
         out = meta_shortcut(func, args, kwargs or {})
         if out is None:
             out = func(*args, **(kwargs or {}))
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        outs = tensors_in(out)
         if outs:
             self.calls.append((op_name(func), [tuple(t.shape) for t in outs]))
         return out
 
 
-def record_shapes(model: nn.Module, example_inputs: Any, mode: str, *, meta: bool) -> tuple[list[tuple[str, list[tuple[int, ...]]]], str | None]:
+Calls = list[tuple[str, list[tuple[int, ...]]]]
+
+
+def record_shapes(model: nn.Module, example_inputs: Any, mode: str, *, meta: bool,
+                  swapped: dict[str, Tensor] | None = None) -> tuple[Calls, str | None]:
     """Run ``model`` once in ``mode`` and return its calls (name, output shapes) and the
-    first line of the error it raised, if any."""
+    first line of the error it raised, if any (``swapped``: meta stand-ins to reuse)."""
     rec = ShapeRecorder()
     error: str | None = None
     try:
-        swapped = meta_tensors(model) if meta else None
+        swapped = (swapped if swapped is not None else meta_tensors(model)) if meta else None
         inputs = to_meta(example_inputs) if meta else example_inputs
         with model_mode(model, mode), torch.no_grad(), rec:
             call(model, inputs, swapped)
@@ -491,14 +605,19 @@ def meta_tensors(model: nn.Module) -> dict[str, Tensor]:
         if t is None:
             continue
         if id(t) not in made:
-            made[id(t)] = torch.empty_like(t, device="meta")
+            made[id(t)] = _on_meta(t)
         out[name] = made[id(t)]
     return out
 
 
 def to_meta(example_inputs: Any) -> Any:
     """Meta-device copies of the tensors in ``example_inputs`` (same structure)."""
-    return tree_map(lambda t: torch.empty_like(t, device="meta") if isinstance(t, Tensor) else t, example_inputs)
+    return tree_map(lambda t: _on_meta(t) if isinstance(t, Tensor) else t, example_inputs)
+
+
+def _on_meta(t: Tensor) -> Tensor:
+    """A meta tensor with the shape, strides and dtype of ``t`` (cheaper than ``empty_like``)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
 def call(model: nn.Module, example_inputs: Any, swapped: dict[str, Tensor] | None = None) -> Any:
@@ -532,6 +651,27 @@ def _call(model: nn.Module, example_inputs: Any) -> Any:
     if isinstance(example_inputs, (tuple, list)):
         return model(*example_inputs)
     return model(example_inputs)
+
+
+def tensors_in(obj: Any) -> list[Tensor]:
+    """The tensors inside ``obj`` (nested tuples, lists and dict values), in order: the
+    arguments and results of torch functions (a cheaper ``tree_flatten`` for them)."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    out: list[Tensor] = []
+    _collect(obj, out)
+    return out
+
+
+def _collect(obj: Any, out: list[Tensor]) -> None:
+    if isinstance(obj, Tensor):
+        out.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            _collect(o, out)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            _collect(o, out)
 
 
 def _strip_tensors(obj: Any) -> Any:

@@ -74,15 +74,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan, *, inplace: bool = False, jo
     if inplace:
         target = model
     else:
-        # Copy the model, handing deepcopy the already-sliced tensors so the weights that
-        # are about to shrink are never copied in full.
-        memo: dict[int, Any] = {}
-        for mod in model.modules():
-            for store, wrap in ((mod._parameters, True), (mod._buffers, False)):
-                for t in store.values():
-                    if t is not None and id(t) in new and id(t) not in memo:
-                        memo[id(t)] = nn.Parameter(new[id(t)], requires_grad=t.requires_grad) if wrap else new[id(t)]
-        target = copy.deepcopy(model, memo)
+        target = copy.deepcopy(model, _tensor_memo(model, new))
         _check_result(target, plan)
         return _fix_attrs(target, plan, journal, None)
     old_attrs = _snapshot_attrs(target)
@@ -95,6 +87,26 @@ def apply_plan(model: nn.Module, plan: PruningPlan, *, inplace: bool = False, jo
                 journal.set(mod, "buffer", key, new[id(t)])
     _share_new_parameters(target)
     return _fix_attrs(target, plan, journal, old_attrs)
+
+
+def _tensor_memo(model: nn.Module, new: dict[int, Tensor]) -> dict[int, Any]:
+    """A deepcopy memo holding the copy of every plain parameter and buffer: the sliced data
+    for those the plan shrinks (never copied in full), a clone for the rest. Cloning here
+    is several times cheaper than ``Tensor.__deepcopy__``; tensor subclasses are left to it."""
+    memo: dict[int, Any] = {}
+    for mod in model.modules():
+        for store, wrap in ((mod._parameters, True), (mod._buffers, False)):
+            for t in store.values():
+                if t is None or id(t) in memo or type(t) is not (nn.Parameter if wrap else Tensor):
+                    continue
+                data = new[id(t)] if id(t) in new else t.detach().clone()
+                copy_ = nn.Parameter(data, requires_grad=t.requires_grad) if wrap else data
+                if id(t) not in new and t.grad is not None:
+                    copy_.grad = t.grad.clone()
+                if t.__dict__:
+                    copy_.__dict__.update(copy.deepcopy(t.__dict__, memo))
+                memo[id(t)] = copy_
+    return memo
 
 
 def _fix_attrs(target: nn.Module, plan: PruningPlan, journal: Journal, old: dict[int, dict[str, Any]] | None) -> nn.Module:
