@@ -23,8 +23,16 @@ def compact(lab: Tensor) -> Tensor:
 
 
 def zeros_like_shape(shape: tuple[int, ...]) -> Tensor:
-    """Return the compact label of an untracked tensor of ``shape`` (all zeros)."""
-    return torch.zeros((1,) * len(shape), dtype=torch.long)
+    """Return the compact label of an untracked tensor of ``shape`` (all zeros).
+
+    One shared tensor per rank: labels are never written in place (rules build new ones)."""
+    n = len(shape)
+    if n >= len(_ZEROS):
+        return torch.zeros((1,) * n, dtype=torch.long)
+    return _ZEROS[n]
+
+
+_ZEROS = [torch.zeros((1,) * n, dtype=torch.long) for n in range(9)]
 
 
 def align(lab: Tensor, ndim: int) -> Tensor:
@@ -32,14 +40,3 @@ def align(lab: Tensor, ndim: int) -> Tensor:
     if lab.ndim > ndim:
         raise ValueError("label has more dims than the target")
     return lab.reshape((1,) * (ndim - lab.ndim) + tuple(lab.shape))
-
-
-def kept_positions(lab: Tensor, dim: int, removed: Tensor) -> Tensor:
-    """Bool vector: which positions along ``dim`` survive when atoms with ``removed[atom]`` go.
-
-    A position survives if any element of its slice is untracked (label 0) or kept. Under
-    the product constraints the engine enforces, a slice is removed all-or-nothing.
-    """
-    moved = lab.movedim(dim, 0).reshape(lab.shape[dim], -1)
-    gone = removed[moved] & (moved != 0)
-    return ~gone.all(dim=1)

@@ -73,6 +73,8 @@ def elementwise(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs:
     """Broadcasting element-wise op: aligned channels of all operands are coupled."""
     out = outs[0]
     nd = out.ndim
+    if len(ins) == 1 and len(outs) == 1 and ins[0].ndim == nd:
+        return [tr.lab(ins[0])]  # unary: the output carries the input's channels
     ops = [(align(tr.lab(t), nd), (1,) * (nd - t.ndim) + tuple(t.shape)) for t in ins if t.ndim <= nd]
     used: list[Tensor] = []
     for i, (lab, shape) in enumerate(ops):

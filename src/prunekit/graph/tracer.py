@@ -78,6 +78,22 @@ class TraceState:
 
 def op_name(func: Callable[..., Any]) -> str:
     """Canonical name of a torch function: ``__iadd__``/``add_``/``__add__`` -> ``add``."""
+    try:
+        return _OP_NAMES[func]
+    except (KeyError, TypeError):
+        pass
+    name = _op_name(func)
+    try:
+        _OP_NAMES[func] = name
+    except TypeError:
+        pass
+    return name
+
+
+_OP_NAMES: dict[Callable[..., Any], str] = {}
+
+
+def _op_name(func: Callable[..., Any]) -> str:
     if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         # torch.ops / torch.library custom ops: 'namespace::name' (aten ops lose the prefix).
         qual = func._schema.name if isinstance(func, torch._ops.OpOverload) else func._qualified_op_name

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from prunekit.graph import DependencyGraph
-from prunekit.graph.labels import kept_positions
 from prunekit.graph.tracer import OpRecord, record_shapes
 from prunekit.plan import AttrFix, PruningPlan
 
@@ -54,19 +53,28 @@ def make_plan(model: nn.Module, graph: DependencyGraph, gone: Tensor) -> Pruning
 def expected_shapes(graph: DependencyGraph, gone: Tensor) -> dict[str, Shapes]:
     """Output shapes of every recorded op after pruning, per traced mode."""
     result: dict[str, Shapes] = {}
+    gone_np = gone.numpy()
+    kept: dict[int, list[int | None]] = {}  # id(label) -> kept count per dim (ops share labels)
     for mode, ops in graph.state.ops.items():
-        result[mode] = [[_new_shape(s, lab, gone) for s, lab in zip(op.out_shapes, op.out_labs)] for op in ops]
+        result[mode] = [[_new_shape(s, lab, gone_np, kept) for s, lab in zip(op.out_shapes, op.out_labs)]
+                        for op in ops]
     return result
 
 
-def _new_shape(shape: tuple[int, ...], lab: Tensor, gone: Tensor) -> tuple[int, ...]:
+def _new_shape(shape: tuple[int, ...], lab: Tensor, gone: np.ndarray, cache: dict[int, list[int | None]]) -> tuple[int, ...]:
     if lab.ndim != len(shape):
         return shape
-    out = list(shape)
-    for d in range(lab.ndim):
-        if lab.shape[d] > 1:
-            out[d] = int(kept_positions(lab, d, gone).sum())
-    return tuple(out)
+    counts = cache.get(id(lab))
+    if counts is None:
+        a = lab.numpy()
+        counts = [None] * a.ndim
+        for d in range(a.ndim):
+            if a.shape[d] > 1:
+                # A position survives if any element of its slice is untracked or kept.
+                moved = np.moveaxis(a, d, 0).reshape(a.shape[d], -1)
+                counts[d] = int((~(gone[moved] & (moved != 0)).all(axis=1)).sum())
+        cache[id(lab)] = counts
+    return tuple(s if c is None else c for s, c in zip(shape, counts))
 
 
 _HINTS = ("num_heads", "heads", "head_dim", "attn_dim", "embed_dim", "dim", "hidden_dim", "channels", "width")
