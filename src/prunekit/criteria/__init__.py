@@ -62,7 +62,7 @@ def reduce_members(model: nn.Module, group: ChannelGroup, per_index: Callable[[T
     to 2-D ``(size, -1)`` and returns one value per index.
     """
     scores = np.zeros(group.size, dtype=np.float64)
-    params = parameter_names(model) if parameters_only else set()
+    params = parameter_map(model) if parameters_only else {}
     for m in group.members:
         if m.role not in roles or (parameters_only and m.tensor not in params):
             continue
@@ -77,9 +77,9 @@ def reduce_members(model: nn.Module, group: ChannelGroup, per_index: Callable[[T
 REDUCTIONS = ("sum", "mean", "max")
 
 
-def parameter_names(model: nn.Module) -> set[str]:
-    """Qualified names of every parameter of ``model`` (aliases included)."""
-    return {n for n, _ in model.named_parameters(remove_duplicate=False)}
+def parameter_map(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter of ``model`` by qualified name (aliases included)."""
+    return dict(model.named_parameters(remove_duplicate=False))
 
 
 def slice_norms(t: Tensor, dim: int, p: int) -> Tensor:
@@ -100,34 +100,37 @@ def slice_norms(t: Tensor, dim: int, p: int) -> Tensor:
 
 
 def norm_members(model: nn.Module, group: ChannelGroup, p: int, *, roles: tuple[str, ...] = ("out", "in", "norm"),
-                 reduction: str = "sum", params: set[str] | None = None) -> np.ndarray:
+                 reduction: str = "sum", params: dict[str, Tensor] | None = None) -> np.ndarray:
     """``||slice||_p ** p`` per channel, aggregated over the group's parameter members by
     ``reduction``: 'sum' (the norm of everything the channel owns), 'mean' (per member) or
-    'max' (its strongest member). ``params`` (from :func:`parameter_names`) saves recomputing
+    'max' (its strongest member). ``params`` (from :func:`parameter_map`) saves recomputing
     the model's parameter names for every group."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: one of {', '.join(REDUCTIONS)}")
     scores = np.zeros(group.size, dtype=np.float64)
     counts = np.zeros(group.size, dtype=np.float64)
-    params = parameter_names(model) if params is None else params
+    params = parameter_map(model) if params is None else params
     for m in group.members:
         if m.role not in roles or m.tensor not in params:
             continue
-        vals = slice_norms(tensor_of(model, m.tensor), m.dim, p).cpu().numpy()
+        vals = slice_norms(params[m.tensor], m.dim, p).cpu().numpy()
         ok = m.channel >= 0
-        (np.maximum if reduction == "max" else np.add).at(scores, m.channel[ok], vals[ok])
-        np.add.at(counts, m.channel[ok], 1.0)
+        if reduction == "max":
+            np.maximum.at(scores, m.channel[ok], vals[ok])
+        else:  # bincount sums indices that repeat (a channel used twice by one tensor)
+            scores += np.bincount(m.channel[ok], weights=vals[ok], minlength=group.size)
+            counts += np.bincount(m.channel[ok], minlength=group.size)
     return scores / np.maximum(counts, 1.0) if reduction == "mean" else scores
 
 
-def _params(model: nn.Module, ctx: dict[str, Any]) -> set[str] | None:
-    """The model's parameter names, computed once per :func:`score_groups` call."""
+def _params(model: nn.Module, ctx: dict[str, Any]) -> dict[str, Tensor] | None:
+    """The model's parameters by name, gathered once per :func:`score_groups` call."""
     cache = ctx.get("_cache")
     if cache is None:
         return None
-    if "param_names" not in cache:
-        cache["param_names"] = parameter_names(model)
-    return cache["param_names"]
+    if "parameters" not in cache:
+        cache["parameters"] = parameter_map(model)
+    return cache["parameters"]
 
 
 @register("l1")

@@ -10,16 +10,24 @@ splits, attention-head reshapes and flatten->linear exact without special cases.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 
 def compact(lab: Tensor) -> Tensor:
     """Return ``lab`` with every dim along which it is constant narrowed to size 1."""
-    for d in range(lab.ndim):
-        if lab.shape[d] > 1 and bool((lab == lab.narrow(d, 0, 1)).all()):
-            lab = lab.narrow(d, 0, 1)
-    return lab.contiguous()
+    a = lab.numpy()  # numpy: these are small arrays, where torch's per-op overhead dominates
+    varying = [d for d, n in enumerate(a.shape) if n > 1]
+    if len(varying) == 1:  # the common case, e.g. (1, C, 1, 1)
+        if a.min() != a.max():
+            return lab if lab.is_contiguous() else lab.contiguous()
+        return torch.from_numpy(a.reshape(-1)[:1].reshape((1,) * a.ndim).copy())
+    for d in varying:
+        first = a[(slice(None),) * d + (slice(0, 1),)]
+        if (a == first).all():
+            a = first
+    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def zeros_like_shape(shape: tuple[int, ...]) -> Tensor:

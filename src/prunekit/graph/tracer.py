@@ -36,9 +36,16 @@ class Member:
     role: str  # "out" (a producer's filters), "in" (a consumer's inputs), "norm" (per-channel)
 
 
+SIZE_ARG_OPS = frozenset({"view", "reshape", "expand", "broadcast_to", "unflatten", "split", "split_with_sizes",
+                          "layer_norm", "rms_norm"})
+"""Ops whose non-tensor arguments hold sizes that pruning may have to rewrite (the only
+ones whose arguments an :class:`OpRecord` keeps)."""
+
+
 @dataclass
 class OpRecord:
-    """One recorded torch call: enough to predict its output shapes after pruning."""
+    """One recorded torch call: enough to predict its output shapes after pruning
+    (``args``/``kwargs``: the non-tensor arguments, kept for :data:`SIZE_ARG_OPS` only)."""
 
     index: int
     name: str
@@ -153,10 +160,10 @@ class Tracer:
 
     def union(self, a: Tensor, b: Tensor) -> None:
         """Record that atoms ``a[i]`` and ``b[i]`` must be pruned together (0s are skipped)."""
-        a, b = torch.broadcast_tensors(a.reshape(-1) if a.ndim else a, b.reshape(-1) if b.ndim else b)
-        mask = (a != 0) & (b != 0) & (a != b)
-        if bool(mask.any()):
-            an, bn = a[mask].numpy(), b[mask].numpy()
+        an, bn = np.broadcast_arrays(a.numpy().reshape(-1), b.numpy().reshape(-1))
+        mask = (an != 0) & (bn != 0) & (an != bn)
+        if mask.any():
+            an, bn = an[mask], bn[mask]
             new = self.state.uf.union(an, bn)
             if new.any():
                 self.version += 1
@@ -297,7 +304,8 @@ class Tracer:
         ins = tensors_in((args, kwargs))
         version = self.version
         labs = apply_rule(self, name, func, args, kwargs, ins, outs)
-        in_labs = [self.lab(t) if id(t) in self.values else zeros_like_shape(tuple(t.shape)) for t in ins]
+        # Labels of the tracked inputs as stored (any atom id maps to its channel later).
+        in_labs = [self.values[id(t)][1] for t in ins if id(t) in self.values]
         # Inputs' labels are canonical for the version they were read at: unless the rule
         # itself joined atoms, its outputs need no re-mapping, only compacting.
         labs = [self.canon(lab) if self.version != version else compact(lab) for lab in labs]
@@ -307,7 +315,7 @@ class Tracer:
                 self.add_grid(lab)
         self.ops.append(
             OpRecord(len(self.ops), name, self.current, [tuple(t.shape) for t in outs], list(labs), in_labs,
-                     _strip_tensors(args), _strip_tensors(kwargs))
+                     *((_strip_tensors(args), _strip_tensors(kwargs)) if name in SIZE_ARG_OPS else ((), {})))
         )
 
     def run(self, example_inputs: Any, mode: str, *, meta: bool = False, swapped: dict[str, Tensor] | None = None) -> None:

@@ -25,7 +25,7 @@ class UnionFind:
         r = parent[x]
         while True:
             rr = parent[r]
-            if np.array_equal(rr, r):
+            if (rr == r).all():
                 break
             r = rr
         parent[x] = r
