@@ -129,18 +129,19 @@ def build_groups(state: TraceState, model: nn.Module) -> tuple[list[ChannelGroup
     n_comp = int(comp.max()) + 1
     members = _param_members(state, comp, model)
     # A channel is prunable only if some real layer produces it and nothing blocks it.
+    active_sources = [s for s in state.sources if s.active]
     active = np.zeros(n_comp, dtype=bool)
-    for s in state.sources:
-        if s.active:
-            active[comp[s.start:s.stop]] = True
-    reason: dict[int, str] = {}
-    for atoms, why in state.blocked:
-        for c in np.unique(comp[atoms]):
-            if c >= 0:
-                reason.setdefault(int(c), why)
+    for s in active_sources:
+        active[comp[s.start:s.stop]] = True
+    reasons = [why for _, why in state.blocked]
+    reason_of = np.full(n_comp, -1, dtype=np.int64)  # first blocking reason of each channel
+    for k, (atoms, _) in enumerate(state.blocked):
+        cs = comp[atoms]
+        cs = cs[cs >= 0]
+        reason_of[cs[reason_of[cs] < 0]] = k
     # Channels sharing a producer form one group.
     guf = UnionFind(n_comp)
-    for s in state.sources:
+    for s in active_sources:
         cs = comp[s.start:s.stop]
         cs = cs[cs >= 0]
         if len(cs) > 1:
@@ -149,15 +150,21 @@ def build_groups(state: TraceState, model: nn.Module) -> tuple[list[ChannelGroup
     ordered = uniq[np.argsort(first)]
     ordered = ordered[(ordered >= 0)]
     ordered = ordered[active[ordered]]
-    groups_of: dict[int, list[int]] = {}
-    for c, root in zip(ordered.tolist(), guf.find(ordered).tolist()):
-        groups_of.setdefault(root, []).append(c)
+    # Groups in order of their first channel, channels in trace order within each group.
+    roots = guf.find(ordered)
+    _, first_of_root, which = np.unique(roots, return_index=True, return_inverse=True)
+    rank = np.empty(len(first_of_root), dtype=np.int64)
+    rank[np.argsort(first_of_root, kind="stable")] = np.arange(len(first_of_root))
+    gid = rank[which]
+    by_group = np.argsort(gid, kind="stable")
+    bounds = np.searchsorted(gid[by_group], np.arange(len(first_of_root) + 1))
+    group_chans = [ordered[by_group[bounds[i]:bounds[i + 1]]] for i in range(len(first_of_root))]
     group_of = np.full(n_comp + 1, -1, dtype=np.int64)  # last slot: atom 0 / untracked
     local_of = np.full(n_comp + 1, -1, dtype=np.int64)
-    for gi, chans in enumerate(groups_of.values()):
+    for gi, chans in enumerate(group_chans):
         group_of[chans] = gi
         local_of[chans] = np.arange(len(chans))
-    per_group: list[list[GroupMember]] = [[] for _ in groups_of]
+    per_group: list[list[GroupMember]] = [[] for _ in group_chans]
     seen: set[tuple[str, int]] = set()
     for m in members:
         key = (m.tensor, m.dim)
@@ -166,24 +173,31 @@ def build_groups(state: TraceState, model: nn.Module) -> tuple[list[ChannelGroup
         seen.add(key)
         cids = np.where(m.atoms != 0, comp[m.atoms], -1)
         g = group_of[cids]
-        for gi in np.unique(g[g >= 0]):
+        valid = g[g >= 0]
+        if not len(valid):
+            continue
+        lo, hi = valid.min(), valid.max()
+        for gi in ((lo,) if lo == hi else np.unique(valid)):  # most members touch one group
             per_group[int(gi)].append(GroupMember(m.tensor, m.dim, m.role, np.where(g == gi, local_of[cids], -1)))
-    producers: list[list[np.ndarray]] = [[] for _ in groups_of]
-    for s in state.sources:
-        if s.active:
-            cids = np.unique(comp[s.start:s.stop])
-            cids = cids[cids >= 0]
-            gids = group_of[cids]
-            for gi in np.unique(gids[gids >= 0]):
-                producers[int(gi)].append(np.sort(local_of[cids[gids == gi]]))
+    producers: list[list[np.ndarray]] = [[] for _ in group_chans]
+    for s in active_sources:
+        cids = np.unique(comp[s.start:s.stop])
+        cids = cids[cids >= 0]
+        gids = group_of[cids]
+        valid = gids[gids >= 0]
+        if not len(valid):
+            continue
+        lo, hi = valid.min(), valid.max()
+        for gi in ((lo,) if lo == hi else np.unique(valid)):
+            producers[int(gi)].append(np.sort(local_of[cids[gids == gi]]))
     groups: list[ChannelGroup] = []
-    for chans, gm, prods in zip(groups_of.values(), per_group, producers):
+    for chans, gm, prods in zip(group_chans, per_group, producers):
         if not gm:
             continue
-        reasons = tuple(reason.get(c, "") for c in chans)
-        prunable = np.array([r == "" for r in reasons], dtype=bool)
-        groups.append(ChannelGroup(len(groups), _group_name(gm), np.array(chans, dtype=np.int64), prunable,
-                                   reasons, tuple(gm), tuple(prods)))
+        why = reason_of[chans]
+        group_reasons = tuple(reasons[k] if k >= 0 else "" for k in why.tolist())
+        groups.append(ChannelGroup(len(groups), _group_name(gm), chans.astype(np.int64), why < 0,
+                                   group_reasons, tuple(gm), tuple(prods)))
     return groups, comp, members
 
 
