@@ -15,7 +15,7 @@ from prunekit._perf import gc_paused
 from prunekit.errors import PruningError
 from prunekit.graph.dependency import ChannelGroup, GroupMember, build_groups, describe, summarize_unprunable
 from prunekit.graph.rules import RULES, register_rule
-from prunekit.graph.tracer import Member, TraceState, Tracer, meta_tensors, record_shapes
+from prunekit.graph.tracer import Member, MetaStandIns, TraceState, Tracer, meta_tensors, record_shapes
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ def module_names(model: nn.Module, modules: Iterable[nn.Module | str] | None, op
     """Resolve modules given as objects or qualified names to names; unknown ones raise."""
     if not modules:
         return ()
-    by_id = {id(m): n for n, m in model.named_modules()}
     names = dict(model.named_modules())
+    by_id = {id(m): n for n, m in names.items()}
     out = []
     for m in modules:
         if isinstance(m, str):
@@ -71,7 +71,7 @@ def module_names(model: nn.Module, modules: Iterable[nn.Module | str] | None, op
 
 
 def _same_structure(state: TraceState, model: nn.Module, example_inputs: Any, meta: bool,
-                    swapped: dict[str, torch.Tensor] | None) -> bool:
+                    swapped: MetaStandIns | None) -> bool:
     calls, error = record_shapes(model, example_inputs, "train", meta=meta, swapped=swapped)
     ops = state.ops["eval"]
     return error is None and len(calls) == len(ops) and all(

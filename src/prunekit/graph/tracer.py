@@ -132,12 +132,14 @@ class Tracer:
     def __init__(self, model: nn.Module, state: TraceState | None = None) -> None:
         self.model = model
         self.state = state if state is not None else TraceState()
+        named = list(model.named_modules(remove_duplicate=False))  # one walk serves all three maps
         self.tensor_names: dict[int, str] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            self.tensor_names.setdefault(id(p), name)
-        for name, b in model.named_buffers(remove_duplicate=False):
-            self.tensor_names.setdefault(id(b), name)
-        self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+        for kind in ("_parameters", "_buffers"):  # a tensor's first parameter name wins, as before buffers
+            for prefix, mod in named:
+                for key, t in getattr(mod, kind).items():
+                    if t is not None:
+                        self.tensor_names.setdefault(id(t), f"{prefix}.{key}" if prefix else key)
+        self.module_names = {id(m): n for n, m in named}
         self.values: dict[int, tuple[tuple[int, ...], Tensor, int]] = {}
         self.version = 0  # bumped on every new union: labels older than it may shrink
         self.keep_alive: list[Tensor] = []
@@ -318,7 +320,7 @@ class Tracer:
                      *((_strip_tensors(args), _strip_tensors(kwargs)) if name in SIZE_ARG_OPS else ((), {})))
         )
 
-    def run(self, example_inputs: Any, mode: str, *, meta: bool = False, swapped: dict[str, Tensor] | None = None) -> None:
+    def run(self, example_inputs: Any, mode: str, *, meta: bool = False, swapped: MetaStandIns | None = None) -> None:
         """Trace one forward pass in ``mode`` ('eval' or 'train' with BN frozen).
 
         With ``meta`` the forward runs on meta tensors (shapes only, no arithmetic, the
@@ -377,16 +379,21 @@ def model_mode(model: nn.Module, mode: str) -> Any:
     """
     modules = list(model.modules())
     flags = [m.training for m in modules]
+    train = mode == "train"
     try:
-        model.train(mode == "train")
-        if mode == "train":
+        if any(type(m).train is not nn.Module.train for m in modules):
+            model.train(train)  # some module customises train(): let it
+        else:
+            for m in modules:  # the same flags without ~1 ms of recursive calls on big models
+                m.__dict__["training"] = train
+        if train:
             for m in modules:
                 if isinstance(m, _FROZEN_IN_TRAINING) or type(m).__name__ in _MASK_REGULARISERS:
-                    m.training = False
+                    m.__dict__["training"] = False
         yield model
     finally:
         for m, flag in zip(modules, flags):
-            m.training = flag
+            m.__dict__["training"] = flag
 
 
 _FROZEN_IN_TRAINING = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
@@ -605,7 +612,7 @@ Calls = list[tuple[str, list[tuple[int, ...]]]]
 
 
 def record_shapes(model: nn.Module, example_inputs: Any, mode: str, *, meta: bool,
-                  swapped: dict[str, Tensor] | None = None) -> tuple[Calls, str | None]:
+                  swapped: MetaStandIns | None = None) -> tuple[Calls, str | None]:
     """Run ``model`` once in ``mode`` and return its calls (name, output shapes) and the
     first line of the error it raised, if any (``swapped``: meta stand-ins to reuse)."""
     rec = ShapeRecorder()
@@ -620,17 +627,31 @@ def record_shapes(model: nn.Module, example_inputs: Any, mode: str, *, meta: boo
     return rec.calls, error
 
 
-def meta_tensors(model: nn.Module) -> dict[str, Tensor]:
+class MetaStandIns(dict):  # type: ignore[type-arg]
+    """Qualified name -> meta-device stand-in of a parameter or buffer, plus the slots
+    (``module._parameters`` / ``module._buffers`` entries) :func:`call` swaps them into."""
+
+    slots: list[tuple[dict[str, Any], str, Tensor]]
+
+
+def meta_tensors(model: nn.Module) -> MetaStandIns:
     """Meta-device stand-ins for every parameter and buffer (tied tensors stay tied)."""
-    out: dict[str, Tensor] = {}
+    out = MetaStandIns()
+    out.slots = []
     made: dict[int, Tensor] = {}
-    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    for name, t in named:
-        if t is None:
-            continue
-        if id(t) not in made:
-            made[id(t)] = _on_meta(t)
-        out[name] = made[id(t)]
+    seen: set[tuple[int, str]] = set()
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        for store in (mod._parameters, mod._buffers):
+            for key, t in store.items():
+                if t is None:
+                    continue
+                stand = made.get(id(t))
+                if stand is None:
+                    stand = made[id(t)] = _on_meta(t)
+                out[f"{prefix}.{key}" if prefix else key] = stand
+                if (id(store), key) not in seen:  # a module reached by two paths is swapped once
+                    seen.add((id(store), key))
+                    out.slots.append((store, key, stand))
     return out
 
 
@@ -644,20 +665,22 @@ def _on_meta(t: Tensor) -> Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
 
-def call(model: nn.Module, example_inputs: Any, swapped: dict[str, Tensor] | None = None) -> Any:
+def call(model: nn.Module, example_inputs: Any, swapped: MetaStandIns | None = None) -> Any:
     """Call ``model`` on ``example_inputs`` (a tensor, a tuple of args or a dict of kwargs);
     with ``swapped`` (from :func:`meta_tensors`) on the meta device instead, in which case
-    the inputs must already be meta tensors (:func:`to_meta`)."""
+    the inputs must already be meta tensors (:func:`to_meta`). The stand-ins are put in the
+    modules' parameter/buffer dicts for the call (what ``torch.func.functional_call`` does,
+    without its per-name module lookups) and the originals always restored."""
     if swapped is None:
         return _call(model, example_inputs)
-    inputs = example_inputs
-    if isinstance(inputs, dict):
-        args, kwargs = (), inputs
-    elif isinstance(inputs, (tuple, list)):
-        args, kwargs = tuple(inputs), {}
-    else:
-        args, kwargs = (inputs,), {}
-    return torch.func.functional_call(model, swapped, args, kwargs, tie_weights=False, strict=False)
+    old = [(store, key, store[key]) for store, key, _ in swapped.slots]
+    try:
+        for store, key, stand in swapped.slots:
+            store[key] = stand
+        return _call(model, example_inputs)
+    finally:
+        for store, key, orig in old:
+            store[key] = orig
 
 
 class _Mode(TorchFunctionMode):

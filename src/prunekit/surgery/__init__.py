@@ -190,6 +190,7 @@ def _sliced_tensors(model: nn.Module, plan: PruningPlan) -> dict[int, Tensor]:
     checks the plan fits the model before anything changes."""
     new: dict[int, Tensor] = {}
     modules = dict(model.named_modules(remove_duplicate=False))
+    index: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}  # a channel set slices many tensors
     for name, dims in plan.keep.items():
         t = get_tensor(model, name, modules)
         want = plan.shapes.get(name)
@@ -199,7 +200,10 @@ def _sliced_tensors(model: nn.Module, plan: PruningPlan) -> dict[int, Tensor]:
         for dim, idx in sorted(dims.items()):
             if idx and max(idx) >= data.shape[dim]:
                 raise PruningError(f"plan keeps index {max(idx)} of dim {dim} of '{name}' (size {data.shape[dim]})")
-            data = data.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=data.device))
+            key = (tuple(idx), data.device)
+            if key not in index:
+                index[key] = torch.as_tensor(idx, dtype=torch.long, device=data.device)
+            data = data.index_select(dim, index[key])
         new[id(t)] = data if data is not t else data.clone()
     return new
 
