@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 from torch import nn
 
-from prunekit._perf import gc_paused
+from prunekit._perf import engine_call
 from prunekit.allocate import check_ratio, select
 from prunekit.criteria import Criterion, score_groups
 from prunekit.errors import PruningError
@@ -23,7 +23,7 @@ __all__ = ["trace", "plan_for", "prune"]
 log = logging.getLogger(__name__)
 
 
-@gc_paused
+@engine_call
 def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, criterion: str | Criterion,
                     ignore: Iterable[nn.Module | str] | None, ratios: Mapping[str, float] | None,
                     global_ranking: bool, round_to: int, min_channels: int, inplace: bool,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from prunekit._perf import walk
 from prunekit.graph.dependency import ChannelGroup
 from prunekit.registry import Registry
 
@@ -79,7 +80,8 @@ REDUCTIONS = ("sum", "mean", "max")
 
 def parameter_map(model: nn.Module) -> dict[str, Tensor]:
     """Every parameter of ``model`` by qualified name (aliases included)."""
-    return dict(model.named_parameters(remove_duplicate=False))
+    return {f"{prefix}.{k}" if prefix else k: t for prefix, mod in walk(model)
+            for k, t in mod._parameters.items() if t is not None}
 
 
 def slice_norms(t: Tensor, dim: int, p: int) -> Tensor:

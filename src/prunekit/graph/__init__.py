@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit._perf import gc_paused
+from prunekit._perf import engine_call, walk
 from prunekit.errors import PruningError
 from prunekit.graph.dependency import ChannelGroup, GroupMember, build_groups, describe, summarize_unprunable
 from prunekit.graph.rules import RULES, register_rule
@@ -53,8 +53,11 @@ def module_names(model: nn.Module, modules: Iterable[nn.Module | str] | None, op
     """Resolve modules given as objects or qualified names to names; unknown ones raise."""
     if not modules:
         return ()
-    names = dict(model.named_modules())
-    by_id = {id(m): n for n, m in names.items()}
+    names: dict[str, nn.Module] = {}
+    by_id: dict[int, str] = {}
+    for n, m in walk(model):
+        names.setdefault(n, m)
+        by_id.setdefault(id(m), n)
     out = []
     for m in modules:
         if isinstance(m, str):
@@ -78,7 +81,7 @@ def _same_structure(state: TraceState, model: nn.Module, example_inputs: Any, me
         name == op.name and shapes == op.out_shapes for (name, shapes), op in zip(calls, ops))
 
 
-@gc_paused
+@engine_call
 def trace(model: nn.Module, example_inputs: Any, *, ignore: Iterable[nn.Module | str] | None = None,
           modes: tuple[str, ...] = ("eval", "train")) -> DependencyGraph:
     """Trace ``model`` on ``example_inputs`` and return its coupled channel groups.

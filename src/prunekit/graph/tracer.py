@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from prunekit._perf import unique_modules, walk
 from prunekit.graph.labels import compact, zeros_like_shape
 from prunekit.graph.unionfind import UnionFind
 
@@ -132,7 +133,7 @@ class Tracer:
     def __init__(self, model: nn.Module, state: TraceState | None = None) -> None:
         self.model = model
         self.state = state if state is not None else TraceState()
-        named = list(model.named_modules(remove_duplicate=False))  # one walk serves all three maps
+        named = walk(model)
         self.tensor_names: dict[int, str] = {}
         for kind in ("_parameters", "_buffers"):  # a tensor's first parameter name wins, as before buffers
             for prefix, mod in named:
@@ -377,7 +378,7 @@ def model_mode(model: nn.Module, mode: str) -> Any:
     own shape, so the channel flow is the same, and the training pass then differs from the
     eval pass only where the model's own code branches on ``self.training``.
     """
-    modules = list(model.modules())
+    modules = unique_modules(model)
     flags = [m.training for m in modules]
     train = mode == "train"
     try:
@@ -640,7 +641,7 @@ def meta_tensors(model: nn.Module) -> MetaStandIns:
     out.slots = []
     made: dict[int, Tensor] = {}
     seen: set[tuple[int, str]] = set()
-    for prefix, mod in model.named_modules(remove_duplicate=False):
+    for prefix, mod in walk(model):
         for store in (mod._parameters, mod._buffers):
             for key, t in store.items():
                 if t is None:

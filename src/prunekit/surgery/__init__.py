@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prunekit._perf import unique_modules, walk
 from prunekit.errors import PruningError
 from prunekit.plan import AttrFix, PruningPlan
 
@@ -86,7 +87,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan, *, inplace: bool = False, jo
         _check_result(target, plan)
         return _fix_attrs(target, plan, journal, None)
     old_attrs = _snapshot_attrs(target)
-    for mod in target.modules():
+    for mod in unique_modules(target):
         for key, t in list(mod._parameters.items()):
             if t is not None and id(t) in new:
                 journal.set(mod, "param", key, nn.Parameter(new[id(t)], requires_grad=t.requires_grad))
@@ -163,7 +164,7 @@ def _tensor_memo(model: nn.Module, new: dict[int, Tensor]) -> dict[int, Any]:
     for those the plan shrinks (never copied in full), a clone for the rest. Cloning here
     is several times cheaper than ``Tensor.__deepcopy__``; tensor subclasses are left to it."""
     memo: dict[int, Any] = {}
-    for mod in model.modules():
+    for mod in unique_modules(model):
         for store, wrap in ((mod._parameters, True), (mod._buffers, False)):
             for t in store.values():
                 if t is None or id(t) in memo or type(t) is not (nn.Parameter if wrap else Tensor):
@@ -189,7 +190,7 @@ def _sliced_tensors(model: nn.Module, plan: PruningPlan) -> dict[int, Tensor]:
     """New data for every tensor the plan shrinks, keyed by id of the original tensor;
     checks the plan fits the model before anything changes."""
     new: dict[int, Tensor] = {}
-    modules = dict(model.named_modules(remove_duplicate=False))
+    modules = dict(walk(model))
     index: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}  # a channel set slices many tensors
     for name, dims in plan.keep.items():
         t = get_tensor(model, name, modules)
@@ -209,7 +210,7 @@ def _sliced_tensors(model: nn.Module, plan: PruningPlan) -> dict[int, Tensor]:
 
 
 def _check_result(model: nn.Module, plan: PruningPlan) -> None:
-    modules = dict(model.named_modules(remove_duplicate=False))
+    modules = dict(walk(model))
     for name, dims in plan.keep.items():
         t = get_tensor(model, name, modules)
         for dim, idx in dims.items():
@@ -220,7 +221,7 @@ def _check_result(model: nn.Module, plan: PruningPlan) -> None:
 def _share_new_parameters(model: nn.Module) -> None:
     """Tied weights get one new Parameter object each (not one per alias)."""
     seen: dict[int, nn.Parameter] = {}
-    for mod in model.modules():
+    for mod in unique_modules(model):
         for key, p in mod._parameters.items():
             if p is None:
                 continue
@@ -233,7 +234,7 @@ def _share_new_parameters(model: nn.Module) -> None:
 
 def _snapshot_attrs(model: nn.Module) -> dict[int, dict[str, Any]]:
     keys = ("in_channels", "out_channels", "groups")
-    return {id(m): {k: getattr(m, k) for k in keys} for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    return {id(m): {k: getattr(m, k) for k in keys} for m in unique_modules(model) if isinstance(m, nn.modules.conv._ConvNd)}
 
 
 def fix_module_attrs(model: nn.Module, old: dict[int, dict[str, Any]] | None = None, journal: Journal | None = None) -> list[AttrFix]:
@@ -244,7 +245,9 @@ def fix_module_attrs(model: nn.Module, old: dict[int, dict[str, Any]] | None = N
     """
     journal = journal if journal is not None else Journal()
     old = old or {}
-    names = {id(m): n for n, m in model.named_modules()}
+    names: dict[int, str] = {}
+    for n, m in walk(model):
+        names.setdefault(id(m), n)
     changes: list[AttrFix] = []
 
     def put(mod: nn.Module, attr: str, value: Any) -> None:
@@ -252,7 +255,7 @@ def fix_module_attrs(model: nn.Module, old: dict[int, dict[str, Any]] | None = N
             journal.set(mod, "attr", attr, value)
             changes.append(AttrFix(names.get(id(mod), "?"), attr, value))
 
-    for mod in model.modules():
+    for mod in unique_modules(model):
         w = getattr(mod, "weight", None) if isinstance(getattr(mod, "weight", None), Tensor) else None
         if isinstance(mod, nn.modules.conv._ConvNd) and w is not None:
             prev = old.get(id(mod), {"in_channels": mod.in_channels, "out_channels": mod.out_channels, "groups": mod.groups})

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from prunekit._perf import walk
 from prunekit.graph import DependencyGraph
 from prunekit.graph.tracer import OpRecord, record_shapes
 from prunekit.plan import AttrFix, PruningPlan
@@ -35,7 +36,8 @@ def make_plan(model: nn.Module, graph: DependencyGraph, gone: Tensor) -> Pruning
     """Kept indices for every tensor dim that loses channels (no attribute fixes yet)."""
     keep: dict[str, dict[int, list[int]]] = {}
     shapes: dict[str, list[int]] = {}
-    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    tensors = {f"{prefix}.{k}" if prefix else k: t for prefix, mod in walk(model)
+               for store in (mod._parameters, mod._buffers) for k, t in store.items() if t is not None}
     done: set[tuple[str, int]] = set()
     g = gone.numpy()
     for m in graph.members:
