@@ -8,7 +8,6 @@ from typing import Any, Iterable
 import logging
 
 import numpy as np
-import torch
 from torch import nn
 
 from prunekit._perf import engine_call, walk
