@@ -75,6 +75,16 @@ def elementwise(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs:
     nd = out.ndim
     if len(ins) == 1 and len(outs) == 1 and ins[0].ndim == nd:
         return [tr.lab(ins[0])]  # unary: the output carries the input's channels
+    if len(ins) == 2 and len(outs) == 1 and ins[0].ndim == nd == ins[1].ndim:
+        # Fast path for the common binary case (residual add, SE scale): both labels vary
+        # along the same dims, where neither operand broadcasts, and carry no untracked
+        # element. The channels are tied and the output carries them.
+        la, lb = tr.lab(ins[0]), tr.lab(ins[1])
+        if la.shape == lb.shape and all(n == 1 or (ins[0].shape[d] == ins[1].shape[d] == out.shape[d])
+                                        for d, n in enumerate(la.shape)) \
+                and la.numpy().all() and lb.numpy().all():
+            tr.union(la, lb)
+            return [la]
     ops = [(align(tr.lab(t), nd), (1,) * (nd - t.ndim) + tuple(t.shape)) for t in ins if t.ndim <= nd]
     used: list[Tensor] = []
     for i, (lab, shape) in enumerate(ops):

@@ -260,6 +260,9 @@ class Tracer:
         lab = self.lab(t)
         dim = dim % t.ndim
         size = t.shape[dim]
+        if lab.numel() == lab.shape[dim]:  # varies along ``dim`` only (or nowhere): nothing to tie
+            vec = lab.reshape(-1)
+            return vec.expand(size).clone() if vec.numel() == 1 else vec
         if lab.shape[dim] == 1:
             moved = lab.movedim(dim, 0).reshape(1, -1)
         else:
