@@ -11,6 +11,7 @@ then finds it::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -84,21 +85,29 @@ def parameter_map(model: nn.Module) -> dict[str, Tensor]:
             for k, t in mod._parameters.items() if t is not None}
 
 
-def slice_norms(t: Tensor, dim: int, p: int) -> Tensor:
-    """``||t.select(dim, i)||_p ** p`` for every index ``i`` of ``dim``, as float64.
+_SMALL = 1 << 16  # CPU tensors up to this size are reduced in numpy: less per-call overhead
+
+
+def slice_norms(t: Tensor, dim: int, p: int) -> np.ndarray:
+    """``||t.select(dim, i)||_p ** p`` for every index ``i`` of ``dim``, as a float64 array.
 
     Reductions over a non-leading dim of a big weight (a conv's input channels) are slow
     when strided, so the tensor is viewed as ``(outer, size, inner)`` and reduced over its
     contiguous inner extent first (an einsum for p=2)."""
-    t = t.detach().float()
-    if t.ndim == 1:
-        return t.abs().double().pow(p)
+    t = t.detach()
     size = t.shape[dim]
+    outer = math.prod(t.shape[:dim])
+    if t.device.type == "cpu" and t.numel() <= _SMALL and t.dtype in (torch.float32, torch.float64):
+        a = np.abs(t.numpy().reshape(outer, size, -1).astype(np.float64))
+        return (a * a if p == 2 else a ** p).sum(axis=(0, 2))
+    t = t.float()
+    if t.ndim == 1:
+        return t.abs().double().pow(p).cpu().numpy()
     if dim == 0:
-        return torch.linalg.vector_norm(t.reshape(size, -1), ord=p, dim=1).double().pow(p)
-    v = t.reshape(int(np.prod(t.shape[:dim])), size, -1)
+        return torch.linalg.vector_norm(t.reshape(size, -1), ord=p, dim=1).double().pow(p).cpu().numpy()
+    v = t.reshape(outer, size, -1)
     per = torch.einsum("asb,asb->as", v, v) if p == 2 else v.abs().pow(p).sum(2)
-    return per.sum(0).double()
+    return per.sum(0).double().cpu().numpy()
 
 
 def norm_members(model: nn.Module, group: ChannelGroup, p: int, *, roles: tuple[str, ...] = ("out", "in", "norm"),
@@ -109,20 +118,24 @@ def norm_members(model: nn.Module, group: ChannelGroup, p: int, *, roles: tuple[
     the model's parameter names for every group."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: one of {', '.join(REDUCTIONS)}")
-    scores = np.zeros(group.size, dtype=np.float64)
-    counts = np.zeros(group.size, dtype=np.float64)
     params = parameter_map(model) if params is None else params
+    chans, vals = [], []
     for m in group.members:
         if m.role not in roles or m.tensor not in params:
             continue
-        vals = slice_norms(params[m.tensor], m.dim, p).cpu().numpy()
         ok = m.channel >= 0
-        if reduction == "max":
-            np.maximum.at(scores, m.channel[ok], vals[ok])
-        else:  # bincount sums indices that repeat (a channel used twice by one tensor)
-            scores += np.bincount(m.channel[ok], weights=vals[ok], minlength=group.size)
-            counts += np.bincount(m.channel[ok], minlength=group.size)
-    return scores / np.maximum(counts, 1.0) if reduction == "mean" else scores
+        chans.append(m.channel[ok])
+        vals.append(slice_norms(params[m.tensor], m.dim, p)[ok])
+    scores = np.zeros(group.size, dtype=np.float64)
+    if not chans:
+        return scores
+    c, v = np.concatenate(chans), np.concatenate(vals)
+    if reduction == "max":
+        np.maximum.at(scores, c, v)
+        return scores
+    # bincount sums indices that repeat (a channel used twice by one tensor)
+    scores = np.bincount(c, weights=v, minlength=group.size)
+    return scores / np.maximum(np.bincount(c, minlength=group.size), 1.0) if reduction == "mean" else scores
 
 
 def _params(model: nn.Module, ctx: dict[str, Any]) -> dict[str, Tensor] | None:
