@@ -124,13 +124,15 @@ def copy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Mod
         elif key in ("_parameters", "_buffers"):
             state[key] = type(value)((k, memo[id(t)] if t is not None and id(t) in memo else copy.deepcopy(t, memo))
                                      for k, t in value.items())
+        elif type(value) in _ATOMIC:
+            state[key] = value
         else:
             state[key] = _copy_value(value, memo)
     new.__setstate__(state)  # as deepcopy does (modules fill in attributes added since)
     return new
 
 
-_ATOMIC = (int, float, bool, str, complex, bytes, type(None), torch.dtype)
+_ATOMIC = frozenset({int, float, bool, str, complex, bytes, type(None), torch.dtype})
 
 
 def _copy_value(value: Any, memo: dict[int, Any]) -> Any:
