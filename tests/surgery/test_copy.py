@@ -80,3 +80,16 @@ def test_copy_module_on_a_torchvision_model_gives_the_same_function() -> None:
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(c(x), m(x))
     assert c.training == m.training and c.features[1].block[1].avgpool.output_size == 1
+
+
+def test_blockwise_slicing_matches_plain_index_select(monkeypatch) -> None:
+    import prunekit.surgery as surgery
+
+    torch.manual_seed(0)
+    for shape in ((64, 50, 3, 3), (300, 40)):
+        w = torch.randn(*shape)
+        picks = [(0, torch.randperm(shape[0])[: shape[0] // 2].sort().values),
+                 (1, torch.randperm(shape[1])[:7].sort().values)]
+        ref = w.index_select(0, picks[0][1]).index_select(1, picks[1][1])
+        monkeypatch.setattr(surgery, "_BIG", 100)  # force blocks of a few rows
+        assert torch.equal(surgery._select(w, picks), ref)

@@ -200,15 +200,44 @@ def _sliced_tensors(model: nn.Module, plan: PruningPlan) -> dict[int, Tensor]:
         if want is not None and list(t.shape) != list(want):
             raise PruningError(f"plan does not fit the model: '{name}' has shape {list(t.shape)}, plan expects {want}")
         data = t.detach()
+        picks = []
         for dim, idx in sorted(dims.items()):
             if idx and max(idx) >= data.shape[dim]:
                 raise PruningError(f"plan keeps index {max(idx)} of dim {dim} of '{name}' (size {data.shape[dim]})")
             key = (tuple(idx), data.device)
             if key not in index:
                 index[key] = torch.as_tensor(idx, dtype=torch.long, device=data.device)
-            data = data.index_select(dim, index[key])
-        new[id(t)] = data if data is not t else data.clone()
+            picks.append((dim, index[key]))
+        sliced = _select(data, picks)
+        new[id(t)] = sliced if sliced is not t else sliced.clone()
     return new
+
+
+_BIG = 1 << 22  # elements: a weight sliced along two dims above this is done in blocks
+
+
+def _select(data: Tensor, picks: list[tuple[int, Tensor]]) -> Tensor:
+    """``data`` indexed by ``index_select`` along each (dim, index) of ``picks``.
+
+    A big weight sliced along two dims (a classifier's inputs and outputs) is gathered a
+    block of the first dim at a time into the final tensor, so the half-sliced
+    intermediate (hundreds of MB for a VGG classifier) never exists."""
+    if len(picks) < 2 or data.numel() < _BIG:
+        for dim, idx in picks:
+            data = data.index_select(dim, idx)
+        return data
+    (d0, i0), rest = picks[0], picks[1:]
+    shape = list(data.shape)
+    for dim, idx in picks:
+        shape[dim] = len(idx)
+    out = data.new_empty(shape)
+    step = max(1, _BIG // max(1, data.numel() // data.shape[d0]))
+    for k in range(0, len(i0), step):
+        blk = data.index_select(d0, i0[k:k + step])
+        for dim, idx in rest:
+            blk = blk.index_select(dim, idx)
+        out.narrow(d0, k, blk.shape[d0]).copy_(blk)
+    return out
 
 
 def _check_result(model: nn.Module, plan: PruningPlan) -> None:
