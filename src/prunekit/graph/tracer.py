@@ -313,8 +313,13 @@ class Tracer:
         # Labels of the tracked inputs as stored (any atom id maps to its channel later).
         in_labs = [self.values[id(t)][1] for t in ins if id(t) in self.values]
         # Inputs' labels are canonical for the version they were read at: unless the rule
-        # itself joined atoms, its outputs need no re-mapping, only compacting.
-        labs = [self.canon(lab) if self.version != version else compact(lab) for lab in labs]
+        # itself joined atoms, its outputs need no re-mapping, only compacting (and an
+        # input's own label, passed through, is compact already).
+        if self.version != version:
+            labs = [self.canon(lab) for lab in labs]
+        else:
+            known = {id(lab) for lab in in_labs}
+            labs = [lab if id(lab) in known else compact(lab) for lab in labs]
         for t, lab in zip(outs, labs):
             self.set(t, lab)
             if lab.ndim and sum(s > 1 for s in lab.shape) >= 2:
