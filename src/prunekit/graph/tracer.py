@@ -559,6 +559,8 @@ def _meta_mean(x: Tensor, dim: Any = None, keepdim: bool = False, *, dtype: torc
     if dim is None or dtype is not None or not x.is_floating_point() or not x.is_contiguous():
         return None
     dims = {d % x.ndim for d in ((dim,) if isinstance(dim, int) else dim)} if x.ndim else set()
+    if not dims:
+        return None  # mean over no listed dim: let the kernel apply its own rule
     shape = [1 if i in dims else s for i, s in enumerate(x.shape)] if keepdim else \
         [s for i, s in enumerate(x.shape) if i not in dims]
     return torch.empty(shape, dtype=x.dtype, device="meta")
