@@ -69,9 +69,13 @@ def test_only_one_budget_and_in_range() -> None:
         pk.prune(model, X, target_params=1.5)
 
 
-def test_latency_budget_builds_a_table_when_none_is_given() -> None:
+def test_latency_budget_builds_a_table_when_none_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prunekit.measure import latency_table
     from prunekit.zoo.models import create_model as make
 
+    # The table is built through the real path, but each layer's "time" is its weight count:
+    # timings of a tiny model on a loaded machine are noise, and this test is about the solver.
+    monkeypatch.setattr(latency_table, "_time", lambda layer, *a, **k: 1e-3 * layer.weight.numel() + 1e-3)
     model = make("small_cnn", in_chans=1).eval()
     x = torch.randn(1, 1, 8, 8)
     _, plan = pk.prune(model, x, target_latency=0.7, return_plan=True)
