@@ -16,7 +16,7 @@ from prunekit.errors import PruningError
 from prunekit.graph import DependencyGraph, module_names, trace
 from prunekit.measure import count_flops, count_params
 from prunekit.plan import PruningPlan
-from prunekit.surgery import Journal, apply_plan
+from prunekit.surgery import Journal, apply_plan, copy_module
 from prunekit.surgery.validate import attribute_fixes, check, expected_shapes, make_plan, removed_atoms
 
 __all__ = ["trace", "plan_for", "prune"]
@@ -266,7 +266,5 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, criterio
                                 target_flops=target_flops, target_params=target_params,
                                 target_latency=target_latency, latency_table=latency_table)
     if pruned is model and not inplace:
-        import copy
-
-        pruned = copy.deepcopy(model)
+        pruned = copy_module(model)
     return (pruned, p) if return_plan else pruned

@@ -20,7 +20,7 @@ from prunekit._perf import unique_modules, walk
 from prunekit.errors import PruningError
 from prunekit.plan import AttrFix, PruningPlan
 
-__all__ = ["Journal", "apply_plan", "fix_module_attrs", "get_tensor"]
+__all__ = ["Journal", "apply_plan", "copy_module", "fix_module_attrs", "get_tensor"]
 
 
 def get_tensor(model: nn.Module, name: str, modules: dict[str, nn.Module] | None = None) -> Tensor:
