@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from prunekit.graph.labels import align, compact, zeros_like_shape
-from prunekit.graph.tracer import Tracer, tensors_in
+from prunekit.graph.tracer import NeedsRealTensors, Tracer, tensors_in
 
 Rule = Callable[[Tracer, str, Callable[..., Any], tuple[Any, ...], dict[str, Any], list[Tensor], list[Tensor]], list[Tensor]]
 RULES: dict[str, Rule] = {}
@@ -127,9 +127,12 @@ def shape_op(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: di
 
     def run(dtype: torch.dtype) -> list[Tensor]:
         def sub(x: Any) -> Any:
-            # Integer/bool tensors are indices (gather, masks): they stay as they are.
+            # Integer/bool tensors are indices (gather, masks): they stay as they are, and
+            # their values must exist (on the meta device they do not).
             if isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex()):
                 return tr.full(x, dtype)
+            if isinstance(x, Tensor) and x.device.type == "meta":
+                raise NeedsRealTensors(f"op '{name}' in module '{tr.current}' indexes channels with tensor values")
             return x
 
         largs, lkwargs = tree_map(sub, (args, kwargs))
@@ -179,6 +182,8 @@ def setitem(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dic
             ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
     """``x[idx] = y`` rewrites part of x's labels in place."""
     target = args[0]
+    if any(t.device.type == "meta" and not (t.is_floating_point() or t.is_complex()) for t in tensors_in(args[1])):
+        raise NeedsRealTensors(f"op 'setitem' in module '{tr.current}' indexes channels with tensor values")
     lab = tr.full(target)
     value = args[2]
     lab[args[1]] = tr.full(value) if isinstance(value, Tensor) else 0.0

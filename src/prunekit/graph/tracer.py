@@ -37,6 +37,11 @@ class Member:
     role: str  # "out" (a producer's filters), "in" (a consumer's inputs), "norm" (per-channel)
 
 
+class NeedsRealTensors(Exception):
+    """Raised during a meta-device trace when a rule needs tensor *values* (an index
+    tensor), which meta tensors do not have: the trace is then redone with real tensors."""
+
+
 SIZE_ARG_OPS = frozenset({"view", "reshape", "expand", "broadcast_to", "unflatten", "split", "split_with_sizes",
                           "layer_norm", "rms_norm"})
 """Ops whose non-tensor arguments hold sizes that pruning may have to rewrite (the only
