@@ -7,7 +7,7 @@ import functools
 import gc
 from typing import Any, Callable, TypeVar
 
-from torch import nn
+from torch import Tensor, nn
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -51,6 +51,15 @@ def walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if hit is None or hit[0] is not model:
         hit = cache[id(model)] = (model, list(model.named_modules(remove_duplicate=False)))
     return hit[1]
+
+
+def named_tensors(model: nn.Module, stores: tuple[str, ...] = ("_parameters", "_buffers")
+                  ) -> list[tuple[str, dict[str, Any], str, Tensor]]:
+    """``(qualified name, store, key, tensor)`` for every non-None entry of each module's
+    ``stores`` (``_parameters`` and/or ``_buffers``) in :func:`walk` order, aliases included."""
+    return [(f"{prefix}.{key}" if prefix else key, store, key, t)
+            for prefix, mod in walk(model) for kind in stores
+            for store in (getattr(mod, kind),) for key, t in store.items() if t is not None]
 
 
 def unique_modules(model: nn.Module) -> list[nn.Module]:

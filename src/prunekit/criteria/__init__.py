@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from prunekit._perf import walk
+from prunekit._perf import named_tensors
 from prunekit.graph.dependency import ChannelGroup
 from prunekit.registry import Registry
 
@@ -81,8 +81,7 @@ REDUCTIONS = ("sum", "mean", "max")
 
 def parameter_map(model: nn.Module) -> dict[str, Tensor]:
     """Every parameter of ``model`` by qualified name (aliases included)."""
-    return {f"{prefix}.{k}" if prefix else k: t for prefix, mod in walk(model)
-            for k, t in mod._parameters.items() if t is not None}
+    return {name: t for name, _, _, t in named_tensors(model, ("_parameters",))}
 
 
 _SMALL = 1 << 16  # CPU tensors up to this size are reduced in numpy: less per-call overhead

@@ -173,22 +173,14 @@ def build_groups(state: TraceState, model: nn.Module) -> tuple[list[ChannelGroup
         seen.add(key)
         cids = np.where(m.atoms != 0, comp[m.atoms], -1)
         g = group_of[cids]
-        valid = g[g >= 0]
-        if not len(valid):
-            continue
-        lo, hi = valid.min(), valid.max()
-        for gi in ((lo,) if lo == hi else np.unique(valid)):  # most members touch one group
+        for gi in _present(g):
             per_group[int(gi)].append(GroupMember(m.tensor, m.dim, m.role, np.where(g == gi, local_of[cids], -1)))
     producers: list[list[np.ndarray]] = [[] for _ in group_chans]
     for s in active_sources:
         cids = np.unique(comp[s.start:s.stop])
         cids = cids[cids >= 0]
         gids = group_of[cids]
-        valid = gids[gids >= 0]
-        if not len(valid):
-            continue
-        lo, hi = valid.min(), valid.max()
-        for gi in ((lo,) if lo == hi else np.unique(valid)):
+        for gi in _present(gids):
             producers[int(gi)].append(np.sort(local_of[cids[gids == gi]]))
     groups: list[ChannelGroup] = []
     for chans, gm, prods in zip(group_chans, per_group, producers):
@@ -199,6 +191,15 @@ def build_groups(state: TraceState, model: nn.Module) -> tuple[list[ChannelGroup
         groups.append(ChannelGroup(len(groups), _group_name(gm), chans.astype(np.int64), why < 0,
                                    group_reasons, tuple(gm), tuple(prods)))
     return groups, comp, members
+
+
+def _present(gids: np.ndarray) -> np.ndarray:
+    """The distinct group ids (>= 0) in ``gids``; most members and producers touch a single
+    group, which a min/max check finds without sorting."""
+    valid = gids[gids >= 0]
+    if len(valid) and valid.min() == valid.max():
+        return valid[:1]
+    return np.unique(valid)
 
 
 def _param_members(state: TraceState, comp: np.ndarray, model: nn.Module) -> list[Member]:

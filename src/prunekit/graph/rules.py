@@ -131,8 +131,8 @@ def shape_op(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: di
             # their values must exist (on the meta device they do not).
             if isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex()):
                 return tr.full(x, dtype)
-            if isinstance(x, Tensor) and x.device.type == "meta":
-                raise NeedsRealTensors(f"op '{name}' in module '{tr.current}' indexes channels with tensor values")
+            if isinstance(x, Tensor):
+                _need_values(tr, name, [x])
             return x
 
         largs, lkwargs = tree_map(sub, (args, kwargs))
@@ -177,13 +177,19 @@ def pad(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[st
     return spatial(tr, name, func, args, kwargs, ins, outs)
 
 
+def _need_values(tr: Tracer, name: str, indices: list[Tensor]) -> None:
+    """Index tensors whose values decide the channel flow must have values: a meta one
+    stops the meta trace (which is then redone with real tensors)."""
+    if any(t.device.type == "meta" for t in indices):
+        raise NeedsRealTensors(f"op '{name}' in module '{tr.current}' indexes channels with tensor values")
+
+
 @register_rule("setitem")
 def setitem(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
             ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
     """``x[idx] = y`` rewrites part of x's labels in place."""
     target = args[0]
-    if any(t.device.type == "meta" and not (t.is_floating_point() or t.is_complex()) for t in tensors_in(args[1])):
-        raise NeedsRealTensors(f"op 'setitem' in module '{tr.current}' indexes channels with tensor values")
+    _need_values(tr, name, [t for t in tensors_in(args[1]) if not (t.is_floating_point() or t.is_complex())])
     lab = tr.full(target)
     value = args[2]
     lab[args[1]] = tr.full(value) if isinstance(value, Tensor) else 0.0

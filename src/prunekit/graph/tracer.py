@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from prunekit._perf import unique_modules, walk
+from prunekit._perf import named_tensors, unique_modules, walk
 from prunekit.graph.labels import compact, zeros_like_shape
 from prunekit.graph.unionfind import UnionFind
 
@@ -138,14 +138,11 @@ class Tracer:
     def __init__(self, model: nn.Module, state: TraceState | None = None) -> None:
         self.model = model
         self.state = state if state is not None else TraceState()
-        named = walk(model)
         self.tensor_names: dict[int, str] = {}
         for kind in ("_parameters", "_buffers"):  # a tensor's first parameter name wins, as before buffers
-            for prefix, mod in named:
-                for key, t in getattr(mod, kind).items():
-                    if t is not None:
-                        self.tensor_names.setdefault(id(t), f"{prefix}.{key}" if prefix else key)
-        self.module_names = {id(m): n for n, m in named}
+            for name, _, _, t in named_tensors(model, (kind,)):
+                self.tensor_names.setdefault(id(t), name)
+        self.module_names = {id(m): n for n, m in walk(model)}
         self.values: dict[int, tuple[tuple[int, ...], Tensor, int]] = {}
         self.version = 0  # bumped on every new union: labels older than it may shrink
         self.keep_alive: list[Tensor] = []
@@ -438,11 +435,12 @@ def _inplace_position(func: Callable[..., Any]) -> int | None:
 
 
 def meta_shortcut(func: Callable[..., Any], args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> Tensor | None:
-    """Output of a channel norm or an activation on a meta tensor without running it (their
-    meta kernels are slow Python decompositions, most of a meta forward's time); None when
-    ``func`` is not one or the input is not meta. A norm's per-channel tensors are still
-    checked against the input's channels, so a broken pruned model fails here as it would
-    for real."""
+    """Output of a common op (activation, element-wise binary, adaptive pool, mean, linear,
+    conv2d, channel norm) on a meta tensor without running it (their meta kernels are slow
+    Python decompositions, most of a meta forward's time); None when ``func`` is not one, the
+    input is not meta, or the call is unusual enough to leave to the kernel. Sizes are still
+    checked (a norm's per-channel tensors against the input's channels, a conv's groups...),
+    so a broken pruned model fails here as it would for real."""
     if not args or not isinstance(args[0], Tensor) or args[0].device.type != "meta":
         return None
     x = args[0]
@@ -451,7 +449,7 @@ def meta_shortcut(func: Callable[..., Any], args: tuple[Any, ...] | list[Any], k
     if func in _ACTIVATIONS:
         pos = _inplace_position(func)
         inplace = kwargs.get("inplace", args[pos] if pos is not None and len(args) > pos else False)
-        return x if inplace is True else _like(x)
+        return x if inplace is True else _on_meta(x)
     binary = _BINARY.get(func)  # type: ignore[call-overload]
     if binary is not None:
         return _meta_binary(x, args, kwargs, inplace=binary[0], div=binary[1])
@@ -477,11 +475,6 @@ def meta_shortcut(func: Callable[..., Any], args: tuple[Any, ...] | list[Any], k
         groups = kwargs.get("num_groups", args[1] if len(args) > 1 else None)
         if isinstance(groups, int) and x.shape[1] % groups:
             raise RuntimeError(f"group_norm: {x.shape[1]} channels are not divisible by {groups} groups")
-    return _like(x)
-
-
-def _like(x: Tensor) -> Tensor:
-    """``torch.empty_like(x)`` on meta at a fraction of its cost (it runs a Python decomposition)."""
     return _on_meta(x)
 
 
@@ -604,7 +597,7 @@ def _meta_layer_norm(x: Tensor, normalized_shape: Any, weight: Tensor | None = N
             t is not None and tuple(t.shape) != shape for t in (weight, bias)):
         raise RuntimeError(f"layer_norm: input {tuple(x.shape)} does not end in normalized_shape {shape} "
                            "(or weight/bias differ)")
-    return _like(x)
+    return _on_meta(x)
 
 
 class ShapeRecorder(TorchFunctionMode):
@@ -656,18 +649,14 @@ def meta_tensors(model: nn.Module) -> MetaStandIns:
     out.slots = []
     made: dict[int, Tensor] = {}
     seen: set[tuple[int, str]] = set()
-    for prefix, mod in walk(model):
-        for store in (mod._parameters, mod._buffers):
-            for key, t in store.items():
-                if t is None:
-                    continue
-                stand = made.get(id(t))
-                if stand is None:
-                    stand = made[id(t)] = _on_meta(t)
-                out[f"{prefix}.{key}" if prefix else key] = stand
-                if (id(store), key) not in seen:  # a module reached by two paths is swapped once
-                    seen.add((id(store), key))
-                    out.slots.append((store, key, stand))
+    for name, store, key, t in named_tensors(model):
+        stand = made.get(id(t))
+        if stand is None:
+            stand = made[id(t)] = _on_meta(t)
+        out[name] = stand
+        if (id(store), key) not in seen:  # a module reached by two paths is swapped once
+            seen.add((id(store), key))
+            out.slots.append((store, key, stand))
     return out
 
 

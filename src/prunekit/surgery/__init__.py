@@ -121,11 +121,8 @@ def copy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Mod
             continue
         if key == "_modules":
             state[key] = type(value)((k, None if m is None else copy_module(m, memo)) for k, m in value.items())
-        elif key in ("_parameters", "_buffers"):
-            state[key] = type(value)((k, memo[id(t)] if t is not None and id(t) in memo else copy.deepcopy(t, memo))
-                                     for k, t in value.items())
-        elif type(value) in _ATOMIC:
-            state[key] = value
+        elif key in ("_parameters", "_buffers"):  # deepcopy returns the memo's prepared copies
+            state[key] = type(value)((k, copy.deepcopy(t, memo)) for k, t in value.items())
         else:
             state[key] = _copy_value(value, memo)
     new.__setstate__(state)  # as deepcopy does (modules fill in attributes added since)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from prunekit._perf import walk
+from prunekit._perf import named_tensors
 from prunekit.graph import DependencyGraph
 from prunekit.graph.tracer import OpRecord, record_shapes
 from prunekit.plan import AttrFix, PruningPlan
@@ -36,8 +36,7 @@ def make_plan(model: nn.Module, graph: DependencyGraph, gone: Tensor) -> Pruning
     """Kept indices for every tensor dim that loses channels (no attribute fixes yet)."""
     keep: dict[str, dict[int, list[int]]] = {}
     shapes: dict[str, list[int]] = {}
-    tensors = {f"{prefix}.{k}" if prefix else k: t for prefix, mod in walk(model)
-               for store in (mod._parameters, mod._buffers) for k, t in store.items() if t is not None}
+    tensors = {name: t for name, _, _, t in named_tensors(model)}
     done: set[tuple[str, int]] = set()
     g = gone.numpy()
     for m in graph.members:
