@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prunekit.graph.tracer import meta_shortcut
+from prunekit.graph.meta import meta_shortcut
 
 
 def test_norm_shortcut_checks_channels_like_the_kernel() -> None:

@@ -7,7 +7,7 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 import prunekit as pk
-from prunekit.graph.tracer import model_mode
+from prunekit.runtime import model_mode
 
 
 class Regularised(nn.Module):

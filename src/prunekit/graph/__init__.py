@@ -14,11 +14,14 @@ from prunekit._perf import engine_call, walk
 from prunekit.errors import PruningError
 from prunekit.graph.dependency import ChannelGroup, GroupMember, build_groups, describe, summarize_unprunable
 from prunekit.graph.rules import RULES, register_rule
-from prunekit.graph.tracer import Member, MetaStandIns, TraceState, Tracer, meta_tensors, record_shapes
+from prunekit.graph.meta import MetaStandIns, meta_tensors
+from prunekit.graph.shapes import record_shapes
+from prunekit.graph.tracer import Member, OpRecord, TraceState, Tracer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChannelGroup", "DependencyGraph", "GroupMember", "RULES", "register_rule", "trace", "module_names"]
+__all__ = ["ChannelGroup", "DependencyGraph", "GroupMember", "OpRecord", "RULES", "record_shapes", "register_rule", "trace",
+           "module_names"]
 
 
 @dataclass

@@ -107,7 +107,8 @@ def count_flops(model: nn.Module, example_inputs: Any, *, meta: bool = False) ->
     """
     _register_cpu_attention_flops()
     if meta:
-        from prunekit.graph.tracer import call, meta_tensors, to_meta
+        from prunekit.graph.meta import meta_tensors, to_meta
+        from prunekit.runtime import call
 
         swapped, meta_inputs = meta_tensors(model), to_meta(example_inputs)
 

@@ -16,8 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit._perf import named_tensors
-from prunekit.graph import DependencyGraph
-from prunekit.graph.tracer import OpRecord, record_shapes
+from prunekit.graph import DependencyGraph, OpRecord, record_shapes
 from prunekit.plan import AttrFix, PruningPlan
 
 Shapes = list[list[tuple[int, ...]]]
