@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunekit.runtime import call_model, infer_device, to_device
+
 Batch = tuple[Any, Tensor | None]
 """One calibration batch: ``(inputs, targets or None)``."""
 
@@ -22,22 +24,9 @@ def as_batch(item: Any) -> Batch:
     return item, None
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (CPU for a parameter-free model)."""
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def call_on_device(model: nn.Module, x: Any) -> Any:
-    """Call ``model`` on a batch's inputs (tensor, tuple of args or dict of kwargs), moved to its device."""
-    dev = model_device(model)
-    if isinstance(x, Tensor):
-        return model(x.to(dev))
-    if isinstance(x, (tuple, list)):
-        return model(*[t.to(dev) if isinstance(t, Tensor) else t for t in x])
-    if isinstance(x, dict):
-        return model(**{k: v.to(dev) if isinstance(v, Tensor) else v for k, v in x.items()})
-    return model(x)
+    """Call ``model`` on a batch's inputs (see :func:`prunekit.runtime.call_model`), moved to its device."""
+    return call_model(model, to_device(x, infer_device(model, x)))
 
 
 def reconstructable(m: nn.Module) -> bool:

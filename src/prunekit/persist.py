@@ -16,34 +16,11 @@ from typing import Any, Callable
 from torch import nn
 
 from prunekit.plan import PruningPlan
+from prunekit.runtime import atomic_write, default_file_mode as _default_mode
 from prunekit.surgery import apply_plan
 
 WEIGHTS = "model.safetensors"
 PLAN = "plan.json"
-
-
-def _default_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:
-    """Write ``data`` to ``path`` atomically (same-directory temp file, fsync, replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, _default_mode())  # mkstemp makes owner-only files; give the usual ones
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save(model: nn.Module, plan: PruningPlan, directory: str | os.PathLike[str], *,

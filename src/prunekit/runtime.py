@@ -1,11 +1,26 @@
-"""Runtime helpers shared by the tracer, measurement and surgery: calling a model on
-example inputs and switching its train/eval flags."""
+"""Runtime helpers shared by the tracer, measurement, recovery and persistence: calling a
+model on example inputs, where it runs, switching its train/eval flags, atomic files.
+
+``example_inputs`` throughout prunekit may be:
+
+* a single ``torch.Tensor`` -> ``model(x)``
+* a ``tuple`` or ``list`` of positional arguments -> ``model(*args)``
+* a ``dict`` of keyword arguments -> ``model(**kwargs)``
+
+Anything else is passed as the single positional argument. To pass one list or
+tuple *as a single argument*, wrap it: ``(my_list,)``.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from prunekit._perf import unique_modules
@@ -14,35 +29,96 @@ if TYPE_CHECKING:
     from prunekit.graph.meta import MetaStandIns
 
 
+def call_model(model: nn.Module | Any, example_inputs: Any) -> Any:
+    """Call ``model`` with ``example_inputs`` in any of the supported forms.
+
+    A tensor is passed as the only positional argument, a tuple/list is unpacked
+    as positional arguments, a dict is unpacked as keyword arguments; any other
+    object is passed as the only positional argument.
+
+    Returns:
+        Whatever ``model(...)`` returns.
+    """
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    return model(example_inputs)
+
+
 def call(model: nn.Module, example_inputs: Any, swapped: MetaStandIns | None = None) -> Any:
-    """Call ``model`` on ``example_inputs`` (a tensor, a tuple of args or a dict of kwargs);
-    with ``swapped`` (from :func:`prunekit.graph.meta.meta_tensors`) on the meta device instead, in which case
-    the inputs must already be meta tensors (:func:`prunekit.graph.meta.to_meta`). The stand-ins are put in the
-    modules' parameter/buffer dicts for the call (what ``torch.func.functional_call`` does,
-    without its per-name module lookups) and the originals always restored."""
+    """Call ``model`` on ``example_inputs`` (see :func:`call_model`); with ``swapped``
+    (from :func:`prunekit.graph.meta.meta_tensors`) on the meta device instead, in which
+    case the inputs must already be meta tensors (:func:`prunekit.graph.meta.to_meta`).
+    The stand-ins are put in the modules' parameter/buffer dicts for the call (what
+    ``torch.func.functional_call`` does, without its per-name module lookups) and the
+    originals always restored."""
     if swapped is None:
-        return _call(model, example_inputs)
+        return call_model(model, example_inputs)
     old = [(store, key, store[key]) for store, key, _ in swapped.slots]
     try:
         for store, key, stand in swapped.slots:
             store[key] = stand
-        return _call(model, example_inputs)
+        return call_model(model, example_inputs)
     finally:
         for store, key, orig in old:
             store[key] = orig
 
 
-def _call(model: nn.Module, example_inputs: Any) -> Any:
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
+def model_device(model: nn.Module) -> torch.device | None:
+    """Return the device of the model's first parameter/buffer, or ``None`` if it has none."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
+def infer_device(model: nn.Module, example_inputs: Any = None) -> torch.device:
+    """The device a forward runs on: the model's, else the first input tensor's, else CPU."""
+    dev = model_device(model)
+    if dev is None:
+        t = first_tensor(example_inputs)
+        dev = t.device if t is not None else torch.device("cpu")
+    return dev
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Recursively move tensors in ``obj`` (tensor/tuple/list/dict) to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def first_tensor(obj: Any) -> torch.Tensor | None:
+    """Return the first tensor found depth-first in ``obj``, or ``None``."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        items: Any = obj
+    elif isinstance(obj, dict):
+        items = obj.values()
+    else:
+        return None
+    for o in items:
+        t = first_tensor(o)
+        if t is not None:
+            return t
+    return None
 
 
 @contextlib.contextmanager
-def model_mode(model: nn.Module, mode: str) -> Any:
+def model_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
     """Put ``model`` in 'eval' or 'train' mode, restoring every module's flag afterwards.
+
+    Flags are restored per submodule (not ``model.train(was_training)``), so mixed states
+    such as a training model with frozen BatchNorm layers survive the block.
 
     Training mode keeps BatchNorm frozen (running statistics are never touched and batch-1
     inputs work) and keeps the stochastic regularisers (dropout, stochastic depth, drop
@@ -71,3 +147,54 @@ def model_mode(model: nn.Module, mode: str) -> Any:
 
 _FROZEN_IN_TRAINING = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 _MASK_REGULARISERS = frozenset({"StochasticDepth", "DropPath", "DropBlock2d", "DropBlock", "DropBlockFast2d"})
+
+
+def default_file_mode() -> int:
+    """Permission bits of a newly created file under the current umask (``0o666 & ~umask``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_replace(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+    """Create ``path`` by calling ``write`` on a binary file so that ``path`` is always either
+    the old or the complete new file; returns it as a :class:`~pathlib.Path`.
+
+    The data go to a temporary file in the same directory (so ``os.replace`` is a rename on
+    one file system) with the usual permissions (``mkstemp`` makes owner-only files), are
+    flushed and fsynced, then renamed over ``path``, and the directory is fsynced so the
+    rename survives a crash. On any error the temporary file is removed and the previous
+    ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, default_file_mode())
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:
+    """Write ``data`` (a ``str`` is UTF-8 encoded) to ``path`` atomically (:func:`atomic_replace`)."""
+    payload = data.encode() if isinstance(data, str) else data
+    atomic_replace(path, lambda f: f.write(payload))
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a crash (no-op where unsupported)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(str(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

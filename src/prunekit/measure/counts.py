@@ -1,48 +1,23 @@
-"""Parameter and FLOP counting, plus the shared helpers every measurement uses.
+"""Parameter and FLOP counting.
 
-``example_inputs`` throughout :mod:`prunekit.measure` may be:
-
-* a single ``torch.Tensor`` -> ``model(x)``
-* a ``tuple`` or ``list`` of positional arguments -> ``model(*args)``
-* a ``dict`` of keyword arguments -> ``model(**kwargs)``
-
-Anything else is passed as the single positional argument. To pass one list or
-tuple *as a single argument*, wrap it: ``(my_list,)``.
+``example_inputs`` follow :func:`prunekit.runtime.call_model`'s conventions: a tensor, a
+tuple/list of positional arguments, a dict of keyword arguments, or any other single argument.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["call_model", "count_params", "count_flops"]
+from prunekit.runtime import call, call_model, infer_device, model_mode, to_device
+
+__all__ = ["count_params", "count_flops"]
 
 logger = logging.getLogger(__name__)
-
-
-def call_model(model: nn.Module | Any, example_inputs: Any) -> Any:
-    """Call ``model`` with ``example_inputs`` in any of the supported forms.
-
-    A tensor is passed as the only positional argument, a tuple/list is unpacked
-    as positional arguments, a dict is unpacked as keyword arguments; any other
-    object is passed as the only positional argument.
-
-    Returns:
-        Whatever ``model(...)`` returns.
-    """
-    if isinstance(example_inputs, torch.Tensor):
-        return model(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    return model(example_inputs)
 
 
 def count_params(model: nn.Module) -> int:
@@ -108,7 +83,6 @@ def count_flops(model: nn.Module, example_inputs: Any, *, meta: bool = False) ->
     _register_cpu_attention_flops()
     if meta:
         from prunekit.graph.meta import meta_tensors, to_meta
-        from prunekit.runtime import call
 
         swapped, meta_inputs = meta_tensors(model), to_meta(example_inputs)
 
@@ -124,7 +98,7 @@ def count_flops(model: nn.Module, example_inputs: Any, *, meta: bool = False) ->
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with eval_mode(model), torch.no_grad():
+        with model_mode(model, "eval"), torch.no_grad():
             counter = FlopCounterMode(display=False)
             with counter:
                 run()
@@ -133,72 +107,3 @@ def count_flops(model: nn.Module, example_inputs: Any, *, meta: bool = False) ->
     flops = int(counter.get_total_flops())
     logger.debug("count_flops: %d FLOPs for %s", flops, type(model).__name__)
     return flops
-
-
-# --------------------------------------------------------------------------- #
-# Internal helpers shared with latency.py / memory.py / profile.py.
-# --------------------------------------------------------------------------- #
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block, then restore every submodule's flag.
-
-    Restoring per submodule (not just ``model.train(was_training)``) keeps mixed
-    states intact, e.g. a training model with frozen BatchNorm layers.
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def model_device(model: nn.Module) -> torch.device | None:
-    """Return the device of the model's first parameter/buffer, or ``None`` if it has none."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return None
-
-
-def infer_device(model: nn.Module, example_inputs: Any) -> torch.device:
-    """The device a forward runs on: the model's, else the first input tensor's, else CPU."""
-    dev = model_device(model)
-    if dev is None:
-        t = first_tensor(example_inputs)
-        dev = t.device if t is not None else torch.device("cpu")
-    return dev
-
-
-def to_device(obj: Any, device: torch.device) -> Any:
-    """Recursively move tensors in ``obj`` (tensor/tuple/list/dict) to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
-def first_tensor(obj: Any) -> torch.Tensor | None:
-    """Return the first tensor found depth-first in ``obj``, or ``None``."""
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, (tuple, list)):
-        items: Any = obj
-    elif isinstance(obj, dict):
-        items = obj.values()
-    else:
-        return None
-    for o in items:
-        t = first_tensor(o)
-        if t is not None:
-            return t
-    return None

@@ -13,14 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.measure.counts import (
-    call_model,
-    eval_mode,
-    first_tensor,
-    infer_device,
-    model_device,
-    to_device,
-)
+from prunekit.runtime import call_model, first_tensor, infer_device, model_device, model_mode, to_device
 
 __all__ = ["LatencyStats", "measure_latency"]
 
@@ -177,7 +170,7 @@ def measure_latency(
     peak: int | None = None
     # Grad mode is thread-local and Timer runs the statement in this thread, so
     # the surrounding no_grad applies to the timed calls too.
-    with eval_mode(model), torch.no_grad():
+    with model_mode(model, "eval"), torch.no_grad():
         with _torch_threads(threads):
             for _ in range(warmup):
                 call_model(model, inputs)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.measure.counts import call_model, eval_mode
 from prunekit.measure.latency import _torch_threads, measure_latency
+from prunekit.runtime import call_model, infer_device, model_mode
 
 __all__ = ["LatencyTable", "build_latency_table"]
 
@@ -139,12 +139,12 @@ def build_latency_table(model: nn.Module, example_inputs: Any, *, fractions: tup
         if _timed(m):
             handles.append(m.register_forward_pre_hook(record(name)))
     try:
-        with eval_mode(model), torch.no_grad():
+        with model_mode(model, "eval"), torch.no_grad():
             call_model(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = infer_device(model)
     threads = threads or torch.get_num_threads()
     cache: dict[tuple[Any, ...], float] = {}
     layers: dict[str, LayerTiming] = {}

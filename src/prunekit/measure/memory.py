@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.measure.counts import call_model, eval_mode, infer_device, to_device
+from prunekit.runtime import call_model, infer_device, model_mode, to_device
 
 __all__ = ["peak_memory_bytes"]
 
@@ -36,7 +36,7 @@ def peak_memory_bytes(model: nn.Module, example_inputs: Any) -> int | None:
     if device.type != "cuda":
         return None
     inputs = to_device(example_inputs, device)
-    with eval_mode(model), torch.no_grad():
+    with model_mode(model, "eval"), torch.no_grad():
         # Synchronise first so pending work from before does not leak into the peak.
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -2,54 +2,28 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from prunekit.runtime import atomic_replace
+
 __all__ = ["atomic_torch_save", "capture_rng_state", "load_checkpoint", "restore_rng_state"]
 
 logger = logging.getLogger(__name__)
 
 
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename inside it survives a crash (no-op where unsupported)."""
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(str(path), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """Write ``obj`` with ``torch.save`` so ``path`` is always either the old or the new file; return it.
 
-    The data go to a temporary file in the same directory (so ``os.replace`` is a rename on
-    one file system), are flushed and fsynced, then renamed over ``path``. On any error the
-    temporary file is removed and the previous ``path`` is untouched.
+    See :func:`prunekit.runtime.atomic_replace`: a same-directory temporary file, flushed and
+    fsynced, renamed over ``path``; on any error the previous ``path`` is untouched.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return atomic_replace(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -12,17 +12,13 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from prunekit.recover.distributed import all_reduce_sum, is_distributed
+from prunekit.runtime import infer_device, model_mode
 
 __all__ = ["evaluate", "model_device"]
 
-
-def model_device(model: nn.Module) -> torch.device:
-    """Return the device of the model's first parameter or buffer (CPU for an empty model)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
+model_device = infer_device
+"""The old name, still imported by :mod:`prunekit.recover.train`: the model's device (CPU for
+a model without parameters or buffers)."""
 
 
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
@@ -49,18 +45,16 @@ def evaluate(
     ``top{k}`` key per entry of ``topk``; k is capped at the number of classes (so "top5"
     of a 3-class model is top-3, i.e. 1.0). When the loader uses a ``DistributedSampler``
     the sums are all-reduced so every rank returns the global result (the sampler may pad
-    with a few repeated images to even out the shards). The model's train/eval mode is
-    restored afterwards.
+    with a few repeated images to even out the shards). Every submodule's train/eval
+    flag is restored afterwards.
     """
-    device = torch.device(device) if device is not None else model_device(model)
-    was_training = model.training
-    model.eval()
+    device = torch.device(device) if device is not None else infer_device(model)
     ks = sorted({int(k) for k in topk})
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros(len(ks), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     start = time.perf_counter()
-    try:
+    with model_mode(model, "eval"):
         for x, y in loader:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
@@ -75,8 +69,6 @@ def evaluate(
             for i, k in enumerate(ks):
                 correct[i] += hits[:, : min(k, maxk)].any(dim=1).sum()
             count += y.shape[0]
-    finally:
-        model.train(was_training)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
