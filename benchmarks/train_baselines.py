@@ -13,7 +13,7 @@ weight decay 5e-4, batch 128, no label smoothing, seed 0):
 Per data set the script records epochs, train/test examples, test top-1/top-5, final train
 loss, wall time, training images/s, inference images/s (``measure_latency`` at batch 1 and
 256, and ``evaluate``'s figure over the test loader), parameters and FLOPs, then saves the
-weights with ``prunekit.save(model, PruningPlan({}, {}), DIR, model_spec="resnet20", ...)``
+weights with ``prunekit.save(model, PruningPlan(), DIR, model_spec="resnet20", ...)``
 so ``prunekit.load(DIR)`` rebuilds the trained baseline. A data set that is not found is
 skipped with a note in the results.
 
@@ -207,7 +207,7 @@ def run_one(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
         log.info("%s: batch %d median %.2f ms -> %.0f img/s", name, b, lat.median_ms, lat.throughput)
 
     model.eval()
-    prunekit.save(model.cpu(), PruningPlan({}, {}), out_dir, model_spec=MODEL_SPEC,
+    prunekit.save(model.cpu(), PruningPlan(), out_dir, model_spec=MODEL_SPEC,
                   extra={"num_classes": train_info.num_classes, "in_chans": c, "dataset": name, "data_spec": spec,
                          "test_top1": ev["top1"], "epochs": epochs, "seed": args.seed})
     # Round trip: the saved directory must rebuild exactly this model.

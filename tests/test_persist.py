@@ -86,4 +86,4 @@ def test_save_is_atomic_and_keeps_other_files(tmp_path, monkeypatch) -> None:
     assert (tmp_path / "plan.json").read_text() == old
     assert (tmp_path / "notes.txt").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    assert json.loads(old)["format"] == "prunekit.plan/1"
+    assert json.loads(old)["format"] == "prunekit.plan/2"

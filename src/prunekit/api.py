@@ -17,7 +17,8 @@ from prunekit.graph import DependencyGraph, module_names, trace
 from prunekit.measure import count_flops, count_params
 from prunekit.plan import PruningPlan
 from prunekit.surgery import Journal, apply_plan, copy_module
-from prunekit.surgery.validate import attribute_fixes, check, expected_shapes, make_plan, removed_atoms
+from prunekit.planning import blame, channel_plan
+from prunekit.surgery.validate import check
 
 __all__ = ["trace", "plan_for", "prune"]
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
         }
         if budget is not None:
             meta[f"target_{budget.kind}"] = budget.target
-        plan_, expected = _candidate(model, graph, removed, meta)
+        plan_, expected = channel_plan(model, graph, removed, meta)
         if plan_.is_empty:
             return plan_, model
         journal = Journal()
@@ -66,13 +67,13 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
         mismatch = check(candidate, example_inputs, graph, expected)
         if mismatch is None:
             if budget is not None:  # what the budget measure says the result keeps (latency: estimated)
-                meta[f"{budget.kind}_kept"] = budget.measure(candidate) / budget.base
+                plan_ = plan_.with_meta(**{f"{budget.kind}_kept": budget.measure(candidate) / budget.base})
             return plan_, candidate
         if inplace:
             journal.rollback()
         reason = (f"pruning it breaks op '{mismatch.op.name}' in module '{mismatch.op.module}' "
                   f"({mismatch.mode} mode: {mismatch.message})")
-        blamed = _blame(graph, groups, removed, mismatch)
+        blamed = blame(graph, groups, removed, mismatch)
         if not blamed:
             raise PruningError(f"the pruned model fails and no group can be blamed: {reason}")
         for i in blamed:
@@ -81,19 +82,6 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
             repairs.append(f"{g.name}: {reason}")
             log.info("keeping group %s: %s", g.name, reason)
     raise PruningError(f"gave up after {max_repairs} repairs; last: {repairs[-1] if repairs else '?'}")
-
-
-def _candidate(model: nn.Module, graph: DependencyGraph, removed: list[np.ndarray],
-               meta: dict[str, Any] | None = None) -> tuple[PruningPlan, dict[str, Any]]:
-    """The plan removing ``removed`` (local channels per group), with its attribute fixes,
-    and the op output shapes the pruned model must produce."""
-    gone = removed_atoms(graph, removed)
-    base = make_plan(model, graph, gone)
-    if base.is_empty:
-        return PruningPlan({}, {}, (), meta if meta is not None else {}), {}
-    expected = expected_shapes(graph, gone)
-    fixes = attribute_fixes(model, graph, expected)
-    return PruningPlan(base.keep, base.shapes, tuple(fixes), meta if meta is not None else {}), expected
 
 
 def _flops(model: nn.Module, example_inputs: Any) -> int:
@@ -154,7 +142,7 @@ def _removal_for_budget(model: nn.Module, graph: DependencyGraph, groups: list[A
     next step, in group order."""
 
     def value(removed: list[np.ndarray]) -> float:
-        return budget.measure(apply_plan(model, _candidate(model, graph, removed)[0])) / budget.base
+        return budget.measure(apply_plan(model, channel_plan(model, graph, removed)[0])) / budget.base
 
     def fits(removed: list[np.ndarray]) -> bool:
         try:
@@ -186,32 +174,6 @@ def _removal_for_budget(model: nn.Module, graph: DependencyGraph, groups: list[A
         else:
             a = k
     return mixed(b)
-
-
-def _touched_channels(graph: DependencyGraph, ops: list[Any]) -> set[int]:
-    atoms: set[int] = set()
-    for op in ops:
-        for lab in list(op.in_labs) + list(op.out_labs):
-            atoms.update(int(a) for a in lab.unique().tolist() if a != 0)
-    comps = graph.comp[np.fromiter(atoms, dtype=np.int64)] if atoms else np.zeros(0, dtype=np.int64)
-    return set(int(c) for c in comps if c >= 0)
-
-
-def _blame(graph: DependencyGraph, groups: list[Any], removed: list[np.ndarray], mismatch: Any) -> list[int]:
-    """Groups to keep whole after a validation failure, searched from narrow to wide: the
-    failing op's own channels, then every op of its module, then of its parent module.
-    (A size computed from an input's shape, e.g. ``C // num_heads``, is only visible there.)"""
-    ops = graph.state.ops[mismatch.mode]
-    module = mismatch.op.module
-    parent = module.rpartition(".")[0]
-    scopes = [[mismatch.op], [op for op in ops if op.module == module],
-              [op for op in ops if op.module == parent or op.module.startswith(parent + ".")] if parent else ops]
-    for scope in scopes:
-        touched = _touched_channels(graph, scope)
-        blamed = [i for i, (g, r) in enumerate(zip(groups, removed)) if len(r) and touched.intersection(g.channels[r].tolist())]
-        if blamed:
-            return blamed
-    return []
 
 
 def plan_for(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, criterion: str | Criterion = "l2",

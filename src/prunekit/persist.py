@@ -8,6 +8,7 @@ written atomically (temporary file + ``os.replace``) so a crash never leaves hal
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -39,7 +40,7 @@ def save(model: nn.Module, plan: PruningPlan, directory: str | os.PathLike[str],
         meta["model_spec"] = model_spec
     if extra:
         meta.update(extra)
-    full = PruningPlan(plan.keep, plan.shapes, plan.attrs, meta)
+    full = dataclasses.replace(plan, meta=meta)
     fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{WEIGHTS}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -46,6 +46,19 @@ class DependencyGraph:
         """Group name -> reasons some of its channels cannot be removed."""
         return summarize_unprunable(self.groups)
 
+    def ops(self, mode: str = "eval") -> list[OpRecord]:
+        """The ops recorded in ``mode`` ('eval' or 'train'), in execution order."""
+        return self.state.ops[mode]
+
+    def channels_of(self, ops: Iterable[OpRecord]) -> set[int]:
+        """Channel ids (values of ``group.channels``) that flow into or out of ``ops``."""
+        atoms: set[int] = set()
+        for op in ops:
+            for lab in list(op.in_labs) + list(op.out_labs):
+                atoms.update(int(a) for a in lab.unique().tolist() if a != 0)
+        comps = self.comp[np.fromiter(atoms, dtype=np.int64)] if atoms else np.zeros(0, dtype=np.int64)
+        return set(int(c) for c in comps if c >= 0)
+
     def groups_of(self, module: str) -> list[ChannelGroup]:
         """Groups that slice a parameter of ``module`` (a qualified module name)."""
         return [g for g in self.groups if any(m.tensor.startswith(module + ".") for m in g.members)]

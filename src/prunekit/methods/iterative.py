@@ -56,7 +56,7 @@ def prune_iteratively(model: nn.Module, example_inputs: Any, *, steps: int = 4, 
         (lambda m: float(count_flops(m, example_inputs))) if kinds == ["target_flops"] else
         (lambda m: float(count_params(m))) if kinds == ["target_params"] else (lambda m: 1.0))
     base = measure(model)
-    current, plan, reached = model, PruningPlan({}, {}), []
+    current, plan, reached = model, PruningPlan(), []
     kept_channels = 1.0
     for step, goal in enumerate(schedule(final, steps, kind)):
         if kinds:

@@ -1,0 +1,198 @@
+"""Plan building, in one place: from the channels to remove (local indices per group) to a
+plan with its attribute fixes, the op output shapes the pruned model must produce, and,
+when validation finds a mismatch, the groups to blame.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from prunekit._perf import named_tensors
+from prunekit.graph import DependencyGraph, OpRecord
+from prunekit.plan import AttrFix, PruningPlan, Slice
+from prunekit.surgery.validate import Mismatch, Shapes
+
+__all__ = ["blame", "channel_plan", "expected_shapes", "removed_atoms"]
+
+
+def channel_plan(model: nn.Module, graph: DependencyGraph, removed: list[np.ndarray],
+                 meta: dict[str, Any] | None = None) -> tuple[PruningPlan, dict[str, Shapes]]:
+    """The plan removing ``removed`` (local channels per group of ``graph.groups``): one
+    Slice step and its attribute fixes; and the op output shapes the pruned model must
+    produce, per traced mode (empty for an empty plan)."""
+    gone = removed_atoms(graph, removed)
+    base = make_slice(model, graph, gone)
+    if not base.keep:
+        return PruningPlan((), dict(meta or {})), {}
+    expected = expected_shapes(graph, gone)
+    fixes = attribute_fixes(model, graph, expected)
+    return PruningPlan((base, *fixes), dict(meta or {})), expected
+
+
+def blame(graph: DependencyGraph, groups: list[Any], removed: list[np.ndarray], mismatch: Mismatch) -> list[int]:
+    """Indices of the groups to keep whole after a validation failure, searched from narrow
+    to wide: the failing op's own channels, then every op of its module, then of its parent
+    module. (A size computed from an input's shape, e.g. ``C // num_heads``, is only visible
+    there.)"""
+    ops = graph.ops(mismatch.mode)
+    module = mismatch.op.module
+    parent = module.rpartition(".")[0]
+    scopes = [[mismatch.op], [op for op in ops if op.module == module],
+              [op for op in ops if op.module == parent or op.module.startswith(parent + ".")] if parent else ops]
+    for scope in scopes:
+        touched = graph.channels_of(scope)
+        hit = [i for i, (g, r) in enumerate(zip(groups, removed)) if len(r) and touched.intersection(g.channels[r].tolist())]
+        if hit:
+            return hit
+    return []
+
+
+def removed_atoms(graph: DependencyGraph, removed: list[np.ndarray]) -> Tensor:
+    """Bool tensor over atoms: True where the atom's channel is removed."""
+    n_comp = int(graph.comp.max()) + 1
+    gone = np.zeros(n_comp + 1, dtype=bool)
+    for g, idx in zip(graph.groups, removed):
+        gone[g.channels[idx]] = True
+    return torch.from_numpy(gone[graph.comp])
+
+
+def make_slice(model: nn.Module, graph: DependencyGraph, gone: Tensor) -> Slice:
+    """Kept indices for every tensor dim that loses channels (the plan's Slice step)."""
+    keep: dict[str, dict[int, list[int]]] = {}
+    shapes: dict[str, list[int]] = {}
+    tensors = {name: t for name, _, _, t in named_tensors(model)}
+    done: set[tuple[str, int]] = set()
+    g = gone.numpy()
+    for m in graph.members:
+        key = (m.tensor, m.dim)
+        if key in done:
+            continue
+        done.add(key)
+        kept = (m.atoms == 0) | ~g[m.atoms]
+        if not kept.all():
+            keep.setdefault(m.tensor, {})[m.dim] = np.flatnonzero(kept).tolist()
+            shapes[m.tensor] = list(tensors[m.tensor].shape)
+    return Slice(keep, shapes)
+
+
+def expected_shapes(graph: DependencyGraph, gone: Tensor) -> dict[str, Shapes]:
+    """Output shapes of every recorded op after pruning, per traced mode."""
+    result: dict[str, Shapes] = {}
+    gone_np = gone.numpy()
+    kept: dict[int, list[int | None]] = {}  # id(label) -> kept count per dim (ops share labels)
+    for mode, ops in graph.state.ops.items():
+        result[mode] = [[_new_shape(s, lab, gone_np, kept) for s, lab in zip(op.out_shapes, op.out_labs)]
+                        for op in ops]
+    return result
+
+
+def _new_shape(shape: tuple[int, ...], lab: Tensor, gone: np.ndarray, cache: dict[int, list[int | None]]) -> tuple[int, ...]:
+    if lab.ndim != len(shape):
+        return shape
+    counts = cache.get(id(lab))
+    if counts is None:
+        a = lab.numpy()
+        counts = [None] * a.ndim
+        for d in range(a.ndim):
+            if a.shape[d] > 1:
+                # A position survives if any element of its slice is untracked or kept.
+                moved = np.moveaxis(a, d, 0).reshape(a.shape[d], -1)
+                counts[d] = int((~(gone[moved] & (moved != 0)).all(axis=1)).sum())
+        cache[id(lab)] = counts
+    return tuple(s if c is None else c for s, c in zip(shape, counts))
+
+
+_HINTS = ("num_heads", "heads", "head_dim", "attn_dim", "embed_dim", "dim", "hidden_dim", "channels", "width")
+
+
+def attribute_fixes(model: nn.Module, graph: DependencyGraph, expected: dict[str, Shapes]) -> list[AttrFix]:
+    """Module attributes that hold a size an op was called with and that must change.
+
+    For view/reshape/expand/unflatten targets, split sizes and layer-norm shapes whose value
+    changes, look in the module that ran the op for exactly one attribute with the old value
+    (``num_heads``, ``attn_dim``, ``split_sizes``...). Values that are computed in forward
+    from tensor shapes need no fix; those hard-coded in code are caught by validation.
+    """
+    wanted: dict[tuple[str, str], Any] = {}
+    conflict: set[tuple[str, str]] = set()
+    for mode, ops in graph.state.ops.items():
+        for op, new in zip(ops, expected[mode]):
+            for change in _changed_args(op, new):
+                # Alternatives: the value itself, else a multiple of it (``split(self.chs // 2)``).
+                alternatives = [change]
+                if op.name == "split" and isinstance(change[0], int):
+                    k = len(new)
+                    alternatives.append((change[0] * k, change[1] * k))
+                found = [(a, _find_attr(model, op.module, a[0])) for a in alternatives]
+                found = [(a, attr) for a, attr in found if attr is not None]
+                if not found:
+                    continue
+                (old_val, new_val), attr = found[0]
+                key = (op.module, attr)
+                if key in wanted and wanted[key] != new_val:
+                    conflict.add(key)
+                wanted[key] = new_val
+    return [AttrFix(m, a, v) for (m, a), v in wanted.items() if (m, a) not in conflict]
+
+
+def _target(args: tuple[Any, ...], start: int) -> list[Any]:
+    rest = list(args[start:])
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)):
+        return list(rest[0])
+    return rest
+
+
+def _changed_args(op: OpRecord, new: list[tuple[int, ...]]) -> list[tuple[Any, Any]]:
+    old = op.out_shapes
+    if old == new:
+        return []
+    out: list[tuple[Any, Any]] = []
+    if op.name in ("view", "reshape", "expand", "broadcast_to"):
+        target = _target(op.args, 1)
+        for d, v in enumerate(target):
+            if isinstance(v, int) and not isinstance(v, bool) and v != -1 and d < len(new[0]) and old[0][d] != new[0][d]:
+                out.append((v, new[0][d]))
+    elif op.name == "unflatten":
+        dim, sizes = op.args[1], op.args[2]
+        for k, v in enumerate(sizes):
+            d = dim % len(old[0]) + k
+            if v != -1 and old[0][d] != new[0][d]:
+                out.append((v, new[0][d]))
+    elif op.name in ("split", "split_with_sizes"):
+        sizes = op.args[1] if len(op.args) > 1 else op.kwargs.get("split_size_or_sections")
+        dim = op.args[2] if len(op.args) > 2 else op.kwargs.get("dim", 0)
+        new_sizes = [s[dim] for s in new]
+        if isinstance(sizes, (list, tuple)):
+            out.append((type(sizes)(sizes), type(sizes)(new_sizes)))
+        elif isinstance(sizes, int) and len(set(new_sizes[:-1] or new_sizes)) == 1:
+            out.append((sizes, new_sizes[0]))
+    elif op.name in ("layer_norm", "rms_norm"):
+        shape = op.args[1]
+        n = len(shape)
+        out.append((tuple(shape), tuple(new[0][-n:])))
+    return out
+
+
+def _find_attr(model: nn.Module, module: str, old: Any) -> str | None:
+    try:
+        mod = model.get_submodule(module) if module else model
+    except AttributeError:
+        return None
+    hits = []
+    for k, v in vars(mod).items():
+        if k.startswith("_") or isinstance(v, bool):
+            continue
+        if isinstance(old, int) and isinstance(v, int) and v == old:
+            hits.append(k)
+        elif isinstance(old, (tuple, list)) and isinstance(v, (tuple, list, torch.Size)) and tuple(v) == tuple(old):
+            hits.append(k)
+    if len(hits) > 1:
+        hinted = [h for h in hits if h in _HINTS]
+        hits = hinted if len(hinted) == 1 else []
+    return hits[0] if hits else None
+
+
