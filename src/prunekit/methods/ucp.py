@@ -6,7 +6,14 @@
      the group's channels, so the stage is pruned consistently;
   2. train the attention briefly on the task loss (network frozen by default) with an L1
      pull on the attention values: channels the task does not hold up sink (on ResNet-20 /
-     Fashion-MNIST, l1=0.1 gave 80.3% after a short fine-tune against 77.7% with l1=1e-3);
+     Fashion-MNIST, l1=0.1 gave 80.3% after a short fine-tune against 77.7% with l1=1e-3).
+     This runs in :func:`prunekit.recover.train` with a callback that adds the blocks'
+     parameters as a param group, adds the L1 term to the loss and keeps the network in eval
+     mode (BN statistics stay the trained network's). The optimizer is AdamW with
+     ``weight_decay=0`` and a constant LR, the same update as the plain Adam of the earlier
+     private loop. Batches without targets are labelled once, before training, with the
+     network's own predictions (the blocks start as the identity, so these are the trained
+     network's); the earlier loop re-took the argmax of the current output at every step;
   3. the channel's importance is its mean attention over calibration data, summed over the
      group's blocks; remove the lowest under the budget and detach the blocks;
   4. optionally re-initialise the pruned structure to retrain it from scratch (the paper's
@@ -28,11 +35,14 @@ import torch
 from torch import Tensor, nn
 
 import prunekit as pk
-from prunekit.criteria.data import task_loss
-from prunekit.features import call_on_device
+from prunekit.errors import PruningError
+from prunekit.features import as_batch, call_on_device
 from prunekit.graph import module_names
 from prunekit.graph.dependency import ChannelGroup
 from prunekit.methods import MethodResult, budget_kwargs, register, take_batches
+from prunekit.recover.callbacks import Callback
+from prunekit.recover.config import TrainConfig
+from prunekit.recover.train import train
 
 
 class Excitation(nn.Module):
@@ -126,23 +136,62 @@ class Attention:
         return [out[g.index] for g in groups]
 
 
+class _AttentionTraining(Callback):
+    """Training-loop callback that trains the attention blocks of an :class:`Attention`."""
+
+    def __init__(self, att: Attention, l1: float) -> None:
+        self.att, self.l1 = att, l1
+
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Add the blocks' parameters as a param group: they live outside the model (its
+        forward hooks call them), so the optimizer built from the model lacks them. The group
+        takes the config's options (lr, weight decay 0)."""
+        optimizer.add_param_group({"params": list(self.att.blocks.parameters())})
+
+    def on_batch_start(self, model: nn.Module, step: int) -> None:
+        """Put the network in eval mode (the loop sets train mode every epoch, which would
+        update BN statistics) and clear the scales recorded by the previous forward."""
+        model.eval()
+        self.att.last = []
+
+    def extra_loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor | None:
+        """Return the L1 pull, ``l1`` times the sum over blocks of the mean attention value
+        of this forward (None when the model has no block)."""
+        if not self.att.last:
+            return None
+        return self.l1 * sum(s.mean() for s in self.att.last)
+
+
+def _training_batches(model: nn.Module, source: Iterable[Any], steps: int) -> list[tuple[Tensor, Tensor]]:
+    """The ``steps`` batches ``(inputs, targets)`` of the attention training: ``source``'s
+    first pass cycled to length ``steps``, targets of target-less batches set to the model's
+    predictions. Raises :class:`PruningError` for batches whose inputs or targets are not tensors."""
+    first: list[tuple[Tensor, Tensor]] = []
+    for x, y in (as_batch(item) for item in itertools.islice(source, steps)):
+        if not isinstance(x, Tensor) or not (y is None or isinstance(y, Tensor)):
+            raise PruningError("method 'ucp' trains its attention with prunekit.recover.train, which needs loader= "
+                               f"batches of (tensor inputs, tensor targets or None); got ({type(x).__name__}, "
+                               f"{type(y).__name__})")
+        if y is None:
+            model.eval()
+            with torch.no_grad():
+                y = call_on_device(model, x).argmax(1)
+        first.append((x, y))
+    return list(itertools.islice(itertools.cycle(first), steps))
+
+
 def train_attention(model: nn.Module, att: Attention, batches: Iterable[Any], *, steps: int, lr: float,
-                    l1: float, train_network: bool) -> list[float]:
-    """Train the attention blocks (and the network if asked) for ``steps`` batches, cycling
-    through ``batches``; returns the loss per step."""
-    params = list(att.blocks.parameters()) + (list(model.parameters()) if train_network else [])
-    opt = torch.optim.Adam(params, lr=lr)
-    model.eval()  # BN statistics stay those of the trained network
-    losses = []
-    for (x, y), _ in zip(itertools.cycle(batches), range(steps)):
-        att.last = []
-        loss = task_loss(call_on_device(model, x), y)
-        loss = loss + l1 * sum(s.mean() for s in att.last)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+                    l1: float, train_network: bool, seed: int = 0) -> float | None:
+    """Train the attention blocks (and the network if ``train_network``) for ``steps``
+    batches, cycling through ``batches``, with :func:`prunekit.recover.train`; return the
+    mean loss (task + L1) over the steps, or None when ``steps`` is 0."""
+    if steps <= 0:
+        return None
+    data = _training_batches(model, batches, steps)
+    cfg = TrainConfig(epochs=1, lr=lr, optimizer="adamw", weight_decay=0.0, schedule="constant", seed=seed,
+                      log_every=steps, tensorboard=False)
+    final = train(model, data, cfg, progress=False, callbacks=[_AttentionTraining(att, l1)]).final
+    return final["train_loss"] + final.get("train_extra_loss", 0.0)
 
 
 @register("ucp")
@@ -151,9 +200,10 @@ def ucp(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None =
         from_scratch: bool = False, seed: int = 0, **kwargs: Any) -> MethodResult:
     """Prune with attention learned by SE-style blocks (UCP) under the budget in ``kwargs``:
     trains the blocks for ``steps`` batches of ``loader`` (the first ``batches`` are the
-    calibration set that the importance is averaged over). The user's model is not
-    changed (a copy is trained). With ``from_scratch`` the pruned model is re-initialised.
-    Returns the pruned model and its plan."""
+    calibration set that the importance is averaged over, and the training set unless
+    ``train_network``). The user's model is not changed (a copy is trained). With
+    ``from_scratch`` the pruned model is re-initialised. Returns the pruned model and its
+    plan; ``info["attention_loss"]`` is the mean training loss (task + L1)."""
     import copy
 
     torch.manual_seed(seed)
@@ -167,8 +217,9 @@ def ucp(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None =
     groups = [g for g in graph.groups if g.n_prunable > 0]
     att = Attention(work, groups, reduction)
     try:
-        losses = train_attention(work, att, loader if train_network else calib, steps=steps, lr=lr, l1=l1,
-                                 train_network=train_network)
+        loss = train_attention(work, att, loader if train_network else calib, steps=steps, lr=lr, l1=l1,
+                               train_network=train_network, seed=seed)
+        work.eval()  # also when steps=0: the importance is measured as the attention was trained, in eval mode
         att.recording = True
         with torch.no_grad():
             for x, _ in calib:
@@ -186,5 +237,5 @@ def ucp(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None =
         from prunekit.zoo.init import init_weights
 
         init_weights(small)
-    return MethodResult(small, plan, {"criterion": "ucp attention", "attention_loss": losses[-1] if losses else None,
+    return MethodResult(small, plan, {"criterion": "ucp attention", "attention_loss": loss,
                                       "from_scratch": from_scratch})

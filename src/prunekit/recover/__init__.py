@@ -1,7 +1,8 @@
-"""Recovering accuracy after pruning: the training loop, evaluation, distillation and DDP helpers."""
+"""Recovering accuracy after pruning: the training loop and its callbacks, evaluation, distillation and DDP helpers."""
 
 from __future__ import annotations
 
+from prunekit.recover.callbacks import Callback
 from prunekit.recover.checkpoint import atomic_torch_save, load_checkpoint
 from prunekit.recover.config import TrainConfig, TrainResult, build_optimizer, build_scheduler, lr_factor
 from prunekit.recover.distributed import (
@@ -19,6 +20,7 @@ from prunekit.recover.train import CHECKPOINT_NAME, LOG_NAME, train
 __all__ = [
     "CHECKPOINT_NAME",
     "LOG_NAME",
+    "Callback",
     "TrainConfig",
     "TrainResult",
     "atomic_torch_save",

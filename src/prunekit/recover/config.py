@@ -109,7 +109,11 @@ class TrainResult:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Return the SGD or AdamW optimizer described by ``cfg`` over the model's trainable parameters."""
+    """Return the SGD or AdamW optimizer described by ``cfg`` over the model's trainable parameters.
+
+    The optimizer's defaults (lr, weight decay, momentum) are the config's, so a param group
+    that a training callback adds later without those keys gets the config's values.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.no_decay_norm_bias:
         decay = [p for p in params if p.ndim > 1]
@@ -121,8 +125,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     else:
         groups = [{"params": params, "weight_decay": cfg.weight_decay}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:

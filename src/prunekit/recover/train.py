@@ -1,8 +1,10 @@
 """The one training loop: baseline training, fine-tuning after pruning, training-time methods.
 
-``train`` runs epochs of SGD/AdamW with an optional distillation teacher, per-step hooks
-(soft masks, regularisers), an optional extra loss term, resumable atomic checkpoints and
-JSON-lines logs, on one device or under ``torchrun`` with DistributedDataParallel.
+``train`` runs epochs of SGD/AdamW with an optional distillation teacher, resumable atomic
+checkpoints and JSON-lines logs, on one device or under ``torchrun`` with
+DistributedDataParallel. Everything a method adds to the loop (extra parameters, soft masks,
+regularisers, schedules) goes through :class:`~prunekit.recover.callbacks.Callback`; the older
+``hooks`` and ``loss_fn_extra`` arguments are adapters onto it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from prunekit.persist import atomic_write
+from prunekit.recover.callbacks import Callback
 from prunekit.recover.checkpoint import atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state
 from prunekit.recover.config import TrainConfig, TrainResult, build_optimizer, build_scheduler
 from prunekit.recover.distributed import (
@@ -79,11 +83,31 @@ def _amp_setup(device: torch.device, cfg: TrainConfig) -> tuple[Callable[[], con
     return contextlib.nullcontext, scaler
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` via a temporary file and rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class _HookCallback(Callback):
+    """Adapter for ``train(hooks=...)``: calls ``hook(model, step)`` after every optimizer step."""
+
+    def __init__(self, hook: Hook) -> None:
+        self.hook = hook
+
+    def on_step(self, model: nn.Module, step: int) -> None:
+        """Call the hook with the model and the 1-based global step."""
+        self.hook(model, step)
+
+
+class _ExtraLossCallback(Callback):
+    """Adapter for ``train(loss_fn_extra=...)``: adds ``fn(model)`` to every step's loss."""
+
+    def __init__(self, fn: Callable[[nn.Module], Tensor]) -> None:
+        self.fn = fn
+
+    def extra_loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor | None:
+        """Return ``fn(model)`` (the batch is not used)."""
+        return self.fn(model)
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """Every parameter of every param group, including groups that callbacks added."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _open_tensorboard(run_dir: Path, cfg: TrainConfig) -> Any:
@@ -102,15 +126,16 @@ def _train_one_epoch(
     net: nn.Module, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, cfg: TrainConfig, *,
     device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager], channels_last: bool,
-    teacher: nn.Module | None, hooks: Sequence[Hook], loss_fn_extra: Callable[[nn.Module], Tensor] | None,
-    epoch: int, global_step: int, steps: int, show_progress: bool,
+    teacher: nn.Module | None, callbacks: Sequence[Callback], epoch: int, global_step: int, steps: int,
+    show_progress: bool,
 ) -> tuple[dict[str, float], int]:
     """Run one epoch; return (globally reduced train metrics, updated global step)."""
     net.train()
     for obj in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
         if hasattr(obj, "set_epoch"):
             obj.set_epoch(epoch)  # DistributedSampler reshuffles by seed + epoch
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct, n, extra*n
+    # loss*n, correct, n, extra*n, steps that had an extra term (so every rank agrees on the key)
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
     batches = loader if cfg.max_steps_per_epoch is None else islice(loader, cfg.max_steps_per_epoch)
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not show_progress, dynamic_ncols=True)
     start = time.perf_counter()
@@ -120,6 +145,8 @@ def _train_one_epoch(
             y = y.to(device, non_blocking=True)
             if channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
+            for cb in callbacks:
+                cb.on_batch_start(model, global_step + 1)
             with autocast():
                 logits = net(x)
                 teacher_logits = None
@@ -130,19 +157,23 @@ def _train_one_epoch(
                     logits, y, teacher_logits, alpha=cfg.kd_alpha, temperature=cfg.kd_temperature,
                     label_smoothing=cfg.label_smoothing,
                 )
-                extra = loss_fn_extra(model) if loss_fn_extra is not None else None
+                extra = None
+                for cb in callbacks:
+                    term = cb.extra_loss(model, (x, y))
+                    if term is not None:
+                        extra = term if extra is None else extra + term
             objective = loss if extra is None else loss + extra
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(objective).backward()
             if cfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(_optimizer_params(optimizer), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             global_step += 1
-            for hook in hooks:
-                hook(model, global_step)
+            for cb in callbacks:
+                cb.on_step(model, global_step)
             n = y.shape[0]
             with torch.no_grad():
                 sums[0] += loss.detach().double() * n
@@ -150,6 +181,7 @@ def _train_one_epoch(
                 sums[2] += n
                 if extra is not None:
                     sums[3] += extra.detach().double() * n
+                    sums[4] += 1
             if (i + 1) % cfg.log_every == 0:
                 # .item() synchronises the device, so only every log_every steps.
                 value = float(loss.item())
@@ -172,7 +204,7 @@ def _train_one_epoch(
         "seconds": seconds,
         "images_per_s": float(sums[2].item()) / max(seconds, 1e-9),
     }
-    if loss_fn_extra is not None:
+    if sums[4].item() > 0:
         stats["train_extra_loss"] = float(sums[3].item()) / count
     return stats, global_step
 
@@ -189,21 +221,38 @@ def train(
     progress: bool = True,
     hooks: Sequence[Hook] | None = None,
     loss_fn_extra: Callable[[nn.Module], Tensor] | None = None,
+    callbacks: Sequence[Callback] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.epochs`` epochs and return a :class:`TrainResult`.
 
     The model trains on the device its parameters are on (moved to ``cuda:LOCAL_RANK`` under
-    NCCL). The global Python/numpy/torch RNGs are seeded with ``cfg.seed + rank`` at the start. With ``teacher`` the loss is ``(1 - kd_alpha) * CE + kd_alpha * T^2 * KL``.
-    ``hooks`` are called as ``hook(model, global_step)`` after every optimizer step and
-    ``loss_fn_extra(model)`` is added to each step's loss. With ``run_dir``, after every epoch
-    ``run_dir/checkpoint.pt`` is replaced atomically (model, optimizer, scheduler, scaler,
-    RNG states of every rank, loader generator, history) and a line is appended to
+    NCCL). The global Python/numpy/torch RNGs are seeded with ``cfg.seed + rank`` at the start.
+    ``train_loader`` yields ``(inputs, class targets)`` tensor pairs (a list of such pairs
+    works). With ``teacher`` the loss is ``(1 - kd_alpha) * CE + kd_alpha * T^2 * KL``.
+
+    ``callbacks`` (:class:`~prunekit.recover.callbacks.Callback`) are called in the order
+    given: ``on_train_start`` after the optimizer is built and before the LR scheduler is
+    built or a checkpoint restored (so param groups they add follow the schedule and get their
+    saved optimizer state), ``on_batch_start`` before each forward, ``extra_loss`` after it
+    (the terms of all callbacks are added to the loss), ``on_step`` after each optimizer step,
+    ``on_epoch_end`` on each epoch's record and ``on_train_end`` after the last epoch.
+    ``hooks`` (called as ``hook(model, global_step)`` after every optimizer step) and
+    ``loss_fn_extra`` (``loss_fn_extra(model)`` added to each step's loss) are run as
+    callbacks after those in ``callbacks``. ``grad_clip`` clips the gradients of every
+    optimizer param group, including added ones.
+
+    With ``run_dir``, after every epoch ``run_dir/checkpoint.pt`` is replaced atomically (model,
+    optimizer, scheduler, scaler, RNG states of every rank, loader generator, history, the
+    ``state_dict()`` of each of ``callbacks``) and a line is appended to
     ``run_dir/train_log.jsonl``; ``resume=True`` continues from that checkpoint exactly (a
-    missing checkpoint starts fresh). On KeyboardInterrupt the last completed epoch's
-    checkpoint is already on disk and the interrupt is re-raised. Under torchrun the model is
-    wrapped in DistributedDataParallel, metrics are all-reduced and only rank 0 writes
-    files, logs and progress bars; pass the same ``run_dir`` on every rank (the RNG states
-    of all ranks are gathered into rank 0's checkpoint, a collective call).
+    missing checkpoint starts fresh), handing each callback its saved state; a checkpoint
+    with a different number of callback states than ``callbacks`` raises ValueError (``hooks``
+    and ``loss_fn_extra`` have no state and may differ). On KeyboardInterrupt the last
+    completed epoch's checkpoint is already on disk and the interrupt is re-raised. Under
+    torchrun the model is wrapped in DistributedDataParallel, metrics are all-reduced and only
+    rank 0 writes files, logs and progress bars (and saves rank 0's callback states); pass the
+    same ``run_dir`` on every rank (the RNG states of all ranks are gathered into rank 0's
+    checkpoint, a collective call).
     """
     wall_start = time.perf_counter()
     if not is_distributed() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -229,6 +278,12 @@ def train(
     autocast, scaler = _amp_setup(device, cfg)
     steps = _steps_per_epoch(train_loader, cfg)
     optimizer = build_optimizer(model, cfg)
+    stateful = list(callbacks or ())
+    every = stateful + [_HookCallback(h) for h in hooks or ()]
+    if loss_fn_extra is not None:
+        every.append(_ExtraLossCallback(loss_fn_extra))
+    for cb in every:
+        cb.on_train_start(model, optimizer)
     scheduler = build_scheduler(optimizer, cfg, steps)
     generator: torch.Generator | None = getattr(train_loader, "generator", None)
 
@@ -237,6 +292,10 @@ def train(
     start_epoch, global_step, history, resumed_from = 0, 0, [], None
     if resume and ckpt_path is not None and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
+        saved_callbacks = list(ckpt.get("callbacks", []))
+        if len(saved_callbacks) != len(stateful):
+            raise ValueError(f"checkpoint {ckpt_path} holds the states of {len(saved_callbacks)} callbacks but "
+                             f"{len(stateful)} callbacks were passed; pass the callbacks of the run being resumed")
         changed = cfg.trajectory_diff(ckpt.get("config", {}))
         if changed and main:
             logger.warning("resuming with changed TrainConfig fields %s: the run will not match an uninterrupted one", changed)
@@ -244,6 +303,8 @@ def train(
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
+        for cb, state in zip(stateful, saved_callbacks):
+            cb.load_state_dict(state)
         start_epoch = resumed_from = int(ckpt["epoch"])
         global_step, history = int(ckpt["global_step"]), list(ckpt["history"])
         rng_states = ckpt["rng"]
@@ -264,7 +325,7 @@ def train(
         run_path.mkdir(parents=True, exist_ok=True)
         # Rewrite the log from the checkpoint's history so the two always agree, even if the
         # previous run died between writing the checkpoint and appending the log line.
-        _write_text_atomic(run_path / LOG_NAME, "".join(json.dumps(r) + "\n" for r in history))
+        atomic_write(run_path / LOG_NAME, "".join(json.dumps(r) + "\n" for r in history))
         writer = _open_tensorboard(run_path, cfg)
 
     net: nn.Module = model
@@ -283,15 +344,17 @@ def train(
             lr = float(optimizer.param_groups[0]["lr"])
             stats, global_step = _train_one_epoch(
                 net, model, train_loader, optimizer, scheduler, scaler, cfg, device=device, autocast=autocast,
-                channels_last=channels_last, teacher=teacher, hooks=list(hooks or ()), loss_fn_extra=loss_fn_extra,
-                epoch=epoch, global_step=global_step, steps=steps, show_progress=progress and main,
+                channels_last=channels_last, teacher=teacher, callbacks=every, epoch=epoch, global_step=global_step,
+                steps=steps, show_progress=progress and main,
             )
             train_seconds += stats["seconds"]
             train_images += stats["train_images"]
-            record: dict[str, float] = {"epoch": epoch + 1, "step": global_step, "lr": lr, **stats}
+            record: dict[str, Any] = {"epoch": epoch + 1, "step": global_step, "lr": lr, **stats}
             if val_loader is not None:
                 val = evaluate(model, val_loader, device=device, amp=cfg.amp, channels_last=channels_last)
                 record.update({f"val_{k}": v for k, v in val.items() if k not in ("images", "images_per_s")})
+            for cb in every:
+                cb.on_epoch_end(model, epoch + 1, record)
             history.append(record)
             if ckpt_path is not None:
                 rng_states = all_gather_objects(capture_rng_state())  # collective: every rank calls it
@@ -302,12 +365,14 @@ def train(
                         "global_step": global_step, "rng": rng_states,
                         "loader_generator": generator.get_state() if generator is not None else None,
                         "history": history, "config": cfg.to_dict(), "world_size": world,
+                        "callbacks": [cb.state_dict() for cb in stateful],
                     }, ckpt_path)
                     with open(run_path / LOG_NAME, "a") as f:  # type: ignore[operator]
                         f.write(json.dumps(record) + "\n")
             if writer is not None:
                 for key, value in record.items():
-                    if key not in ("epoch", "step"):
+                    # Callbacks may add non-numeric keys to the record; tensorboard takes scalars only.
+                    if key not in ("epoch", "step") and isinstance(value, (int, float)):
                         writer.add_scalar(key, value, epoch + 1)
                 writer.flush()
             if main:
@@ -324,6 +389,8 @@ def train(
         if writer is not None:
             with contextlib.suppress(Exception):
                 writer.close()
+    for cb in every:
+        cb.on_train_end(model)
     return TrainResult(
         final=dict(history[-1]) if history else {},
         history=history,
