@@ -74,25 +74,45 @@ def test_cap_compensation_beats_plain_removal_of_the_same_channels() -> None:
     assert _out_err(res.model, model) < 0.7 * _out_err(plain, model)
 
 
-def test_cap_search_respects_the_step_constraint() -> None:
-    model = _net()
-    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        ref = model(x)
+def test_cap_search_takes_the_largest_ratio_under_a_linearly_falling_threshold() -> None:
+    """Bottom-up bisection against a hand-computed oracle. Four 16-channel groups; the score
+    only sees the architecture: 1 - sum_k w_k * removed_k / 16. With tolerance 0.4 the
+    step-constrained thresholds are 1 - 0.1 (k + 1); with max_ratio 0.5 and 3 steps the
+    bisection lands on ratios j/16 (j = 0..7), i.e. exactly j channels removed. Each group k
+    takes the largest j keeping the score above its threshold, given the groups before it:
+    group 0: 1*j <= 1.6 -> 1; group 1: 1 + 0.5*j <= 3.2 -> 4; group 2: 3 + 4*j <= 4.8 -> 0
+    (not pruned, so absent); group 3: 3 + 0.1*j <= 6.4 -> 7, capped by the grid below
+    max_ratio."""
+    from nets import cbr
 
-    def fidelity(m: nn.Module) -> float:  # 1 - relative output error: an accuracy-like score
-        with torch.no_grad():
-            return 1 - float(((m(x) - ref) ** 2).mean() / (ref ** 2).mean())
+    torch.manual_seed(0)
+    model = nn.Sequential(cbr(3, 16), cbr(16, 16), cbr(16, 16), cbr(16, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 5)).eval()
+    weights = [1.0, 0.5, 4.0, 0.1]
+    calls: list[list[int]] = []
 
-    res = methods.get("cap")(model, X, loader=_batches(), evaluate=fidelity, tolerance=0.05, search_steps=3,
-                             ignore=["fc"])
-    assert res.info["searched_ratios"]  # something was pruned
-    assert fidelity(res.model) >= 1 - 0.05 - 1e-9
-    for t in res.info["trials"]:
-        accepted = t["score"] >= t["threshold"]
-        assert accepted == (t["score"] >= t["threshold"])
-    thresholds = [t["threshold"] for t in res.info["trials"]]
-    assert thresholds == sorted(thresholds, reverse=True)  # the threshold only falls
+    def score(m: nn.Module) -> float:
+        removed = [16 - m[k][0].out_channels for k in range(4)]
+        calls.append(removed)
+        return 1 - sum(w * r for w, r in zip(weights, removed)) / 16
+
+    res = methods.get("cap")(model, X, loader=_batches(), evaluate=score, tolerance=0.4, max_ratio=0.5,
+                             search_steps=3, ignore=["6"])
+    assert res.info["searched_ratios"] == {"0.0": 1 / 16, "1.0": 4 / 16, "3.0": 7 / 16}
+    assert [res.model[k][0].out_channels for k in range(4)] == [15, 12, 16, 9]
+    trials = res.info["trials"]
+    assert [t["group"] for t in trials] == [g for g in ("0.0", "1.0", "2.0", "3.0") for _ in range(3)]
+    # The threshold falls linearly, one step of tolerance / groups per group.
+    np.testing.assert_allclose([t["threshold"] for t in trials[::3]], [0.9, 0.8, 0.7, 0.6])
+    # Group 0 (accept iff 1 - j/16 >= 0.9) rejects 4 and 2 channels, accepts 1; group 3 accepts every step.
+    assert [t["ratio"] for t in trials[:3]] == [0.25, 0.125, 0.0625]
+    assert [t["ratio"] for t in trials[9:]] == [0.25, 0.375, 0.4375]
+    # Each trial's model keeps the earlier groups' accepted counts and prunes its own group by
+    # ratio * 16; it is scored once (after the original).
+    accepted = [1, 4, 0, 7]
+    expected = [[0, 0, 0, 0]] + [accepted[:k] + [int(t["ratio"] * 16)] + [0] * (3 - k)
+                                 for k in range(4) for t in trials[3 * k:3 * k + 3]]
+    assert calls == expected
 
 
 def test_ucp_attention_finds_a_dead_channel() -> None:

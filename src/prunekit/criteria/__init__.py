@@ -304,3 +304,6 @@ def score_groups(model: nn.Module, groups: list[ChannelGroup], criterion: str | 
                 raise ValueError(f"criterion returned shape {s.shape} for group '{g.name}' of {g.size} channels")
             out.append(s)
     return out
+
+
+from prunekit.criteria.conformance import BLIND_TO_DEAD_CHANNELS, check_criterion  # noqa: E402

@@ -6,9 +6,12 @@
   3. compensate: re-solve every consumer's weights (and offset) by least squares from the
      original network's statistics, in one pass; no fine-tuning;
   4. optionally (``evaluate=``) choose per-group ratios bottom-up by binary search: group k
-     takes the largest ratio whose compensated model still scores at least a threshold that
-     falls linearly from the original accuracy to ``original - tolerance`` over the groups
-     (the "step constraint"), so early groups cannot spend the whole accuracy budget.
+     of K (counting from 1, earlier groups' ratios fixed) takes the largest ratio whose
+     compensated model still scores at least ``original - tolerance * k / K``, a threshold
+     falling linearly to ``original - tolerance`` at the last group (the "step constraint"),
+     so early groups cannot spend the whole accuracy budget. With ``steps`` halvings of
+     ``[0, max_ratio]`` the ratio found is the largest multiple of ``max_ratio / 2**steps``
+     below ``max_ratio`` that passes, provided the score falls as the ratio grows.
 """
 
 from __future__ import annotations
