@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("module", ["prunekit.api", "prunekit.graph"])
+@pytest.mark.parametrize("module", ["prunekit.api", "prunekit.graph", "prunekit.handlers"])
 def test_docstring_examples(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0, f"{module} has no examples"

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunekit.handlers import handler_for
 from prunekit.runtime import call_model, infer_device, to_device
 
 Batch = tuple[Any, Tensor | None]
@@ -30,35 +30,30 @@ def call_on_device(model: nn.Module, x: Any) -> Any:
 
 
 def reconstructable(m: nn.Module) -> bool:
-    """Ungrouped conv (zero padding) or linear layers: the ones least squares can rewrite."""
-    if isinstance(m, nn.Linear):
-        return True
-    return (isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.groups == 1
-            and m.padding_mode == "zeros" and isinstance(m.padding, tuple))
+    """Layers whose handler unfolds their input (linear; ungrouped 1-D/2-D conv with zero
+    padding): the ones least squares can rewrite."""
+    handler = handler_for(m)
+    return handler is not None and handler.unfolds(m)
 
 
 def unfold_rows(layer: nn.Module, x: Tensor) -> Tensor:
     """The layer's input as rows of its receptive fields: ``(positions, in_features)`` with
-    features ordered like ``weight.flatten(1)`` (channel-major, then kernel offsets)."""
-    if isinstance(layer, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    assert isinstance(layer, nn.modules.conv._ConvNd)
-    if x.ndim == 3:  # conv1d: treat as 2-D with height 1
-        x = x.unsqueeze(2)
-        k, d, p, s = (1, *layer.kernel_size), (1, *layer.dilation), (0, *layer.padding), (1, *layer.stride)
-    elif x.ndim == 4:
-        k, d, p, s = layer.kernel_size, layer.dilation, layer.padding, layer.stride
-    else:
-        raise ValueError(f"cannot unfold a {x.ndim}-D input of {type(layer).__name__}")
-    cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (N, C*k*k, L)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    features ordered like ``weight.flatten(1)`` (channel-major, then kernel offsets); only for
+    :func:`reconstructable` layers (ValueError otherwise)."""
+    handler = handler_for(layer)
+    if handler is None or not handler.unfolds(layer):
+        raise ValueError(f"cannot unfold the input of {type(layer).__name__}")
+    return handler.unfold_input(layer, x)
 
 
 def output_rows(layer: nn.Module, y: Tensor) -> Tensor:
-    """The layer's output as ``(positions, out_features)``, matching :func:`unfold_rows`."""
-    if isinstance(layer, nn.Linear):
-        return y.reshape(-1, y.shape[-1])
-    return y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+    """The layer's output as ``(positions, out_features)``, matching :func:`unfold_rows`: its
+    handler's output channel dim moved last, every other dim a position."""
+    handler = handler_for(layer)
+    d = handler.out_channel_dim(layer, y.ndim) if handler is not None else None
+    if d is None:
+        raise ValueError(f"{type(layer).__name__} has no output channel dim")
+    return y.movedim(d, -1).reshape(-1, y.shape[d])
 
 
 @dataclass

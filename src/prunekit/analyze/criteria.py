@@ -336,11 +336,10 @@ def weight_normality(weights: np.ndarray, *, layer: str = "", group: str = "", a
 
 
 def _producer_weights(model: nn.Module, group: ChannelGroup) -> list[tuple[str, np.ndarray]]:
-    """``(tensor name, weights of the group's prunable filters)`` for every conv/linear weight
-    that produces the group's channels (members with role 'out')."""
-    from torch import nn
-
+    """``(tensor name, weights of the group's prunable filters)`` for every filter weight
+    (conv/linear, by their handler) that produces the group's channels (members with role 'out')."""
     from prunekit.criteria import tensor_of
+    from prunekit.handlers import handler_for
 
     out = []
     for m in group.members:
@@ -348,7 +347,8 @@ def _producer_weights(model: nn.Module, group: ChannelGroup) -> list[tuple[str, 
         if m.role != "out" or leaf != "weight":
             continue
         mod = model.get_submodule(mod_name) if mod_name else model
-        if not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
+        handler = handler_for(mod)
+        if handler is None or not handler.has_filters:
             continue
         chan = np.asarray(m.channel)
         keep = np.zeros(len(chan), dtype=bool)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from prunekit.errors import PruningError
 from prunekit.features import Batch, as_batch, call_on_device
 from prunekit.graph.dependency import ChannelGroup
+from prunekit.handlers import handler_for
 
 DEFAULT_BATCHES = 8
 
@@ -58,28 +59,38 @@ def _module_of(tensor: str) -> tuple[str, str]:
 
 
 def _weight_members(model: nn.Module, group: ChannelGroup, role: str) -> list[tuple[str, nn.Module, np.ndarray]]:
-    """(module name, module, channel map) of conv/linear weights that carry the group's
-    channels as outputs (``role='out'``) or as inputs (``role='in'``, ungrouped layers only,
-    so that the activation's channel dim lines up with the weight's)."""
+    """(module name, module, channel map) of filter weights (conv/linear, by their handler)
+    that carry the group's channels as outputs (``role='out'``) or as inputs (``role='in'``,
+    ungrouped layers only), with filters along weight dim 0 so that the activation's channel
+    dim lines up with the weight's (not transposed convs)."""
     out = []
     for m in group.members:
         name, leaf = _module_of(m.tensor)
         if m.role != role or leaf != "weight":
             continue
         mod = model.get_submodule(name) if name else model
-        if isinstance(mod, nn.Linear) or (isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed):
-            if role == "in" and getattr(mod, "groups", 1) != 1:
-                continue
-            out.append((name, mod, m.channel))
+        handler = handler_for(mod)
+        if handler is None or not handler.has_filters or handler.weight_dims(mod)[0] != 0:
+            continue
+        if role == "in" and getattr(mod, "groups", 1) != 1:
+            continue
+        out.append((name, mod, m.channel))
     return out
 
 
-def _channel_view(t: Tensor, mod: nn.Module) -> Tensor:
-    """Activation as ``(samples, channels, positions)``: channels are dim 1 for conv, last for linear."""
-    if isinstance(mod, nn.Linear):
-        t = t.reshape(-1, t.shape[-1]) if t.ndim > 2 else t
-        return t.unsqueeze(-1)
-    return t.flatten(2)
+def _channel_view(t: Tensor, mod: nn.Module, kind: str) -> Tensor:
+    """Activation (the module's input for ``kind='in'``, output for ``'out'``) as
+    ``(samples, channels, positions)``, its channels where the module's handler says: a layer
+    with channels last (linear) makes every position a sample, otherwise the dims before the
+    channel dim are samples and those after it positions."""
+    handler = handler_for(mod)
+    assert handler is not None  # sites are filter layers, which have handlers
+    d = (handler.in_channel_dim if kind == "in" else handler.out_channel_dim)(mod, t.ndim)
+    assert d is not None
+    if d == t.ndim - 1:
+        return t.reshape(-1, t.shape[-1]).unsqueeze(-1)
+    samples = t.flatten(0, d - 1) if d > 0 else t.unsqueeze(0)
+    return samples.flatten(2)
 
 
 class _Sites:
@@ -144,7 +155,7 @@ def site_views(model: nn.Module, groups: list[ChannelGroup], batches: Iterable[B
                     if t is None or (with_grad and t.grad is None):
                         continue
                     v = t * t.grad if with_grad else t
-                    yield gi, chan, _channel_view(v.detach(), mod)
+                    yield gi, chan, _channel_view(v.detach(), mod, kind)
     finally:
         for h in handles:
             h.remove()

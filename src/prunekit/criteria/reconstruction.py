@@ -88,7 +88,9 @@ def _rows(model: nn.Module, group: ChannelGroup, ctx: dict[str, Any], name: str)
 
 
 def _blocks(mod: nn.Module) -> int:
-    return 1 if isinstance(mod, nn.Linear) else int(np.prod(mod.kernel_size))
+    """Columns of ``weight.flatten(1)`` per input channel (the kernel's size; 1 for linear):
+    an unfolding layer's rows are channel-major."""
+    return int(np.prod(mod.weight.shape[2:]))
 
 
 def lasso_scores(model: nn.Module, group: ChannelGroup, ctx: dict[str, Any]) -> np.ndarray:

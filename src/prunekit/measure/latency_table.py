@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunekit.handlers import handler_for
 from prunekit.measure.latency import _torch_threads, measure_latency
 from prunekit.runtime import call_model, infer_device, model_mode
 
@@ -68,30 +69,31 @@ class LatencyTable:
 
 
 def _widths(m: nn.Module) -> tuple[int, int]:
-    if isinstance(m, nn.Linear):
-        return m.in_features, m.out_features
-    return m.in_channels, m.out_channels  # type: ignore[return-value]
+    """``(input, output)`` widths of a tabled layer, from its handler."""
+    handler = handler_for(m)
+    widths = handler.widths(m) if handler is not None else None
+    assert widths is not None  # only layers with widths are tabled
+    return widths
 
 
 def _timed(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (isinstance(m, nn.modules.conv._ConvNd) and not m.transposed)
+    """Layers the table times alone: those whose handler can rebuild them at other widths
+    (linear, and conv except transposed). The check builds its copy on the meta device, so
+    it allocates nothing."""
+    handler = handler_for(m)
+    if handler is None or handler.widths(m) is None:
+        return False
+    with torch.device("meta"):
+        return handler.resized(m, 1.0, 1.0) is not None
 
 
 def _scaled(m: nn.Module, fi: float, fo: float) -> tuple[nn.Module, int]:
-    """A fresh layer like ``m`` with widths scaled by ``fi``/``fo``; returns it and its input width."""
-    if isinstance(m, nn.Linear):
-        cin, cout = max(1, round(m.in_features * fi)), max(1, round(m.out_features * fo))
-        return nn.Linear(cin, cout, bias=m.bias is not None), cin
-    assert isinstance(m, nn.modules.conv._ConvNd)
-    g = m.groups
-    if g > 1 and g == m.in_channels == m.out_channels:  # depthwise: one width
-        cin = cout = g = max(1, round(m.out_channels * fo))
-    else:
-        cin = g * max(1, round(m.in_channels * fi / g))
-        cout = g * max(1, round(m.out_channels * fo / g))
-    cls = type(m)
-    layer = cls(cin, cout, m.kernel_size, m.stride, m.padding, m.dilation, g, m.bias is not None)  # type: ignore[arg-type]
-    return layer, cin
+    """A fresh layer like ``m`` with widths scaled by ``fi``/``fo`` (by its handler); returns
+    it and its input width."""
+    handler = handler_for(m)
+    layer = handler.resized(m, fi, fo) if handler is not None else None
+    assert layer is not None  # _timed(m) holds
+    return layer, _widths(layer)[0]
 
 
 def _time(layer: nn.Module, shape: tuple[int, ...], channel_dim: int, cin: int, device: torch.device,
@@ -153,7 +155,9 @@ def build_latency_table(model: nn.Module, example_inputs: Any, *, fractions: tup
             if name not in shapes:
                 continue
             shape = shapes[name]
-            channel_dim = len(shape) - 1 if isinstance(m, nn.Linear) else 1
+            handler = handler_for(m)
+            channel_dim = handler.in_channel_dim(m, len(shape)) if handler is not None else None
+            assert channel_dim is not None  # timed layers read channels
             grid = np.zeros((len(fractions), len(fractions)))
             for i, fi in enumerate(fractions):
                 for j, fo in enumerate(fractions):

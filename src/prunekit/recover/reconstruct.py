@@ -35,6 +35,7 @@ from prunekit.features import (
     reconstructable,
     unfold_rows,
 )
+from prunekit.handlers import handler_for
 from prunekit.plan import PruningPlan
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,9 @@ def solve_least_squares(xx: Tensor, xy: Tensor, *, intercept: bool = True, ridge
 
 
 def _feature_index(layer: nn.Module, keep_in: list[int] | None, n_in: int) -> Tensor:
-    """Columns of the original layer's unfolded input that the pruned layer still reads."""
-    per = 1 if isinstance(layer, nn.Linear) else int(np.prod(layer.kernel_size))
+    """Columns of the original layer's unfolded input that the pruned layer still reads
+    (rows of an unfolding layer are channel-major: kernel-size columns per channel)."""
+    per = int(np.prod(layer.weight.shape[2:]))
     chans = torch.arange(n_in) if keep_in is None else torch.as_tensor(keep_in)
     return (chans[:, None] * per + torch.arange(per)[None, :]).reshape(-1)
 
@@ -68,7 +70,8 @@ def _kept(plan: PruningPlan, name: str, dim: int) -> list[int] | None:
 
 
 def _following_bn(model: nn.Module, layer_names: list[str], batch: Batch) -> dict[str, nn.Module]:
-    """For each layer, the BatchNorm (if any) whose input is exactly that layer's output."""
+    """For each layer, the normalisation with running statistics (batch norm, tracking
+    instance norm; by its handler) whose input is exactly that layer's output."""
     out_ids: dict[int, str] = {}
     found: dict[str, nn.Module] = {}
     handles = []
@@ -82,7 +85,8 @@ def _following_bn(model: nn.Module, layer_names: list[str], batch: Batch) -> dic
             found.setdefault(out_ids[id(args[0])], bn)
 
     for m in mods.values():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        handler = handler_for(m)
+        if handler is not None and handler.is_norm and hasattr(m, "running_mean"):
             handles.append(m.register_forward_pre_hook(note))
     try:
         with torch.no_grad():

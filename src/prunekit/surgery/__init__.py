@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from prunekit._perf import unique_modules, walk
 from prunekit.errors import PruningError
+from prunekit.handlers import handler_for
 from prunekit.plan import AttrFix, PruningPlan
 
 __all__ = ["Journal", "apply_plan", "copy_module", "fix_module_attrs", "get_tensor"]
@@ -261,15 +262,24 @@ def _share_new_parameters(model: nn.Module) -> None:
 
 
 def _snapshot_attrs(model: nn.Module) -> dict[int, dict[str, Any]]:
-    keys = ("in_channels", "out_channels", "groups")
-    return {id(m): {k: getattr(m, k) for k in keys} for m in unique_modules(model) if isinstance(m, nn.modules.conv._ConvNd)}
+    """Per module id, what its handler's ``fix_attrs`` needs to know from before slicing."""
+    snaps = {}
+    for m in unique_modules(model):
+        handler = handler_for(m)
+        snap = handler.snapshot_attrs(m) if handler is not None else {}
+        if snap:
+            snaps[id(m)] = snap
+    return snaps
 
 
 def fix_module_attrs(model: nn.Module, old: dict[int, dict[str, Any]] | None = None, journal: Journal | None = None) -> list[AttrFix]:
     """Make standard modules' size attributes agree with their (sliced) tensors.
 
-    Handles convolutions (incl. depthwise/grouped), linear, batch/instance/group/layer norm,
-    embedding and PReLU. Returns the changes made.
+    Every module with a layer handler (:mod:`prunekit.handlers`: convolutions incl.
+    depthwise/grouped, linear, batch/instance/group/layer/RMS norm, embedding, PReLU,
+    multi-head attention, and registered custom layers) fixes its own attributes; ``old`` is
+    :func:`_snapshot_attrs` taken before slicing. Changes go through ``journal``. Returns the
+    changes made.
     """
     journal = journal if journal is not None else Journal()
     old = old or {}
@@ -284,33 +294,7 @@ def fix_module_attrs(model: nn.Module, old: dict[int, dict[str, Any]] | None = N
             changes.append(AttrFix(names.get(id(mod), "?"), attr, value))
 
     for mod in unique_modules(model):
-        w = getattr(mod, "weight", None) if isinstance(getattr(mod, "weight", None), Tensor) else None
-        if isinstance(mod, nn.modules.conv._ConvNd) and w is not None:
-            prev = old.get(id(mod), {"in_channels": mod.in_channels, "out_channels": mod.out_channels, "groups": mod.groups})
-            depthwise = prev["groups"] == prev["in_channels"] == prev["out_channels"] and prev["groups"] > 1
-            if mod.transposed:
-                c_in, c_out = w.shape[0], w.shape[1] * mod.groups
-            elif depthwise:
-                c_in = c_out = w.shape[0]
-            else:
-                c_in, c_out = w.shape[1] * mod.groups, w.shape[0]
-            if depthwise:
-                put(mod, "groups", c_out)
-            put(mod, "in_channels", c_in)
-            put(mod, "out_channels", c_out)
-        elif isinstance(mod, nn.Linear) and w is not None:
-            put(mod, "in_features", w.shape[1])
-            put(mod, "out_features", w.shape[0])
-        elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
-            ref = w if w is not None else getattr(mod, "running_mean", None)
-            if ref is not None:
-                put(mod, "num_features", ref.shape[0])
-        elif isinstance(mod, nn.GroupNorm) and w is not None:
-            put(mod, "num_channels", w.shape[0])
-        elif isinstance(mod, nn.LayerNorm) and w is not None and len(mod.normalized_shape) == 1:
-            put(mod, "normalized_shape", (w.shape[0],))
-        elif isinstance(mod, nn.Embedding):
-            put(mod, "embedding_dim", mod.weight.shape[1])
-        elif isinstance(mod, nn.PReLU):
-            put(mod, "num_parameters", mod.weight.numel())
+        handler = handler_for(mod)
+        if handler is not None:
+            handler.fix_attrs(mod, put, old.get(id(mod)))
     return changes

@@ -1,0 +1,177 @@
+"""Handler of convolutions: 1/2/3-D, grouped, depthwise and transposed (``nn.modules.conv._ConvNd``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from prunekit.handlers import LayerHandler, Put, register_handler, svd_factors
+
+_CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _depthwise(attrs: dict[str, Any]) -> bool:
+    """One input and one output channel per group (from ``in_channels/out_channels/groups``)."""
+    return attrs["groups"] > 1 and attrs["groups"] == attrs["in_channels"] == attrs["out_channels"]
+
+
+@register_handler
+class ConvHandler(LayerHandler):
+    """Channels are dim 1 of a batched input/output (dim 0 unbatched). ``weight`` is
+    ``(out, in / groups, *kernel)``, transposed ``(in, out / groups, *kernel)``."""
+
+    kinds = (nn.modules.conv._ConvNd,)
+    has_filters = True
+
+    def out_channel_dim(self, module: nn.Module, ndim: int) -> int | None:
+        """1 for a batched output, 0 for an unbatched one."""
+        return ndim - len(module.kernel_size) - 1
+
+    def in_channel_dim(self, module: nn.Module, ndim: int) -> int | None:
+        """1 for a batched input, 0 for an unbatched one."""
+        return ndim - len(module.kernel_size) - 1
+
+    def weight_dims(self, module: nn.Module) -> tuple[int | None, int | None]:
+        """``(0, 1)``; transposed ``(1, 0)``; depthwise ``(0, None)`` (dim 1 has size 1)."""
+        if module.transposed:
+            return 1, 0
+        if _depthwise(self.snapshot_attrs(module)):
+            return 0, None
+        return 0, 1
+
+    def snapshot_attrs(self, module: nn.Module) -> dict[str, Any]:
+        """``in_channels``, ``out_channels`` and ``groups``: whether it was depthwise."""
+        return {k: getattr(module, k) for k in ("in_channels", "out_channels", "groups")}
+
+    def fix_attrs(self, module: nn.Module, put: Put, previous: dict[str, Any] | None) -> None:
+        """``in_channels``/``out_channels`` from the weight (times ``groups``); a depthwise conv
+        stays depthwise, so its ``groups`` follows its channel count."""
+        w = module.weight
+        if not isinstance(w, Tensor):
+            return
+        if _depthwise(previous or self.snapshot_attrs(module)):
+            c_in = c_out = w.shape[0]
+            put(module, "groups", c_out)
+        elif module.transposed:
+            c_in, c_out = w.shape[0], w.shape[1] * module.groups
+        else:
+            c_in, c_out = w.shape[1] * module.groups, w.shape[0]
+        put(module, "in_channels", c_in)
+        put(module, "out_channels", c_out)
+
+    def flops(self, module: nn.Module, input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> int:
+        """``2 * batch * positions * weight.numel()``: every weight entry is one multiply-add
+        per output position, or per input position for a transposed conv."""
+        spatial = len(module.kernel_size)
+        shape = input_shape if module.transposed else output_shape
+        batch = math.prod(shape[:-spatial - 1])
+        return 2 * batch * math.prod(shape[-spatial:]) * module.weight.numel()
+
+    def slice(self, module: nn.Module, dim_kind: str, keep: Tensor) -> None:
+        """Keep output (weight's out dim, bias) or input channels (weight's in dim); a depthwise
+        conv's in and out channels are the same. Other grouped convs are not sliced here
+        (each group must keep as many channels)."""
+        if dim_kind not in ("out", "in"):
+            raise ValueError(f"dim_kind={dim_kind!r}: 'out' or 'in'")
+        depthwise = _depthwise(self.snapshot_attrs(module))
+        if module.groups > 1 and not depthwise:
+            raise NotImplementedError(f"slicing a grouped {type(module).__name__} (groups={module.groups})")
+        if depthwise:
+            dims = {"weight": 0, "bias": 0}
+        else:
+            out_dim, in_dim = self.weight_dims(module)
+            dims = {"weight": out_dim, "bias": 0} if dim_kind == "out" else {"weight": in_dim}
+        self._slice_by_dims(module, dims, keep)  # type: ignore[arg-type]
+
+    def factorise(self, module: nn.Module, rank: int, *, kind: str = "channel") -> nn.Module | None:
+        """Two convs computing the layer through a rank-``rank`` bottleneck (exact at full
+        rank); None for grouped, depthwise and transposed convs.
+
+        ``"channel"``: the ``N x C x k...`` weight as an ``N x (C k...)`` matrix ``W = U S V^T``
+        gives a ``k...`` conv ``C -> r`` (weights ``sqrt(S) V^T``, same stride/padding/dilation,
+        no bias) then a 1x1 conv ``r -> N`` (weights ``U sqrt(S)``, the original bias).
+
+        ``"spatial"`` (2-D kernels with both sides > 1; Tai et al. 2016, the vertical/horizontal
+        scheme TRP uses): the weight as the ``(C kh) x (N kw)`` matrix
+        ``M[(c, i), (n, j)] = W[n, c, i, j]`` gives a ``kh x 1`` conv ``C -> r`` (from
+        ``U sqrt(S)``) then a ``1 x kw`` conv ``r -> N`` (from ``sqrt(S) V^T``), with stride,
+        padding and dilation split between the height and the width."""
+        if kind not in ("channel", "spatial"):
+            raise ValueError(f"kind={kind!r}: 'channel' or 'spatial'")
+        if module.transposed or module.groups != 1:
+            return None
+        w = module.weight
+        n, c, *kernel = w.shape
+        spatial = len(kernel)
+        if kind == "spatial" and (spatial != 2 or min(kernel) < 2):
+            return None
+        conv_cls = _CONVS[spatial - 1]
+        make = {"device": w.device, "dtype": w.dtype, "padding_mode": module.padding_mode}
+        if kind == "channel":
+            left, right = svd_factors(w.reshape(n, -1), rank)
+            r = right.shape[0]
+            first = conv_cls(c, r, module.kernel_size, stride=module.stride, padding=module.padding,
+                             dilation=module.dilation, bias=False, **make)
+            second = conv_cls(r, n, 1, bias=module.bias is not None, **make)
+            first_w, second_w = right.reshape(r, c, *kernel), left.reshape(n, r, *([1] * spatial))
+        else:
+            kh, kw = kernel
+            left, right = svd_factors(w.permute(1, 2, 0, 3).reshape(c * kh, n * kw), rank)
+            r = right.shape[0]
+            pad = module.padding
+            pad_h, pad_w = (pad, pad) if isinstance(pad, str) else ((pad[0], 0), (0, pad[1]))
+            first = conv_cls(c, r, (kh, 1), stride=(module.stride[0], 1), padding=pad_h,
+                             dilation=(module.dilation[0], 1), bias=False, **make)
+            second = conv_cls(r, n, (1, kw), stride=(1, module.stride[1]), padding=pad_w,
+                              dilation=(1, module.dilation[1]), bias=module.bias is not None, **make)
+            first_w = left.reshape(c, kh, r).permute(2, 0, 1).unsqueeze(-1)  # (r, C, kh, 1)
+            second_w = right.reshape(r, n, kw).permute(1, 0, 2).unsqueeze(2)  # (N, r, 1, kw)
+        with torch.no_grad():
+            first.weight.copy_(first_w)
+            second.weight.copy_(second_w)
+            if module.bias is not None:
+                second.bias.copy_(module.bias)
+        return nn.Sequential(first, second)
+
+    def unfolds(self, module: nn.Module) -> bool:
+        """Ungrouped, non-transposed 1-D/2-D convs with explicit zero padding."""
+        return (not module.transposed and module.groups == 1 and len(module.kernel_size) <= 2
+                and module.padding_mode == "zeros" and isinstance(module.padding, tuple))
+
+    def unfold_input(self, module: nn.Module, x: Tensor) -> Tensor:
+        """``F.unfold`` of a batched input into ``(batch * positions, C * k...)``; a 1-D conv
+        is unfolded as a 2-D one of height 1."""
+        if not self.unfolds(module):
+            raise ValueError(f"cannot unfold the input of {module}")
+        if x.ndim == 3 and len(module.kernel_size) == 1:
+            x = x.unsqueeze(2)
+            k, d, p, s = (1, *module.kernel_size), (1, *module.dilation), (0, *module.padding), (1, *module.stride)
+        elif x.ndim == 4 and len(module.kernel_size) == 2:
+            k, d, p, s = module.kernel_size, module.dilation, module.padding, module.stride
+        else:
+            raise ValueError(f"cannot unfold a {x.ndim}-D input of {type(module).__name__}")
+        cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (N, C*k*k, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+    def widths(self, module: nn.Module) -> tuple[int, int] | None:
+        """``(in_channels, out_channels)``."""
+        return module.in_channels, module.out_channels
+
+    def resized(self, module: nn.Module, in_fraction: float, out_fraction: float) -> nn.Module | None:
+        """The same conv class and configuration with scaled widths, kept multiples of
+        ``groups``; a depthwise conv has one width (scaled by ``out_fraction``). None for
+        transposed convs (not rebuilt)."""
+        if module.transposed:
+            return None
+        g = module.groups
+        if _depthwise(self.snapshot_attrs(module)):
+            cin = cout = g = max(1, round(module.out_channels * out_fraction))
+        else:
+            cin = g * max(1, round(module.in_channels * in_fraction / g))
+            cout = g * max(1, round(module.out_channels * out_fraction / g))
+        return type(module)(cin, cout, module.kernel_size, module.stride, module.padding,  # type: ignore[call-arg]
+                            module.dilation, g, module.bias is not None)
