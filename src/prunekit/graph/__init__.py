@@ -12,6 +12,7 @@ from torch import nn
 
 from prunekit._perf import engine_call, walk
 from prunekit.errors import PruningError
+from prunekit.graph.blocks import ResidualBlock, find_blocks
 from prunekit.graph.dependency import ChannelGroup, GroupMember, build_groups, describe, summarize_unprunable
 from prunekit.graph.rules import RULES, register_rule
 from prunekit.graph.meta import MetaStandIns, meta_tensors
@@ -20,8 +21,8 @@ from prunekit.graph.tracer import Member, OpRecord, TraceState, Tracer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChannelGroup", "DependencyGraph", "GroupMember", "OpRecord", "RULES", "record_shapes", "register_rule", "trace",
-           "module_names"]
+__all__ = ["ChannelGroup", "DependencyGraph", "GroupMember", "OpRecord", "RULES", "ResidualBlock", "blocks", "record_shapes",
+           "register_rule", "trace", "module_names"]
 
 
 @dataclass
@@ -59,6 +60,20 @@ class DependencyGraph:
         comps = self.comp[np.fromiter(atoms, dtype=np.int64)] if atoms else np.zeros(0, dtype=np.int64)
         return set(int(c) for c in comps if c >= 0)
 
+    def blocks(self, mode: str = "eval") -> list[ResidualBlock]:
+        """Residual blocks of the pass traced in ``mode``: every add that joins a sub-path
+        (the branch) to its own input, directly or through a shortcut path (see
+        :mod:`prunekit.graph.blocks`), in execution order.
+
+        >>> import torch, torchvision
+        >>> g = trace(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+        >>> [b.name for b in g.blocks()][:3], g.blocks()[2].shortcut_modules
+        (['layer1.0', 'layer1.1', 'layer2.0'], ('layer2.0.downsample.0', 'layer2.0.downsample.1'))
+        """
+        if mode not in self.state.calls:
+            raise PruningError(f"blocks: mode '{mode}' was not traced (traced: {', '.join(self.state.calls)})")
+        return find_blocks(self.state.ops[mode], self.state.calls[mode], self.state.module_params)
+
     def groups_of(self, module: str) -> list[ChannelGroup]:
         """Groups that slice a parameter of ``module`` (a qualified module name)."""
         return [g for g in self.groups if any(m.tensor.startswith(module + ".") for m in g.members)]
@@ -86,6 +101,11 @@ def module_names(model: nn.Module, modules: Iterable[nn.Module | str] | None, op
         else:
             raise PruningError(f"{option}: expected nn.Module or module name, got {type(m).__name__}")
     return tuple(out)
+
+
+def blocks(graph: DependencyGraph, mode: str = "eval") -> list[ResidualBlock]:
+    """Residual blocks of a traced model (:meth:`DependencyGraph.blocks`)."""
+    return graph.blocks(mode)
 
 
 def _same_structure(state: TraceState, model: nn.Module, example_inputs: Any, meta: bool,

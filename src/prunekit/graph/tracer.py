@@ -47,10 +47,20 @@ SIZE_ARG_OPS = frozenset({"view", "reshape", "expand", "broadcast_to", "unflatte
 ones whose arguments an :class:`OpRecord` keeps)."""
 
 
+WEIGHTED_OPS = frozenset({"conv1d", "conv2d", "conv3d", "linear", "matmul", "bmm", "mm", "addmm", "baddbmm",
+                          "scaled_dot_product_attention", "multi_head_attention_forward"})
+"""Ops whose tensor inputs' shapes an :class:`OpRecord` keeps (``in_shapes``): enough to
+count their multiply-adds (a weight's shape, a contracted dim)."""
+
+
 @dataclass
 class OpRecord:
     """One recorded torch call: enough to predict its output shapes after pruning
-    (``args``/``kwargs``: the non-tensor arguments, kept for :data:`SIZE_ARG_OPS` only)."""
+    (``args``/``kwargs``: the non-tensor arguments, kept for :data:`SIZE_ARG_OPS` only),
+    and the dataflow between calls: ``in_values``/``out_values`` are the value ids (small
+    ints, unique within one traced pass) of its tensor inputs and outputs, -1 for an input
+    no recorded op produced (a parameter, a buffer); ``in_shapes`` the input shapes, kept
+    for :data:`WEIGHTED_OPS` only."""
 
     index: int
     name: str
@@ -60,6 +70,26 @@ class OpRecord:
     in_labs: list[Tensor]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    in_values: list[int] = field(default_factory=list)
+    out_values: list[int] = field(default_factory=list)
+    in_shapes: list[tuple[int, ...]] = field(default_factory=list)
+
+
+@dataclass
+class ModuleCall:
+    """One module's forward call in a traced pass: its qualified name, the value ids of its
+    positional tensor inputs and of its outputs, the recorded ops it ran (``first_op`` to
+    ``last_op`` inclusive; none when ``last_op < first_op``), the index of the call it ran
+    in (-1 for the root call) and the end of its nested calls (calls ``index+1 .. stop-1``)."""
+
+    index: int
+    name: str
+    parent: int
+    in_values: list[int]
+    first_op: int
+    out_values: list[int] = field(default_factory=list)
+    last_op: int = -1
+    stop: int = -1
 
 
 @dataclass
@@ -84,6 +114,8 @@ class TraceState:
     blocked: list[tuple[np.ndarray, str]] = field(default_factory=list)
     grids: dict[tuple[Any, ...], np.ndarray] = field(default_factory=dict)
     ops: dict[str, list[OpRecord]] = field(default_factory=dict)
+    calls: dict[str, list[ModuleCall]] = field(default_factory=dict)
+    module_params: dict[str, int] = field(default_factory=dict)  # own parameters (not submodules') per module
     uf: UnionFind = field(default_factory=lambda: UnionFind(1024))
     meta: bool = False  # traced on meta tensors (validation then starts with them too)
 
@@ -148,6 +180,15 @@ class Tracer:
         self.stack: list[str] = [""]
         self.ops: list[OpRecord] = []
         self.ignored_prefixes: tuple[str, ...] = ()
+        # Dataflow: id(tensor) -> value id of its latest producer (an in-place op makes a
+        # new value), and the module calls of the pass with the stack of open ones.
+        self.value_ids: dict[int, int] = {}
+        self.n_values = 0
+        self.calls: list[ModuleCall] = []
+        self.open_calls: list[int] = [-1]
+        if not self.state.module_params:
+            self.state.module_params = {n: sum(p.numel() for p in m._parameters.values() if p is not None)
+                                        for n, m in walk(model)}
 
     # ----------------------------------------------------------------- atoms & labels
     def new_atoms(self, n: int, name: str, *, active: bool = True) -> Tensor:
@@ -325,10 +366,30 @@ class Tracer:
             self.set(t, lab)
             if lab.ndim and sum(s > 1 for s in lab.shape) >= 2:
                 self.add_grid(lab)
+        value_ids = self.value_ids
+        in_values = [value_ids.get(id(t), -1) for t in ins]  # read before the outputs (maybe the inputs) get new ids
+        first = self.n_values
+        self.n_values = first + len(outs)
+        for v, t in enumerate(outs, first):
+            value_ids[id(t)] = v
         self.ops.append(
             OpRecord(len(self.ops), name, self.current, [tuple(t.shape) for t in outs], list(labs), in_labs,
-                     *((_strip_tensors(args), _strip_tensors(kwargs)) if name in SIZE_ARG_OPS else ((), {})))
+                     *((_strip_tensors(args), _strip_tensors(kwargs)) if name in SIZE_ARG_OPS else ((), {})),
+                     in_values, list(range(first, self.n_values)),
+                     [tuple(t.shape) for t in ins] if name in WEIGHTED_OPS else [])
         )
+
+    def new_values(self, tensors: list[Tensor]) -> list[int]:
+        """Value ids of ``tensors``, giving fresh ones to tensors not seen yet (model inputs)."""
+        out = []
+        for t in tensors:
+            v = self.value_ids.get(id(t))
+            if v is None:
+                v = self.value_ids[id(t)] = self.n_values
+                self.n_values += 1
+                self.keep_alive.append(t)  # its id must not be reused by another tensor this pass
+            out.append(v)
+        return out
 
     def run(self, example_inputs: Any, mode: str, *, meta: bool = False, swapped: MetaStandIns | None = None) -> None:
         """Trace one forward pass in ``mode`` ('eval' or 'train' with BN frozen).
@@ -341,14 +402,25 @@ class Tracer:
         hooks = []
         names = self.module_names
 
-        def pre(mod: nn.Module, _args: Any) -> None:
+        calls = self.calls
+        open_calls = self.open_calls
+        value_ids = self.value_ids
+
+        def pre(mod: nn.Module, args: Any) -> None:
             name = names.get(id(mod))
             if name is not None:
                 self.stack.append(name)
+                open_calls.append(len(calls))
+                calls.append(ModuleCall(len(calls), name, open_calls[-2], self.new_values(tensors_in(args)),
+                                        len(self.ops)))
 
-        def post(mod: nn.Module, _args: Any, _out: Any) -> None:
+        def post(mod: nn.Module, _args: Any, out: Any) -> None:
             if id(mod) in names and len(self.stack) > 1:
                 self.stack.pop()
+                c = calls[open_calls.pop()]
+                c.out_values = [value_ids.get(id(t), -1) for t in tensors_in(out)]
+                c.last_op = len(self.ops) - 1
+                c.stop = len(calls)
 
         # Two global hooks instead of two per module: creating a handle costs ~0.2 ms.
         from torch.nn.modules import module as _module
@@ -362,6 +434,7 @@ class Tracer:
                 for name, t in swapped.items():
                     self.tensor_names.setdefault(id(t), name)
                 self.keep_alive.extend(swapped.values())
+            self.new_values(tensors_in(inputs))  # keyword inputs included (a pre-hook sees positional ones only)
             with model_mode(model, mode), torch.no_grad(), _Mode(self):
                 out = call(model, inputs, swapped)
             for t in tree_flatten(out)[0]:
@@ -371,7 +444,12 @@ class Tracer:
             for h in hooks:
                 h.remove()
         self.state.ops[mode] = self.ops
+        self.state.calls[mode] = self.calls
         self.ops = []
+        self.calls = []
+        self.open_calls = [-1]
+        self.value_ids.clear()
+        self.n_values = 0
         self.values.clear()
         self.keep_alive.clear()
         self.stack = [""]
