@@ -79,10 +79,10 @@ def test_dump_round_trips(tmp_path: Path) -> None:
 
 
 def test_demo_defaults_come_from_the_packaged_recipe() -> None:
+    from prunekit.cli.common import resolve_recipe
     from prunekit.cli.main import build_parser
-    from prunekit.cli.pipeline import _recipe
 
     args = build_parser().parse_args(["demo"])
-    r = _recipe(args, base=load_recipe("digits_demo"))
+    r = resolve_recipe(args, base=load_recipe("digits_demo"))
     for key, value in load_recipe("digits_demo").items():
         assert getattr(r, key) == value, key

@@ -3,7 +3,8 @@
 ``prunekit analyze criteria`` scores every channel group with several criteria and writes
 how similar their rankings are, how well each separates channels and whether the layers'
 weights look Gaussian (see :mod:`prunekit.analyze.criteria`). Models, saved directories,
-data sets and input shapes are resolved by the same helpers as the pipeline commands.
+data sets and input shapes are resolved by the same helpers as the other commands
+(:mod:`prunekit.cli.common`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import argparse
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
 
-from prunekit.cli.pipeline import _data, _err, _model, _out, _recipe, _shape
+from prunekit.cli.common import CliError, example_shape, load_data, load_model, output_dir, resolve_recipe
 
 
 def _criteria(text: str | None, have_data: bool) -> list[str] | None:
@@ -25,15 +25,15 @@ def _criteria(text: str | None, have_data: bool) -> list[str] | None:
         return None
     names = [n.strip() for n in text.split(",")]
     if not all(names):
-        raise _err(f"--criteria {text!r}: expected comma-separated names like l1,l2,fpgm")
+        raise CliError(f"--criteria {text!r}: expected comma-separated names like l1,l2,fpgm")
     known = list_criteria()
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise _err(f"--criteria {text}: unknown criterion {', '.join(repr(n) for n in unknown)}; "
+        raise CliError(f"--criteria {text}: unknown criterion {', '.join(repr(n) for n in unknown)}; "
                    f"available: {', '.join(known)}")
     needs = [n for n in names if n in DATA_CRITERIA]
     if needs and not have_data:
-        raise _err(f"--criteria {text}: {', '.join(needs)} need calibration data; pass --dataset NAME [--data PATH]")
+        raise CliError(f"--criteria {text}: {', '.join(needs)} need calibration data; pass --dataset NAME [--data PATH]")
     return names
 
 
@@ -47,19 +47,19 @@ def _data_spec(dataset: str | None, data: str | None) -> str | None:
         name = data.partition(":")[0].strip().lower().replace("_", "-")
         if ":" in data and name in DATASET_NAMES:
             return data  # the NAME:PATH form the other commands take
-        raise _err(f"--data {data}: name the data set with --dataset NAME ({', '.join(DATASET_NAMES)}) "
+        raise CliError(f"--data {data}: name the data set with --dataset NAME ({', '.join(DATASET_NAMES)}) "
                    "or pass --data NAME:PATH")
     name = dataset.strip().lower().replace("_", "-")
     if name not in DATASET_NAMES:
-        raise _err(f"--dataset {dataset}: unknown data set; valid names: {', '.join(DATASET_NAMES)}")
+        raise CliError(f"--dataset {dataset}: unknown data set; valid names: {', '.join(DATASET_NAMES)}")
     if data is None:
         if name in ("digits", "fashion-mnist"):
             return name  # embedded / installed at a default place
-        raise _err(f"--data: data set {name} needs a path; pass --data PATH (e.g. a .npz or a torchvision folder)")
+        raise CliError(f"--data: data set {name} needs a path; pass --data PATH (e.g. a .npz or a torchvision folder)")
     return f"{name}:{data}"
 
 
-def cmd_analyze_criteria(args: argparse.Namespace) -> int:
+def run_criteria(args: argparse.Namespace) -> int:
     """Run :func:`prunekit.analyze.criteria_report` on a model and write json, md and png into ``--out``."""
     import torch
 
@@ -69,24 +69,24 @@ def cmd_analyze_criteria(args: argparse.Namespace) -> int:
 
     for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
         if value < 1:
-            raise _err(f"{flag} {value}: must be >= 1")
+            raise CliError(f"{flag} {value}: must be >= 1")
     if not 0.0 < args.alpha < 1.0:
-        raise _err(f"--alpha {args.alpha}: must be in (0, 1)")
+        raise CliError(f"--alpha {args.alpha}: must be in (0, 1)")
     spec = _data_spec(args.dataset, args.data)
     names = _criteria(args.criteria, spec is not None)
-    # The pipeline's recipe resolver checks sizes and seeds and feeds _data/_shape.
+    # The shared recipe resolver checks sizes and seeds and feeds load_data/example_shape.
     flags = argparse.Namespace(data=spec, input_shape=args.input_shape, num_classes=args.num_classes,
                                in_chans=args.in_chans, image_size=args.image_size, seed=args.seed,
                                batch_size=args.batch_size, augment=False)
-    r = _recipe(flags)
+    r = resolve_recipe(flags)
     if args.weights and Path(args.model).expanduser().is_dir():
-        raise _err(f"--weights {args.weights}: --model {args.model} is a saved directory with its own weights")
-    info = _data(r, args.split) if spec else None
-    model, plan = _model(args.model, num_classes=r.num_classes or (info.num_classes if info else None),
-                         in_chans=r.in_chans or (info.in_chans if info else None), weights=args.weights)
+        raise CliError(f"--weights {args.weights}: --model {args.model} is a saved directory with its own weights")
+    info = load_data(r, args.split) if spec else None
+    model, plan = load_model(args.model, num_classes=r.num_classes or (info.num_classes if info else None),
+                             in_chans=r.in_chans or (info.in_chans if info else None), weights=args.weights)
     model = model.cpu().eval()
     model_spec = plan.meta.get("model_spec", args.model) if plan is not None else args.model
-    shape = _shape(r, model, model_spec, plan, info)
+    shape = example_shape(r, model, model_spec, plan, info)
     loader = make_loader(info, batch_size=r.batch_size, shuffle=True, seed=r.seed) if info is not None else None
     gen = torch.Generator().manual_seed(r.seed)
     try:
@@ -94,12 +94,12 @@ def cmd_analyze_criteria(args: argparse.Namespace) -> int:
                                  batches=args.batches, ignore=args.ignore or None, alpha=args.alpha, seed=r.seed)
     except PruningError as exc:
         flag = "--ignore" if "ignore" in str(exc) else "--model"
-        raise _err(f"{flag}: {exc}") from None
+        raise CliError(f"{flag}: {exc}") from None
     # The report names the model by its spec and the data it used, not by the class alone.
     report = dataclasses.replace(report, meta={**report.meta, "model": model_spec, "data": spec,
                                                "input_shape": list(shape),
                                                "batch_size": r.batch_size if loader is not None else None})
-    out = _out(args.out)
+    out = output_dir(args.out)
     paths = write_report(report, out)
     c = report.criteria
     pairs = [(a, b) for i, a in enumerate(c) for b in c[i + 1:]]
@@ -116,7 +116,7 @@ def _num(v: float) -> str:
     return "n/a" if math.isnan(v) else f"{v:.3f}"
 
 
-def add_commands(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``prunekit analyze`` (with its ``criteria`` analysis) on the CLI's sub-parser set."""
     from prunekit.analyze import DATA_DRIVEN_DEFAULT, DATA_FREE_CRITERIA
 
@@ -150,4 +150,4 @@ def add_commands(sub: Any) -> None:
     c.add_argument("--alpha", type=float, default=0.05, help="significance level of the normality tests (default 0.05)")
     c.add_argument("--seed", type=int, default=0, help="seed of the calibration order and the Shapiro sample (default 0)")
     c.add_argument("--out", required=True, help="output directory (created; the three files are replaced atomically)")
-    c.set_defaults(func=cmd_analyze_criteria)
+    c.set_defaults(func=run_criteria)

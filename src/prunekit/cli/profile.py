@@ -1,0 +1,36 @@
+"""``prunekit profile``: params, FLOPs and measured latency of a model or a saved pruned model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from prunekit.cli.common import add_model_options, model_from_spec, resolve_input_shape
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print params, FLOPs and measured latency of a model (or of a saved pruned model)."""
+    import torch
+
+    import prunekit as pk
+
+    if args.model and Path(args.model).is_dir():
+        model = pk.load(args.model)
+        spec = pk.persist.load_plan(args.model).meta.get("model_spec", "")
+    else:
+        model = model_from_spec(args.model, args.num_classes, args.in_chans)
+        spec = args.model
+    model.eval()
+    shape = resolve_input_shape(args.input_shape, model, spec)
+    prof = pk.profile(model, torch.randn(*shape), latency=not args.no_latency, threads=args.threads)
+    print(json.dumps(prof.to_dict(), indent=1) if args.json else prof)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``profile`` on the CLI's sub-parser set."""
+    p = sub.add_parser("profile", help="params, FLOPs and measured latency of a model or a saved pruned model")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_model_options(p)
+    p.set_defaults(func=run)

@@ -1,0 +1,99 @@
+"""``prunekit prune``: prune a model and write it with a before/after report.
+
+Plain criterion pruning or a published method, by ratio or budget, options from flags over a
+``--recipe``; the option -> keyword mapping is :func:`prunekit.cli.common.prune_options`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from prunekit.cli.common import (
+    CliError,
+    OptionTable,
+    add_model_options,
+    add_recipe_options,
+    example_shape,
+    load_model,
+    output_dir,
+    print_summary,
+    profile_report,
+    prune_with_recipe,
+    resolve_recipe,
+    run_meta,
+    write_run,
+)
+
+
+PRUNE_OPTIONS: OptionTable = [
+    ("--target-flops", "target_flops", float,
+     "fraction of FLOPs to keep, e.g. 0.5 (ratio found by bisection; wins over --ratio)"),
+    ("--target-params", "target_params", float, "fraction of parameters to keep, e.g. 0.5"),
+    ("--target-latency", "target_latency", float,
+     "fraction of the latency to keep, from a per-layer latency table measured on this machine"),
+    ("--method", "method", str, "a published method instead of plain criterion pruning: channel_pruning "
+     "(LASSO + least squares), cap (compensation, no fine-tuning), ucp, functionality, iterative"),
+    ("--data", "data", str, "data set whose training split calibrates data-driven criteria and methods "
+     "(digits, cifar10:PATH, fashion-mnist:PATH, ...)"),
+    ("--calib-batches", "calib_batches", int, "calibration batches (training split) for data-driven "
+     "criteria and methods"),
+    ("--min-channels", "min_channels", int, "every group keeps at least this many channels")]
+"""Pruning options beyond the basic ones of ``prune``'s parser (all recipe-backed)."""
+
+
+def run(args: argparse.Namespace) -> int:
+    """``prunekit prune`` with --recipe, --target-flops and saved (trained) model directories."""
+    import torch
+
+    import prunekit as pk
+
+    if args.ratios is not None:
+        try:
+            args.ratios = {k: float(v) for k, v in (item.split("=", 1) for item in args.ratios)}
+        except ValueError:
+            raise CliError(f"--ratios {' '.join(args.ratios)}: expected MODULE=RATIO entries, e.g. layer4=0.7") from None
+    r = resolve_recipe(args)
+    if not r.model:
+        raise CliError("no model: pass --model SPEC or set model: in the recipe")
+    model, plan0 = load_model(r.model, num_classes=r.num_classes, in_chans=r.in_chans)
+    if plan0 is not None and not plan0.is_empty:
+        raise CliError(f"--model {r.model}: already pruned; prune the unpruned model it came from instead")
+    spec = plan0.meta.get("model_spec", r.model) if plan0 is not None else r.model
+    meta0 = plan0.meta if plan0 is not None else {}
+    nc, ic = r.num_classes or meta0.get("num_classes"), r.in_chans or meta0.get("in_chans")
+    shape = example_shape(r, model, spec, plan0)
+    x = torch.randn(*shape)
+    t0 = time.perf_counter()
+    small, plan = prune_with_recipe(model.eval(), x, r)
+    seconds = time.perf_counter() - t0
+    out = output_dir(args.out)  # only once the input is known to be good
+    before, after = profile_report(model, shape, args), profile_report(small, shape, args)
+    pk.save(small, plan, out, model_spec=spec, extra=run_meta(shape, nc, ic))
+    write_run(out, r, {"command": "prune", "model": spec, "input_shape": list(shape), "ratio": plan.meta.get("ratio"),
+                       "target_flops": r.target_flops, "criterion": r.criterion, "method": r.method,
+                       "prune_seconds": seconds, "before": before, "after": after, "plan": plan.meta}, command="prune")
+    print_summary([("before", before, {}), ("after", after, {})])
+    print(f"pruned {plan.meta.get('groups_pruned', 0)}/{plan.meta.get('groups', 0)} groups (ratio "
+          f"{plan.meta.get('ratio', 0):.3f}) in {seconds:.2f} s; saved to {out}/ (model.safetensors, plan.json, "
+          f"report.json, report.md, recipe.yaml)")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``prune`` on the CLI's sub-parser set."""
+    # Recipe-backed options default to None: a --recipe fills them, flags given override it.
+    p = sub.add_parser("prune", help="prune a model and write it with a before/after report")
+    add_model_options(p, model_required=False)
+    p.add_argument("--recipe", default=None, help="YAML recipe file or packaged recipe name; flags override it")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="fraction of channels removed from every group, 0 <= r < 1 (default 0.5)")
+    p.add_argument("--criterion", default=None, help="importance criterion: l1, l2 (default), l1_out, bn, random, ...")
+    p.add_argument("--ignore", nargs="*", default=None, help="module names whose output channels must stay")
+    p.add_argument("--ratios", nargs="*", default=None, help="per-module ratios, e.g. layer4=0.7")
+    p.add_argument("--global-ranking", action="store_true", default=None,
+                   help="rank channels across groups (normalised scores)")
+    p.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of this (default 1)")
+    p.add_argument("--out", required=True, help="output directory (created; existing files are replaced atomically)")
+    add_recipe_options(p, PRUNE_OPTIONS)
+    p.set_defaults(func=run)
