@@ -11,13 +11,14 @@ from torch import nn
 
 from prunekit._perf import engine_call
 from prunekit.allocate import check_ratio, select
+from prunekit.allocate.budget import Budget, make_budget, removal_for_budget
+from prunekit.allocate.cost import CostModel
 from prunekit.criteria import Criterion, score_groups
 from prunekit.errors import PruningError
 from prunekit.graph import DependencyGraph, module_names, trace
-from prunekit.measure import count_flops, count_params
 from prunekit.plan import PruningPlan
-from prunekit.surgery import Journal, apply_plan, copy_module
 from prunekit.planning import blame, channel_plan
+from prunekit.surgery import Journal, apply_plan, copy_module
 from prunekit.surgery.validate import check
 
 __all__ = ["trace", "plan_for", "prune"]
@@ -32,7 +33,8 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
                     max_repairs: int, target_flops: float | None = None, target_params: float | None = None,
                     target_latency: float | None = None, latency_table: Any = None) -> tuple[PruningPlan, nn.Module]:
     ratio = check_ratio(ratio, "ratio")
-    budget = _budget(model, example_inputs, target_flops, target_params, target_latency, latency_table)
+    budget = make_budget(model, example_inputs, target_flops=target_flops, target_params=target_params,
+                         target_latency=target_latency, latency_table=latency_table)
     checked: dict[str, float] = {}
     if ratios:
         names = module_names(model, list(ratios), "ratios")
@@ -42,12 +44,13 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
     elif ignore:
         raise PruningError("ignore: pass it to trace() when you give a ready graph")
     scores = score_groups(model, graph.groups, criterion, **dict(criterion_kwargs or {}))
+    value = _budget_value(model, example_inputs, graph, budget) if budget is not None else None
     groups = list(graph.groups)
     repairs: list[str] = []
     options = dict(ratios=checked, global_ranking=global_ranking, round_to=round_to, min_channels=min_channels)
     for _ in range(max_repairs + 1):
         if budget is not None:
-            removed = _removal_for_budget(model, graph, groups, scores, budget, options)
+            removed = removal_for_budget(groups, scores, budget, options, value)
             ratio = float(sum(len(r) for r in removed) / max(1, graph.n_channels))
         else:
             removed = select(groups, scores, ratio=ratio, **options)
@@ -84,96 +87,20 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
     raise PruningError(f"gave up after {max_repairs} repairs; last: {repairs[-1] if repairs else '?'}")
 
 
-def _flops(model: nn.Module, example_inputs: Any) -> int:
+def _budget_value(model: nn.Module, example_inputs: Any, graph: DependencyGraph,
+                  budget: Budget) -> Callable[[list[np.ndarray]], float]:
+    """The budget measure of a candidate removal: the cost model evaluated at its mask (no
+    pruning), or, for a model the cost model cannot describe, the candidate pruned and
+    measured."""
     try:
-        return count_flops(model, example_inputs, meta=True)
-    except Exception:  # noqa: BLE001 - the meta device cannot run every model
-        return count_flops(model, example_inputs)
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """What a target constrains: ``measure(model)`` of the pruned model over ``base`` must be
-    at most ``target`` (a fraction kept)."""
-
-    kind: str
-    target: float
-    base: float
-    measure: Callable[[nn.Module], float]
-
-
-def _budget(model: nn.Module, example_inputs: Any, target_flops: float | None, target_params: float | None,
-            target_latency: float | None, latency_table: Any) -> Budget | None:
-    given = {k: v for k, v in (("flops", target_flops), ("params", target_params), ("latency", target_latency))
-             if v is not None}
-    if not given:
-        if latency_table is not None:
-            raise PruningError("latency_table: only used with target_latency")
-        return None
-    if len(given) > 1:
-        raise PruningError(f"give one budget, not {', '.join('target_' + k for k in given)}")
-    kind, target = next(iter(given.items()))
-    try:
-        target = float(target)
-    except (TypeError, ValueError):
-        raise PruningError(f"target_{kind}={target!r}: must be a number in (0, 1]") from None
-    if not 0.0 < target <= 1.0:
-        raise PruningError(f"target_{kind}={target!r}: must be in (0, 1] (the fraction of {kind} kept)")
-    if kind == "flops":
-        measure: Callable[[nn.Module], float] = lambda m: float(_flops(m, example_inputs))  # noqa: E731
-    elif kind == "params":
-        measure = lambda m: float(count_params(m))  # noqa: E731
-    else:
-        if latency_table is None:
-            from prunekit.measure.latency_table import build_latency_table
-
-            latency_table = build_latency_table(model, example_inputs)
-        measure = latency_table.estimate
-    return Budget(kind, target, measure(model), measure)
-
-
-def _removal_for_budget(model: nn.Module, graph: DependencyGraph, groups: list[Any], scores: list[np.ndarray],
-                      budget: Budget, options: dict[str, Any]) -> list[np.ndarray]:
-    """Channels to remove so that the pruned model keeps at most ``budget.target`` of the
-    budgeted quantity, as close to it as one channel allows.
-
-    First bisect the ratio; a uniform ratio moves every group at once (ResNet-20's 16/32/64
-    groups all step at multiples of 1/16), so then bisect over how many groups take the
-    next step, in group order."""
-
-    def value(removed: list[np.ndarray]) -> float:
-        return budget.measure(apply_plan(model, channel_plan(model, graph, removed)[0])) / budget.base
-
-    def fits(removed: list[np.ndarray]) -> bool:
-        try:
-            return value(removed) <= budget.target
-        except Exception:  # noqa: BLE001 - a broken candidate is sorted out by validation
-            return True
-
-    lo, hi = 0.0, 0.99
-    for _ in range(16):
-        mid = (lo + hi) / 2
-        if fits(select(groups, scores, ratio=mid, **options)):
-            hi = mid
-        else:
-            lo = mid
-    under, over = select(groups, scores, ratio=hi, **options), select(groups, scores, ratio=lo, **options)
-    if not fits(under):
-        return under  # even the largest ratio cannot meet the budget: prune as much as allowed
-    steps = [i for i, (a, b) in enumerate(zip(under, over)) if len(a) != len(b) or not np.array_equal(a, b)]
-
-    def mixed(k: int) -> list[np.ndarray]:
-        take = set(steps[:k])
-        return [under[i] if i in take else over[i] for i in range(len(groups))]
-
-    a, b = 0, len(steps)  # mixed(b) fits
-    while b - a > 1:
-        k = (a + b) // 2
-        if fits(mixed(k)):
-            b = k
-        else:
-            a = k
-    return mixed(b)
+        cost = CostModel(graph, model, example_inputs, latency_table=budget.table)
+        if abs(cost.base(budget.kind) - budget.base) <= 1e-6 * max(1.0, budget.base):
+            return lambda removed: float(cost.measure(budget.kind, cost.mask_of(removed))) / budget.base
+        log.info("cost model base %s differs from the measured %s: pruning candidates instead",
+                 cost.base(budget.kind), budget.base)
+    except Exception as exc:  # noqa: BLE001 - any model the formulas miss falls back to measuring
+        log.info("cost model unavailable (%s): pruning candidates instead", exc)
+    return lambda removed: budget.measure(apply_plan(model, channel_plan(model, graph, removed)[0])) / budget.base
 
 
 def plan_for(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, criterion: str | Criterion = "l2",

@@ -108,7 +108,7 @@ def test_finetune_keeps_the_plan_and_reports_before_after(demo_dir: tuple[Path, 
     report = json.loads((ft / "report.json").read_text())
     assert report["before"]["top1"] == json.loads((out / "report.json").read_text())["after"]["top1"]
     assert "top1" in report["after"] and report["teacher"] == str(out / "baseline")
-    assert json.loads((ft / "plan.json").read_text())["keep"] == json.loads((out / "plan.json").read_text())["keep"]
+    assert json.loads((ft / "plan.json").read_text())["steps"] == json.loads((out / "plan.json").read_text())["steps"]
     assert _top1(pk.load(ft), 360) == report["after"]["top1"]
 
 
