@@ -1,8 +1,8 @@
-"""Physically remove channels: slice parameters/buffers and fix module attributes.
+"""Apply plans: slice parameters/buffers, fix module attributes, replace and drop modules.
 
-Only this package changes a model. :func:`apply_plan` is all-or-nothing: every new tensor
-is computed and checked before the first assignment, and :class:`Journal` can roll an
-in-place change back if validation fails afterwards.
+Only this package changes a model. :func:`apply_plan` is all-or-nothing: a slice computes
+and checks every new tensor before the first assignment, and :class:`Journal` records each
+in-place change so that a failing step, or validation afterwards, can roll it all back.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from prunekit._perf import unique_modules, walk
 from prunekit.errors import PruningError
 from prunekit.handlers import handler_for
-from prunekit.plan import AttrFix, PruningPlan
+from prunekit.plan import AttrFix, PruningPlan, SetAttr, Slice
 
 __all__ = ["Journal", "apply_plan", "copy_module", "fix_module_attrs", "get_tensor"]
 
@@ -45,18 +45,22 @@ def get_tensor(model: nn.Module, name: str, modules: dict[str, nn.Module] | None
 
 @dataclass
 class Journal:
-    """Undo log of an in-place change: ``rollback()`` restores every tensor and attribute."""
+    """Undo log of an in-place change: ``rollback()`` restores every tensor, attribute and module."""
 
     entries: list[tuple[Any, str, str, Any]] = field(default_factory=list)
 
     def set(self, obj: Any, kind: str, key: str, value: Any) -> None:
-        """Set ``obj.<kind>[key]`` (kind 'param', 'buffer' or 'attr') and remember the old value."""
-        if kind == "param":
-            self.entries.append((obj, kind, key, obj._parameters[key]))
-            obj._parameters[key] = value
-        elif kind == "buffer":
-            self.entries.append((obj, kind, key, obj._buffers[key]))
-            obj._buffers[key] = value
+        """Set ``obj.<kind>[key]`` (kind 'param', 'buffer', 'module' or 'attr') and remember
+        the old value; kind 'modules' replaces ``obj._modules`` whole (``value``: the new
+        ordered name -> module dict), which is how a module leaves a Sequential in order."""
+        if kind in ("param", "buffer", "module"):
+            store = obj._parameters if kind == "param" else obj._buffers if kind == "buffer" else obj._modules
+            self.entries.append((obj, kind, key, store[key]))
+            store[key] = value
+        elif kind == "modules":
+            self.entries.append((obj, kind, key, dict(obj._modules)))
+            obj._modules.clear()
+            obj._modules.update(value)
         else:
             self.entries.append((obj, kind, key, getattr(obj, key)))
             setattr(obj, key, value)
@@ -68,35 +72,82 @@ class Journal:
                 obj._parameters[key] = old
             elif kind == "buffer":
                 obj._buffers[key] = old
+            elif kind == "module":
+                obj._modules[key] = old
+            elif kind == "modules":
+                obj._modules.clear()
+                obj._modules.update(old)
             else:
                 setattr(obj, key, old)
         self.entries.clear()
 
 
 def apply_plan(model: nn.Module, plan: PruningPlan, *, inplace: bool = False, journal: Journal | None = None) -> nn.Module:
-    """Return ``model`` with the plan's channels physically removed.
+    """Return ``model`` with the plan's steps applied in order: channels physically removed
+    (:class:`~prunekit.plan.Slice`), attributes set, modules replaced or dropped.
 
-    A deep copy is pruned unless ``inplace``; a plan that does not fit the model (other
-    shapes, missing tensors) raises PruningError before anything changes.
+    A copy is changed unless ``inplace``. All or nothing: a plan that does not fit the model
+    (other shapes, missing tensors or modules, an unknown factory) raises PruningError and
+    leaves ``model`` as it was (in place, every change so far is rolled back).
     """
+    from prunekit.surgery.replace import apply_structural
+
     journal = journal if journal is not None else Journal()
-    new = _sliced_tensors(model, plan)
-    if inplace:
-        target = model
+    steps = list(plan.steps)
+    if not inplace:
+        if steps and isinstance(steps[0], Slice):
+            target = _sliced_copy(model, steps.pop(0))  # never copies the tensors it shrinks
+        else:
+            target = copy_module(model)
+        journal = Journal()  # the copy is ours: a failure just drops it
     else:
-        target = copy_module(model, _tensor_memo(model, new))
-        _check_result(target, plan)
-        return _fix_attrs(target, plan, journal, None)
-    old_attrs = _snapshot_attrs(target)
-    for mod in unique_modules(target):
+        target = model
+    mark = len(journal.entries)
+    try:
+        for step in steps:
+            if isinstance(step, Slice):
+                _slice_inplace(target, step, journal)
+            elif isinstance(step, SetAttr):
+                _set_attr(target, step, journal)
+            else:
+                apply_structural(target, step, journal)
+    except BaseException:
+        if inplace:
+            undo = Journal(journal.entries[mark:])
+            del journal.entries[mark:]
+            undo.rollback()
+        raise
+    return target
+
+
+def _sliced_copy(model: nn.Module, step: Slice) -> nn.Module:
+    new = _sliced_tensors(model, step)
+    target = copy_module(model, _tensor_memo(model, new))
+    _check_result(target, step)
+    fix_module_attrs(target, None, Journal())
+    return target
+
+
+def _slice_inplace(model: nn.Module, step: Slice, journal: Journal) -> None:
+    new = _sliced_tensors(model, step)  # every new tensor is made and checked before the first change
+    old_attrs = _snapshot_attrs(model)
+    for mod in unique_modules(model):
         for key, t in list(mod._parameters.items()):
             if t is not None and id(t) in new:
                 journal.set(mod, "param", key, nn.Parameter(new[id(t)], requires_grad=t.requires_grad))
         for key, t in list(mod._buffers.items()):
             if t is not None and id(t) in new:
                 journal.set(mod, "buffer", key, new[id(t)])
-    _share_new_parameters(target)
-    return _fix_attrs(target, plan, journal, old_attrs)
+    _share_new_parameters(model)
+    fix_module_attrs(model, old_attrs, journal)
+
+
+def _set_attr(model: nn.Module, step: SetAttr, journal: Journal) -> None:
+    try:
+        mod = model.get_submodule(step.module) if step.module else model
+    except AttributeError:
+        raise PruningError(f"plan sets '{step.attr}' of module '{step.module}', which the model does not have") from None
+    journal.set(mod, "attr", step.attr, step.value)
 
 
 def copy_module(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
@@ -179,14 +230,7 @@ def _tensor_memo(model: nn.Module, new: dict[int, Tensor]) -> dict[int, Any]:
     return memo
 
 
-def _fix_attrs(target: nn.Module, plan: PruningPlan, journal: Journal, old: dict[int, dict[str, Any]] | None) -> nn.Module:
-    fix_module_attrs(target, old, journal)
-    for fix in plan.attrs:
-        journal.set(target.get_submodule(fix.module), "attr", fix.attr, fix.value)
-    return target
-
-
-def _sliced_tensors(model: nn.Module, plan: PruningPlan) -> dict[int, Tensor]:
+def _sliced_tensors(model: nn.Module, plan: Slice) -> dict[int, Tensor]:
     """New data for every tensor the plan shrinks, keyed by id of the original tensor;
     checks the plan fits the model before anything changes."""
     new: dict[int, Tensor] = {}
@@ -238,7 +282,7 @@ def _select(data: Tensor, picks: list[tuple[int, Tensor]]) -> Tensor:
     return out
 
 
-def _check_result(model: nn.Module, plan: PruningPlan) -> None:
+def _check_result(model: nn.Module, plan: Slice) -> None:
     modules = dict(walk(model))
     for name, dims in plan.keep.items():
         t = get_tensor(model, name, modules)
