@@ -1,0 +1,299 @@
+"""Channel gates: one learned multiplier vector per coupled group, trained inside the model.
+
+:func:`attach_gates` puts a gate on every prunable group of a traced model. The gate
+multiplies the group's channels wherever they are made: after the group's normalisation
+layers (a scale before BatchNorm would be normalised away) and at producers whose output
+reaches no normalisation of the group, so residual-coupled channels (every conv feeding one
+sum) share one gate. The gates live in a real submodule (``model.prunekit_gates``), so
+``.parameters()``, ``state_dict``, checkpoints and DDP see them; :meth:`GateSet.detach`
+restores the original module tree, and :meth:`GateSet.fold` first multiplies the gate
+values into the layers they scale, so the detached model computes what the gated one did.
+Gate values then become the scores of the ordinary allocator (:func:`prune_with_gates`),
+so budgets, ``round_to``, ``min_channels`` and ``ignore`` hold as for any criterion.
+
+Gate kinds are registry plug-ins (:func:`register_gate`): ``scale`` (a plain multiplier
+starting at 1, the original function exactly) and ``logit`` (``sigmoid(logit / T)`` with a
+temperature buffer that schedules can anneal). Input-dependent kinds (squeeze-excitation
+style) override :meth:`Gate.multiplier` and are not foldable.
+
+>>> import torch, torchvision, prunekit as pk
+>>> from prunekit.gates import attach_gates
+>>> m = torchvision.models.resnet18().eval(); x = torch.randn(1, 3, 64, 64)
+>>> gates = attach_gates(m, pk.trace(m, x, ignore=[m.fc]), kind="scale")
+>>> sum(p.numel() for p in gates.parameters()) == sum(g.size for g in gates.groups)
+True
+>>> gates.detach(); hasattr(m, "prunekit_gates")
+False
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from prunekit.errors import PruningError
+from prunekit.registry import Registry
+
+__all__ = ["Gate", "GateSet", "attach_gates", "gate_kinds", "prune_with_gates", "register_gate"]
+
+GATES: Registry[type["Gate"]] = Registry("gate kind")
+
+
+def register_gate(name: str) -> Callable[[type["Gate"]], type["Gate"]]:
+    """Class decorator registering a :class:`Gate` subclass as kind ``name``."""
+    return GATES.register(name)
+
+
+def gate_kinds(pattern: str = "*") -> list[str]:
+    """Names of the registered gate kinds matching a glob pattern."""
+    return GATES.names(pattern)
+
+
+class Gate(nn.Module):
+    """A gate over ``size`` channels. Subclasses define :meth:`values` (input-independent
+    multipliers) or override :meth:`multiplier` (input-dependent ones, then ``foldable`` is
+    False); :meth:`importance` is what the allocator ranks (default: the values)."""
+
+    foldable = True
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = int(size)
+
+    def values(self) -> Tensor:
+        """The per-channel multipliers, shape ``(size,)``."""
+        raise NotImplementedError
+
+    def multiplier(self, x: Tensor, dim: int) -> Tensor:
+        """Per-channel multipliers for activation ``x`` whose channels lie along ``dim``:
+        shape ``(size,)`` (same for every sample) or ``(batch, size)``."""
+        return self.values()
+
+    def importance(self) -> np.ndarray:
+        """Channel scores for allocation (higher = keep)."""
+        return self.values().detach().double().cpu().numpy()
+
+
+@register_gate("scale")
+class ScaleGate(Gate):
+    """A plain learned multiplier per channel, starting at ``init`` (1: the original function)."""
+
+    def __init__(self, size: int, *, init: float = 1.0) -> None:
+        super().__init__(size)
+        self.weight = nn.Parameter(torch.full((size,), float(init)))
+
+    def values(self) -> Tensor:
+        """The multipliers themselves."""
+        return self.weight
+
+    def importance(self) -> np.ndarray:
+        """|multiplier| (a negative scale keeps a channel as much as a positive one)."""
+        return self.weight.detach().abs().double().cpu().numpy()
+
+
+@register_gate("logit")
+class LogitGate(Gate):
+    """``sigmoid(logit / temperature)`` per channel: a soft mask in (0, 1). The logit starts
+    at ``init`` (3: 0.95 at T=1); the temperature is a buffer, so a schedule can anneal it
+    (towards a hard mask) and checkpoints keep it."""
+
+    def __init__(self, size: int, *, init: float = 3.0, temperature: float = 1.0) -> None:
+        super().__init__(size)
+        self.logit = nn.Parameter(torch.full((size,), float(init)))
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def values(self) -> Tensor:
+        """The soft mask."""
+        return torch.sigmoid(self.logit / self.temperature)
+
+
+class _Site:
+    """Where a gate multiplies: module ``name``'s output along the channel dim its handler
+    names; ``index[i]`` is the gate entry for output position ``i`` (``size`` for positions
+    of other groups, which get factor 1)."""
+
+    def __init__(self, group: int, name: str, module: nn.Module, index: np.ndarray, handler: Any) -> None:
+        self.group, self.name, self.module, self.handler = group, name, module, handler
+        self.weight_dims = handler.weight_dims(module)
+        self.index = torch.as_tensor(index, dtype=torch.long)
+
+
+class _GateHook:
+    """Forward hook multiplying a site's output by its gate (a plain object, so deep copies
+    of a gated model carry hooks bound to the copied gates)."""
+
+    def __init__(self, gate: Gate, index: Tensor, handler: Any) -> None:
+        self.gate, self.index, self.handler = gate, index, handler
+
+    def __call__(self, module: nn.Module, args: Any, out: Tensor) -> Tensor:
+        dim = self.handler.out_channel_dim(module, out.ndim) % out.ndim
+        mult = self.gate.multiplier(out, dim)
+        ones = mult.new_ones(mult.shape[:-1] + (1,))
+        full = torch.cat([mult, ones], dim=-1).index_select(-1, self.index.to(mult.device))
+        shape = [1] * out.ndim
+        shape[dim] = full.shape[-1]
+        if full.ndim == 2:  # per-sample multipliers
+            shape[0] = full.shape[0]
+        return out * full.reshape(shape).to(out.dtype)
+
+
+class GateSet(nn.Module):
+    """The gates of one model (``gates[str(group.index)]``) and the hooks that apply them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates = nn.ModuleDict()
+        self.groups: list[Any] = []
+        self.ungated: list[str] = []  # prunable groups no gate site was found for
+        self._sites: list[_Site] = []
+        self._handles: list[Any] = []
+        self._owner: list[nn.Module] = []  # kept in a list so it is not a submodule
+
+    def gate(self, group_index: int) -> Gate:
+        """The gate of group ``group_index`` (KeyError if it has none)."""
+        return self.gates[str(group_index)]  # type: ignore[return-value]
+
+    def scores(self, groups: list[Any]) -> list[np.ndarray | None]:
+        """Importance per channel for every group of ``groups`` (None for a group without a gate)."""
+        return [self.gates[str(g.index)].importance() if str(g.index) in self.gates else None  # type: ignore[operator]
+                for g in groups]
+
+    def mask(self, groups: list[Any]) -> Tensor:
+        """The gate values of every channel of ``groups`` concatenated (1 for ungated
+        groups): the keep mask the cost model (:class:`prunekit.allocate.cost.CostModel`)
+        takes, differentiable in the gates. Input-dependent kinds are not supported here."""
+        parts = []
+        for g in groups:
+            key = str(g.index)
+            parts.append(self.gates[key].values() if key in self.gates else torch.ones(g.size))  # type: ignore[operator]
+        return torch.cat([p.to(torch.float64) for p in parts])
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Multiply every gate's values into the layers it scales (the output slices of a
+        producer's weight and bias, a norm's affine weight and bias), so that the model
+        computes the same function once the gates are detached; then set the gates to 1 if
+        they are ``scale`` gates. Raises PruningError for input-dependent gates or a site
+        without an affine weight."""
+        for site in self._sites:
+            gate = self.gate(site.group)
+            if not gate.foldable:
+                raise PruningError(f"gate of group {site.group}: kind {type(gate).__name__} depends on the input "
+                                   "and cannot be folded; detach without folding")
+            out_dim = site.weight_dims[0]
+            weight = getattr(site.module, "weight", None)
+            if out_dim is None or not isinstance(weight, Tensor):
+                raise PruningError(f"gate at '{site.name}': the module has no weight to fold the gate into")
+            vals = torch.cat([gate.values().detach(), torch.ones(1)]).index_select(0, site.index)
+            shape = [1] * weight.ndim
+            shape[out_dim] = -1
+            weight.mul_(vals.view(shape).to(weight))
+            bias = getattr(site.module, "bias", None)
+            if isinstance(bias, Tensor):
+                bias.mul_(vals.to(bias))
+        for gate in self.gates.values():
+            if isinstance(gate, ScaleGate):
+                gate.weight.fill_(1.0)
+            elif isinstance(gate, LogitGate):
+                gate.logit.fill_(float("inf"))  # sigmoid(inf) = 1: the folded model stays exact while attached
+
+    def detach(self) -> None:
+        """Remove the hooks and the ``prunekit_gates`` submodule: the original module tree."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for owner in self._owner:
+            if owner._modules.get("prunekit_gates") is self:
+                del owner._modules["prunekit_gates"]
+        self._owner.clear()
+
+
+def _sites(model: nn.Module, graph: Any, group: Any) -> list[tuple[str, nn.Module, np.ndarray, Any]]:
+    """(module name, module, gate index per output position, its handler) of every place
+    group ``group``'s gate multiplies."""
+    from prunekit.handlers import handler_for
+
+    norms, producers = {}, {}
+    for m in group.members:
+        name, _, leaf = m.tensor.rpartition(".")
+        if leaf != "weight":
+            continue
+        mod = model.get_submodule(name) if name else model
+        h = handler_for(mod)
+        if h is None:
+            continue
+        if m.role == "norm" and h.is_norm:
+            norms.setdefault(name, (mod, m.channel, h))
+        elif m.role == "out" and h.out_channel_dim(mod, 2) is not None and h.weight_dims(mod)[0] is not None:
+            producers.setdefault(name, (mod, m.channel, h))
+    # A producer whose output goes straight into one of the group's norms is gated there.
+    ops = graph.ops("eval")
+    consumer_of: dict[int, Any] = {}
+    for op in ops:
+        for v in op.in_values:
+            consumer_of.setdefault(v, op)
+    covered = set()
+    for op in ops:
+        if op.module in producers and op.out_values:
+            nxt = consumer_of.get(op.out_values[0])
+            if nxt is not None and nxt.module in norms:
+                covered.add(op.module)
+    out = []
+    for name, (mod, chan, h) in list(norms.items()) + [(n, v) for n, v in producers.items() if n not in covered]:
+        out.append((name, mod, np.where(chan >= 0, chan, group.size), h))
+    return out
+
+
+def attach_gates(model: nn.Module, graph: Any, *, kind: str = "logit", groups: list[Any] | None = None,
+                 **kind_kwargs: Any) -> GateSet:
+    """Attach a gate of ``kind`` to every prunable group of ``graph`` (or of ``groups``) on
+    ``model`` (the traced model, changed in place) and return the :class:`GateSet`, also
+    registered as ``model.prunekit_gates``. ``kind_kwargs`` go to the gate constructor.
+    Raises PruningError when the model already has gates or ``kind`` is unknown."""
+    if "prunekit_gates" in model._modules:
+        raise PruningError("attach_gates: the model already has gates (detach them first)")
+    try:
+        cls = GATES.get(kind)
+    except KeyError as exc:
+        raise PruningError(f"attach_gates: {exc.args[0]}") from None
+    gs = GateSet()
+    gs.groups = [g for g in (groups if groups is not None else graph.groups) if g.n_prunable > 0]
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    for g in gs.groups:
+        sites = _sites(model, graph, g)
+        if not sites:
+            gs.ungated.append(g.name)
+            continue
+        gate = cls(g.size, **kind_kwargs).to(device)
+        gs.gates[str(g.index)] = gate
+        for name, mod, index, handler in sites:
+            site = _Site(g.index, name, mod, index, handler)
+            gs._sites.append(site)
+            gs._handles.append(mod.register_forward_hook(_GateHook(gate, site.index, handler)))
+    model.add_module("prunekit_gates", gs)
+    gs._owner.append(model)
+    return gs
+
+
+def prune_with_gates(model: nn.Module, example_inputs: Any, gates: GateSet, graph: Any, *, fold: bool = True,
+                     **prune_options: Any) -> tuple[nn.Module, Any]:
+    """Detach ``gates`` from ``model`` (folding their values into the layers first, unless
+    ``fold`` is False) and prune it with the gate values as channel scores under the usual
+    options (``ratio`` or a ``target_*`` budget, ``round_to``, ``min_channels``, ``ignore``
+    via the graph); groups without a gate are ranked by the ``l2`` criterion. Returns
+    ``(pruned model, plan)``; ``model`` is left without gates."""
+    from prunekit.criteria import get as criterion
+
+    l2 = criterion("l2")
+    scores = {g.index: s if s is not None else l2(model, g)
+              for g, s in zip(graph.groups, gates.scores(list(graph.groups)))}
+    if fold:
+        gates.fold()
+    gates.detach()
+    import prunekit as pk
+
+    return pk.prune(model, example_inputs, graph=graph, criterion=lambda m, g, **c: scores[g.index],
+                    return_plan=True, **prune_options)

@@ -1,0 +1,187 @@
+"""Channel gates: exact at 1, real submodules, shared across coupled channels, fold, gates -> plan."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
+
+import prunekit as pk
+from nets import randomize_bn
+from prunekit.allocate.cost import CostModel
+from prunekit.gates import GATES, Gate, attach_gates, gate_kinds, prune_with_gates
+from prunekit.measure import count_flops
+from prunekit.recover import Callback, TrainConfig, train
+from prunekit.runtime import model_mode
+from prunekit.zoo import resolve_model
+
+
+def _models() -> list[tuple[str, nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    vit = VisionTransformer(32, 16, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10)
+    nn.init.normal_(vit.heads.head.weight)  # torchvision starts the head at zero: the output would not move
+    return [("resnet18", randomize_bn(torchvision.models.resnet18(num_classes=10)), torch.randn(2, 3, 32, 32)),
+            ("mobilenet_v2", randomize_bn(torchvision.models.mobilenet_v2(num_classes=10)), torch.randn(2, 3, 32, 32)),
+            ("vit", vit, torch.randn(2, 3, 32, 32)),
+            ("resnet20", randomize_bn(resolve_model("resnet20")), torch.randn(2, 3, 32, 32))]
+
+
+@pytest.mark.parametrize("name,model,x", _models(), ids=lambda v: v if isinstance(v, str) else "")
+def test_gates_at_one_compute_the_original_exactly(name: str, model: nn.Module, x: torch.Tensor) -> None:
+    graph = pk.trace(model.eval(), x)
+    with torch.no_grad():
+        want = {mode: _run(model, x, mode) for mode in ("eval", "train")}
+    gates = attach_gates(model, graph, kind="scale")
+    assert len(gates.gates) > 0 and not gates.ungated
+    with torch.no_grad():
+        for mode in ("eval", "train"):
+            assert torch.equal(_run(model, x, mode), want[mode])
+        for gate in gates.gates.values():
+            gate.weight.fill_(0.5)  # the gates really act
+        assert not torch.equal(_run(model, x, "eval"), want["eval"])
+
+
+def _run(model: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
+    with model_mode(model, mode):
+        return model(x)
+
+
+def test_gates_are_submodules_and_detach_restores_the_tree() -> None:
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(1, 3, 32, 32)
+    keys = list(model.state_dict())
+    names = [n for n, _ in model.named_modules()]
+    graph = pk.trace(model, x)
+    gates = attach_gates(model, graph, kind="logit", temperature=2.0)
+    gate_params = {id(p) for p in gates.parameters()}
+    assert gate_params <= {id(p) for p in model.parameters()}
+    extra = [k for k in model.state_dict() if k not in keys]
+    assert extra and all(k.startswith("prunekit_gates.") for k in extra)
+    assert any(k.endswith("temperature") for k in extra)  # schedules' state is checkpointed
+    with pytest.raises(pk.PruningError, match="already has gates"):
+        attach_gates(model, graph)
+    gates.detach()
+    assert list(model.state_dict()) == keys
+    assert [n for n, _ in model.named_modules()] == names
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_residual_coupled_channels_share_one_gate() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = pk.trace(model, x, ignore=[model.fc])
+    group = next(g for g in graph.groups if "layer1.0.conv2" in g.modules())  # stem + layer1 sum
+    gates = attach_gates(model, graph, kind="scale")
+    seen = {}
+    model.layer1.register_forward_hook(lambda m, a, out: seen.__setitem__("out", out))
+    with torch.no_grad():
+        gates.gate(group.index).weight[3] = 0.0
+        model(x)
+    out = seen["out"]
+    assert torch.all(out[:, 3] == 0)  # the channel is silenced in the whole residual stream
+    assert (out[:, [c for c in range(out.shape[1]) if c != 3]] != 0).any(dim=(0, 2, 3)).all()
+
+
+@pytest.mark.parametrize("kind", ["scale", "logit"])
+def test_fold_then_detach_keeps_the_gated_function(kind: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.mobilenet_v2(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = pk.trace(model, x)
+    gates = attach_gates(model, graph, kind=kind)
+    with torch.no_grad():
+        for gate in gates.gates.values():
+            next(gate.parameters()).copy_(torch.rand(gate.size) * 2 - 0.5)
+        gated = model(x)
+        gates.fold()
+        assert torch.allclose(model(x), gated, rtol=1e-4, atol=1e-5)  # still attached, now at 1
+        gates.detach()
+        assert torch.allclose(model(x), gated, rtol=1e-4, atol=1e-5)
+
+
+def test_gate_values_are_the_scores_of_the_allocator() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(resolve_model("resnet20")).eval()
+    x = torch.randn(1, 3, 32, 32)
+    graph = pk.trace(model, x, ignore=["fc"])
+    gates = attach_gates(model, graph, kind="scale")
+    rng = np.random.default_rng(0)
+    planted = {}
+    with torch.no_grad():
+        for g in gates.groups:
+            low = rng.choice(g.size, size=g.size // 4, replace=False)
+            gates.gate(g.index).weight[torch.as_tensor(low)] = 0.01
+            planted[g.index] = set(low.tolist())
+    small, plan = prune_with_gates(model, x, gates, graph, ratio=0.25)
+    assert not hasattr(model, "prunekit_gates")
+    for g in gates.groups:
+        member = next(m for m in g.members if m.role == "out")
+        kept = set(plan.keep[member.tensor][member.dim])
+        removed = {int(member.channel[i]) for i in range(len(member.channel)) if i not in kept and member.channel[i] >= 0}
+        assert removed == planted[g.index]
+
+
+def test_gates_to_plan_meets_a_budget_with_round_to_and_min_channels() -> None:
+    torch.manual_seed(0)
+    model = randomize_bn(resolve_model("resnet20")).eval()
+    x = torch.randn(1, 3, 32, 32)
+    graph = pk.trace(model, x, ignore=["fc"])
+    gates = attach_gates(model, graph, kind="logit")
+    with torch.no_grad():
+        for gate in gates.gates.values():
+            gate.logit.copy_(torch.randn(gate.size))
+    base = count_flops(model, x)
+    small, plan = prune_with_gates(model, x, gates, graph, target_flops=0.5, round_to=4, min_channels=8)
+    kept = count_flops(small, x) / base
+    assert 0.49 <= kept <= 0.5
+    widths = [m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 4 == 0 and w >= 8 for w in widths)
+    assert small.fc.out_features == 10
+
+
+class _L1OnGates(Callback):
+    def __init__(self, gates, strength: float) -> None:
+        self.gates, self.strength = gates, strength
+
+    def extra_loss(self, model, batch):
+        return self.strength * sum(g.values().sum() for g in self.gates.gates.values())
+
+
+def test_gates_train_in_the_loop_and_expected_flops_is_differentiable() -> None:
+    torch.manual_seed(0)
+    model = resolve_model("resnet20")
+    x = torch.randn(8, 3, 32, 32)
+    y = torch.randint(0, 10, (8,))
+    graph = pk.trace(model.eval(), x[:1], ignore=["fc"])
+    gates = attach_gates(model, graph, kind="logit")
+    before = {k: v.detach().clone() for k, v in gates.state_dict().items()}
+    cfg = TrainConfig(epochs=1, lr=0.1, momentum=0.0, weight_decay=0.0, schedule="constant", seed=0, tensorboard=False)
+    train(model, [(x, y)] * 3, cfg, progress=False, callbacks=[_L1OnGates(gates, 1.0)])
+    logits = [k for k in before if k.endswith("logit")]
+    assert all(not torch.equal(before[k], gates.state_dict()[k]) for k in logits)
+    assert all((gates.state_dict()[k] < before[k]).all() for k in logits)  # the L1 pull lowers every gate
+    cost = CostModel(graph, model, x[:1])
+    expected = cost.flops(gates.mask(graph.groups))
+    expected.backward()
+    grads = [g.logit.grad for g in gates.gates.values()]
+    assert all(gr is not None and (gr > 0).all() for gr in grads)
+    assert float(expected) < cost.base_flops
+
+
+@pytest.mark.parametrize("kind", gate_kinds())
+def test_every_gate_kind_conforms(kind: str) -> None:
+    gate = GATES.get(kind)(6)
+    assert isinstance(gate, Gate)
+    vals = gate.multiplier(torch.randn(2, 6, 3, 3), 1)
+    assert vals.shape[-1] == 6 and torch.isfinite(vals).all()
+    imp = gate.importance()
+    assert imp.shape == (6,) and np.isfinite(imp).all()
+    model = resolve_model("resnet20").eval()
+    x = torch.randn(1, 3, 32, 32)
+    graph = pk.trace(model, x)
+    attach_gates(model, graph, kind=kind)
+    assert model(x).shape == (1, 10)
