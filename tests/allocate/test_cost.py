@@ -99,3 +99,30 @@ def test_budget_solver_uses_the_cost_model(monkeypatch) -> None:
     assert kept <= 0.5 and kept == pytest.approx(0.5, abs=0.01)
     assert plan.meta["flops_kept"] == pytest.approx(kept)
     assert np.isfinite(plan.meta["ratio"])
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2_cifar"])
+def test_latency_cost_equals_the_tables_estimate(name: str) -> None:
+    from prunekit.measure.latency_table import LatencyTable, LayerTiming
+
+    torch.manual_seed(0)
+    model = resolve_model(name).eval()
+    x = torch.randn(1, 3, 32, 32)
+    f = (0.25, 0.5, 0.75, 1.0)
+    rng = np.random.default_rng(0)
+    layers = {}
+    for n, m in model.named_modules():  # uneven, non-bilinear timings so interpolation is exercised
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            cin = m.in_channels if isinstance(m, torch.nn.Conv2d) else m.in_features
+            cout = m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features
+            grid = np.sqrt(np.outer(f, f)) * (1 + rng.random((4, 4))) * 1e-3
+            layers[n] = LayerTiming(cin, cout, np.maximum.accumulate(np.maximum.accumulate(grid, 0), 1))
+    table = LatencyTable(layers, f, model_ms=3.0, device="cpu")
+    graph = pk.trace(model, x)
+    cost = CostModel(graph, model, x, latency_table=table)
+    assert cost.base("latency") == pytest.approx(table.estimate(model))
+    for ratio in (0.3, 0.6, 0.85):
+        small, plan = pk.prune(model, x, ratio=ratio, criterion="random", graph=graph, return_plan=True)
+        est = float(cost.latency(cost.mask_of_plan(plan)))
+        assert est == pytest.approx(table.estimate(small), rel=1e-9)
+        assert est < table.estimate(model)
