@@ -21,6 +21,7 @@ from torch import nn
 import prunekit as pk
 from prunekit.graph import rules
 from prunekit.graph.rules import RULES
+from prunekit.surgery.reference import masked_reference
 
 from nets import NETS
 
@@ -28,19 +29,6 @@ try:
     import timm
 except ImportError:  # optional: the purpose-built modules below reach every rule without it
     timm = None
-
-UNREACHABLE = {
-    rules.passthrough_meta: "metadata queries (x.shape, x.size(), x.device, ...) return no tensor, and the "
-                            "tracer applies rules only to calls with tensor outputs",
-}
-"""Rule functions no traced model can reach, with the reason (checked to stay unreached)."""
-
-KNOWN_GAPS = {
-    rules.setitem: "`x[idx] = y` returns None, so Tracer.handle never applies its rule and the channels "
-                   "written are lost (see test_slice_assignment_carries_the_written_channels)",
-}
-"""Rule functions a tracer bug keeps from running: tracked by a strict xfail until fixed."""
-
 
 class TokenMixer(nn.Module):
     """Embedding lookup, a product with a raw parameter matrix, constant padding, GroupNorm,
@@ -64,11 +52,12 @@ class TokenMixer(nn.Module):
 
 
 class MetaQueries(nn.Module):
-    """Calls every metadata query :func:`rules.passthrough_meta` is registered for."""
+    """Queries every kind of tensor metadata: none of them returns a tensor."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
@@ -76,7 +65,7 @@ class MetaQueries(nn.Module):
         assert y.size(1) == c and y.dim() == 4 and y.ndim == 4 and y.numel() > 0
         assert y.device == x.device and y.dtype == x.dtype and y.is_cuda == x.is_cuda
         assert not y.is_nested and y.layout == torch.strided and y.grad_fn is None and not y.requires_grad
-        return y.reshape(b, c, -1).mean(-1)
+        return self.fc(y.reshape(b, c, -1).mean(-1))
 
 
 def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
@@ -125,18 +114,17 @@ def test_every_rule_function_is_exercised(monkeypatch: pytest.MonkeyPatch) -> No
     originals, calls = _record(monkeypatch)
     for build, inputs in MODELS.values():
         _trace(build, inputs)
-    missing = sorted(fn.__name__ for fn in originals - set(calls) - set(UNREACHABLE) - set(KNOWN_GAPS))
+    missing = sorted(fn.__name__ for fn in originals - set(calls))
     assert not missing, f"rule functions no traced model exercised: {', '.join(missing)}"
 
 
-def test_unreachable_rules_stay_unreached(monkeypatch: pytest.MonkeyPatch) -> None:
-    """If the tracer ever hands metadata queries to their rule, this fails and the entry in
-    UNREACHABLE must go (the coverage test then asks for a model that reaches it)."""
-    originals, calls = _record(monkeypatch)
-    assert set(UNREACHABLE) <= originals
-    _trace(MetaQueries, _image)
-    assert calls, "the wrapped rules were not called at all: the recording is broken"
-    assert not set(calls) & set(UNREACHABLE)
+def test_metadata_queries_are_not_ops() -> None:
+    """Metadata queries return no tensor: the tracer records no op for them, so they never
+    reach the blocking fallback for ops without a rule (which would freeze conv's channels)."""
+    graph = pk.trace(MetaQueries().eval(), _image())
+    assert [op.name for op in graph.ops("eval")] == ["conv2d", "reshape", "mean", "linear"]
+    (group,) = graph.groups_of("conv")
+    assert group.prunable.all()
 
 
 class SliceAssign(nn.Module):
@@ -152,14 +140,69 @@ class SliceAssign(nn.Module):
         return self.c(y)
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[rules.setitem])
 def test_slice_assignment_carries_the_written_channels(monkeypatch: pytest.MonkeyPatch) -> None:
     """Oracle: channel i < 2 of c's input is b's channel i, so b's group holds c's input
-    slices. Today b looks unconsumed, and pruning it 2 -> 1 broadcasts its one channel over
-    both slots. When this passes, drop setitem from KNOWN_GAPS."""
+    slices, and a's channels 0 and 1, overwritten at positions the code fixes, are blocked."""
     originals, calls = _record(monkeypatch)
     graph = pk.trace(SliceAssign().eval(), _image())
     (b_group,) = graph.groups_of("b")
+    (a_group,) = graph.groups_of("a")
     assert calls[rules.setitem]
     assert [m.channel.tolist() for m in b_group.members if m.tensor == "c.weight" and m.role == "in"] == \
         [[0, 1, -1, -1]]
+    assert a_group.prunable.tolist() == [False, False, True, True]
+    assert "overwrites" in a_group.reasons[0]
+
+
+@pytest.mark.parametrize("ignore_b", [False, True])
+def test_slice_assignment_is_pruned_exactly(ignore_b: bool) -> None:
+    """The pruned model equals the masked original. Pruning b would leave its slot of two
+    channels to a broadcast (validation refuses it); with b kept, a loses its two live
+    channels and c the matching inputs."""
+    torch.manual_seed(0)
+    model, x = SliceAssign().eval(), _image()
+    graph = pk.trace(model, x, ignore=[model.b] if ignore_b else None)
+    small, plan = pk.prune(model, x, ratio=0.5, graph=graph, return_plan=True)
+    assert small.b.out_channels == 2
+    if ignore_b:
+        assert not plan.meta["repairs"]
+        assert (small.a.out_channels, small.c.in_channels) == (2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked_reference(model, graph, plan)(x), rtol=0, atol=1e-6)
+
+
+class ConstantWrite(nn.Module):
+    """Writes zeros into ``a``'s output: by a mask computed from it, along a spatial dim, or
+    into its first two channels."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.a, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x).clone()
+        if self.where == "mask":
+            y[y < 0] = 0
+        elif self.where == "rows":
+            y[:, :, 0] = 0
+        else:
+            y[:, :2] = 0
+        return self.c(y)
+
+
+@pytest.mark.parametrize("where,prunable", [("mask", [True] * 4), ("rows", [True] * 4),
+                                            ("channels", [False, False, True, True])])
+def test_constant_writes_keep_channels_unless_they_pick_them(where: str, prunable: list[bool]) -> None:
+    """Oracle: a constant written alike into every channel moves with the channels when they
+    are pruned; ``y[:, :2] = 0`` zeroes whichever channels end up first, so a's first two
+    stay. The pruned model equals the masked original either way."""
+    torch.manual_seed(0)
+    model, x = ConstantWrite(where).eval(), _image()
+    graph = pk.trace(model, x)
+    (group,) = graph.groups_of("a")
+    assert group.prunable.tolist() == prunable
+    small, plan = pk.prune(model, x, ratio=0.5, graph=graph, return_plan=True)
+    assert small.a.out_channels == 2 and not plan.meta["repairs"]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked_reference(model, graph, plan)(x), rtol=0, atol=1e-6)

@@ -187,14 +187,37 @@ def _need_values(tr: Tracer, name: str, indices: list[Tensor]) -> None:
 @register_rule("setitem")
 def setitem(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
             ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
-    """``x[idx] = y`` rewrites part of x's labels in place."""
-    target = args[0]
-    _need_values(tr, name, [t for t in tensors_in(args[1]) if not (t.is_floating_point() or t.is_complex())])
-    lab = tr.full(target)
-    value = args[2]
-    lab[args[1]] = tr.full(value) if isinstance(value, Tensor) else 0.0
-    tr.set(target, compact(lab.round().long()))
-    return [zeros_like_shape(tuple(o.shape)) for o in outs]
+    """``x[idx] = y``: the written positions of x carry y's channels (its one output is x).
+
+    A constant (a number, an untracked tensor) written alike into every channel (``x[:, :,
+    0] = 0``) leaves the channels as they are; written into some channels only, those
+    positions are fixed by code and carry none. Channels of x the write removes entirely are
+    blocked: pruning one would shift the positions the index picks (``y[:, :2] = b`` would
+    then overwrite a live channel)."""
+    target, index, value = args[0], args[1], args[2]
+    if isinstance(index, Tensor) and index.dtype == torch.bool and index.shape == target.shape:
+        # A full-shape mask is ``x.masked_fill(m, y)``: element-wise, and exact for a mask
+        # computed from x itself (``x[x < 0] = 0``), with no index values needed.
+        return elementwise(tr, name, func, args, kwargs, [t for t in (target, index, value) if isinstance(t, Tensor)],
+                           outs)
+    _need_values(tr, name, [t for t in tensors_in(index) if not (t.is_floating_point() or t.is_complex())])
+    index = tree_map(lambda t: t.cpu() if isinstance(t, Tensor) else t, index)  # labels live on the CPU
+    before = tr.full(target)
+    lab = before.clone()
+    value_lab = tr.full(value) if isinstance(value, Tensor) else None
+    if value_lab is not None and bool((value_lab != 0).any()):
+        lab[index] = value_lab
+    else:
+        written = torch.zeros(tuple(target.shape), dtype=torch.bool)
+        written[index] = True
+        varying = [d for d, n in enumerate(tr.lab(target).shape) if n > 1]
+        if not all(bool((written == written.narrow(d, 0, 1)).all()) for d in varying):
+            lab[written] = 0
+    lost = before.unique()
+    lost = lost[(lost != 0) & ~torch.isin(lost, lab)]
+    if lost.numel():
+        tr.block(lost, f"'x[idx] = y' in module '{tr.current}' overwrites these channels at positions fixed by code")
+    return [compact(lab)]
 
 
 # ---------------------------------------------------------------------- spatial / reductions
@@ -462,15 +485,7 @@ def mha(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[st
     return [zeros_like_shape(tuple(o.shape)) for o in outs]
 
 
-# ---------------------------------------------------------------------- no-ops on channels
-@register_rule("attr.shape", "size", "dim", "numel", "attr.device", "attr.dtype", "attr.is_nested", "attr.requires_grad",
-               "attr.grad_fn", "attr.ndim", "attr.is_cuda", "attr.layout")
-def passthrough_meta(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                     ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
-    """Metadata queries return no tensors of interest."""
-    return [zeros_like_shape(tuple(o.shape)) for o in outs]
-
-
+# ---------------------------------------------------------------------- created tensors
 _FACTORIES = """zeros ones empty full arange linspace randn rand randint tensor as_tensor eye new_zeros new_ones
 new_empty new_full new_tensor meshgrid logspace randperm scalar_tensor _assert""".split()
 

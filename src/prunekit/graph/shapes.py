@@ -10,12 +10,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from prunekit.graph.meta import MetaStandIns, meta_shortcut, meta_tensors, to_meta
-from prunekit.graph.tracer import op_name, tensors_in
+from prunekit.graph.tracer import call_outputs, op_name
 from prunekit.runtime import call, model_mode
 
 
 class ShapeRecorder(TorchFunctionMode):
-    """Records the name and output shapes of every torch call that returns tensors."""
+    """Records the name and output shapes of every torch call that produces tensors."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -25,7 +25,7 @@ class ShapeRecorder(TorchFunctionMode):
         out = meta_shortcut(func, args, kwargs or {})
         if out is None:
             out = func(*args, **(kwargs or {}))
-        outs = tensors_in(out)
+        outs = call_outputs(func, args, out)  # the calls the tracer records, ``x[idx] = y`` included
         if outs:
             self.calls.append((op_name(func), [tuple(t.shape) for t in outs]))
         return out

@@ -339,7 +339,7 @@ class Tracer:
         out = meta_shortcut(func, args, kwargs)
         if out is None:
             out = func(*args, **kwargs)
-        outs = tensors_in(out)
+        outs = call_outputs(func, args, out)
         if not outs:
             return out
         self._record(func, args, kwargs, outs)
@@ -472,6 +472,17 @@ def tensors_in(obj: Any) -> list[Tensor]:
     out: list[Tensor] = []
     _collect(obj, out)
     return out
+
+
+def call_outputs(func: Callable[..., Any], args: tuple[Any, ...] | list[Any], out: Any) -> list[Tensor]:
+    """The tensors a torch call produced: its tensor results, or for ``x[idx] = y`` (the one
+    mutating call that returns None; ``add_``, ``index_put_``, ``masked_fill_``... return
+    the tensor they change) the mutated ``x``, so that its new channels are recorded like
+    any in-place op's. The tracer and the shape recorder must agree on this, since
+    validation compares their op sequences one to one."""
+    if out is None and args and isinstance(args[0], Tensor) and op_name(func) == "setitem":
+        return [args[0]]
+    return tensors_in(out)
 
 
 def _collect(obj: Any, out: list[Tensor]) -> None:
