@@ -59,7 +59,7 @@ def test_gates_are_submodules_and_detach_restores_the_tree() -> None:
     gate_params = {id(p) for p in gates.parameters()}
     assert gate_params <= {id(p) for p in model.parameters()}
     extra = [k for k in model.state_dict() if k not in keys]
-    assert extra and all(k.startswith("prunekit_gates.") for k in extra)
+    assert extra and all(".prunekit_gate_" in k for k in extra)
     assert any(k.endswith("temperature") for k in extra)  # schedules' state is checkpointed
     with pytest.raises(pk.PruningError, match="already has gates"):
         attach_gates(model, graph)
@@ -117,7 +117,7 @@ def test_gate_values_are_the_scores_of_the_allocator() -> None:
             gates.gate(g.index).weight[torch.as_tensor(low)] = 0.01
             planted[g.index] = set(low.tolist())
     small, plan = prune_with_gates(model, x, gates, graph, ratio=0.25)
-    assert not hasattr(model, "prunekit_gates")
+    assert not any("prunekit_gate" in n for n, _ in model.named_modules())
     for g in gates.groups:
         member = next(m for m in g.members if m.role == "out")
         kept = set(plan.keep[member.tensor][member.dim])
@@ -201,3 +201,34 @@ def test_torch_compile_sees_the_gates() -> None:
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
     out.sum().backward()
     assert all(g.logit.grad is not None and g.logit.grad.abs().sum() > 0 for g in gates.gates.values())
+
+
+def test_a_sequential_root_and_a_layer_holding_two_groups() -> None:
+    """Gates never become a layer of an nn.Sequential root; a norm after a concat holds two."""
+
+    class Cat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 6, 3, padding=1)
+            self.bn = nn.BatchNorm2d(10)
+            self.head = nn.Conv2d(10, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1))))
+
+    seq = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(2, 4)
+    want = seq(x)
+    gates = attach_gates(seq, pk.trace(seq, x), kind="scale")
+    assert len(seq) == 3 and torch.equal(seq(x), want)
+    model = randomize_bn(Cat()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    want = model(x)
+    gates = attach_gates(model, pk.trace(model, x), kind="scale")
+    assert sorted(n for n, _ in model.bn.named_children()) == ["prunekit_gate_0", "prunekit_gate_1"]
+    assert torch.equal(model(x), want)
+    with torch.no_grad():
+        gates.gate(1).weight.zero_()
+    assert torch.all(model.bn(torch.cat([model.a(x), model.b(x)], 1))[:, 4:] == 0)
+    gates.detach()
+    assert not list(model.bn.named_children())

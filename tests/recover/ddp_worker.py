@@ -28,9 +28,16 @@ def make_data() -> TensorDataset:
 
 
 def make_model() -> nn.Module:
-    """A BN-free MLP, so that the data-parallel and single-process gradients are the same maths."""
+    """A BN-free MLP, so that the data-parallel and single-process gradients are the same maths,
+    with a channel gate on its hidden layer (``prunekit_gates``): DDP must train it like any
+    parameter."""
+    import prunekit as pk
+    from prunekit.gates import attach_gates
+
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    attach_gates(model, pk.trace(model, torch.randn(2, 4)), kind="scale", init=0.5)
+    return model
 
 
 def main(out_dir: Path) -> None:

@@ -85,6 +85,7 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
     w = _worker_module()
     s0 = torch.load(out / "rank0.pt", weights_only=True)
     s1 = torch.load(out / "rank1.pt", weights_only=True)
+    assert any(".prunekit_gate_" in k for k in s0)  # the gate is trained under DDP too
     for k in s0:
         assert torch.equal(s0[k], s1[k]), f"ranks disagree on {k}"
     expected = _oracle(w)

@@ -4,9 +4,11 @@
 multiplies the group's channels wherever they are made: after the group's normalisation
 layers (a scale before BatchNorm would be normalised away) and at producers whose output
 reaches no normalisation of the group, so residual-coupled channels (every conv feeding one
-sum) share one gate. The gates live in a real submodule (``model.prunekit_gates``), so
-``.parameters()``, ``state_dict``, checkpoints and DDP see them; :meth:`GateSet.detach`
-restores the original module tree, and :meth:`GateSet.fold` first multiplies the gate
+sum) share one gate. Each gate is a real submodule, ``prunekit_gate`` of the first layer it
+scales (``prunekit_gate_<group index>``; not of the root, which an ``nn.Sequential`` would
+run as a layer), so
+``.parameters()``, ``state_dict``, checkpoints, DDP and ``torch.compile`` see it;
+:meth:`GateSet.detach` restores the original module tree, and :meth:`GateSet.fold` first multiplies the gate
 values into the layers they scale, so the detached model computes what the gated one did.
 Gate values then become the scores of the ordinary allocator (:func:`prune_with_gates`),
 so budgets, ``round_to``, ``min_channels`` and ``ignore`` hold as for any criterion.
@@ -22,8 +24,10 @@ style) override :meth:`Gate.multiplier` and are not foldable.
 >>> gates = attach_gates(m, pk.trace(m, x, ignore=[m.fc]), kind="scale")
 >>> sum(p.numel() for p in gates.parameters()) == sum(g.size for g in gates.groups)
 True
->>> gates.detach(); hasattr(m, "prunekit_gates")
-False
+>>> [n for n, _ in m.bn1.named_children()]
+['prunekit_gate_0']
+>>> gates.detach(); [n for n, _ in m.bn1.named_children()]
+[]
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from prunekit.registry import Registry
 __all__ = ["Gate", "GateSet", "attach_gates", "gate_kinds", "prune_with_gates", "register_gate"]
 
 GATES: Registry[type["Gate"]] = Registry("gate kind")
+GATE_PREFIX = "prunekit_gate_"  # child name of a gate in the layer holding it: prunekit_gate_<group index>
 
 
 def register_gate(name: str) -> Callable[[type["Gate"]], type["Gate"]]:
@@ -150,7 +155,7 @@ class GateSet(nn.Module):
         self.ungated: list[str] = []  # prunable groups no gate site was found for
         self._sites: list[_Site] = []
         self._handles: list[Any] = []
-        self._owner: list[nn.Module] = []  # kept in a list so it is not a submodule
+        self._owners: list[nn.Module] = []  # layers holding a gate as ``prunekit_gate``
 
     def gate(self, group_index: int) -> Gate:
         """The gate of group ``group_index`` (KeyError if it has none)."""
@@ -201,14 +206,14 @@ class GateSet(nn.Module):
                 gate.logit.fill_(float("inf"))  # sigmoid(inf) = 1: the folded model stays exact while attached
 
     def detach(self) -> None:
-        """Remove the hooks and the ``prunekit_gates`` submodule: the original module tree."""
+        """Remove the hooks and the ``prunekit_gate_*`` submodules: the original module tree."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for owner in self._owner:
-            if owner._modules.get("prunekit_gates") is self:
-                del owner._modules["prunekit_gates"]
-        self._owner.clear()
+        for owner in self._owners:
+            for key in [k for k in owner._modules if k.startswith(GATE_PREFIX)]:
+                del owner._modules[key]
+        self._owners.clear()
 
 
 def _sites(model: nn.Module, graph: Any, group: Any) -> list[tuple[str, nn.Module, np.ndarray, Any]]:
@@ -251,9 +256,10 @@ def attach_gates(model: nn.Module, graph: Any, *, kind: str = "logit", groups: l
                  **kind_kwargs: Any) -> GateSet:
     """Attach a gate of ``kind`` to every prunable group of ``graph`` (or of ``groups``) on
     ``model`` (the traced model, changed in place) and return the :class:`GateSet`, also
-    registered as ``model.prunekit_gates``. ``kind_kwargs`` go to the gate constructor.
+    each gate registered as ``prunekit_gate_<group index>`` of its group's first gated layer. ``kind_kwargs``
+    go to the gate constructor.
     Raises PruningError when the model already has gates or ``kind`` is unknown."""
-    if "prunekit_gates" in model._modules:
+    if any(k.startswith(GATE_PREFIX) for m in model.modules() for k in m._modules):
         raise PruningError("attach_gates: the model already has gates (detach them first)")
     try:
         cls = GATES.get(kind)
@@ -269,12 +275,12 @@ def attach_gates(model: nn.Module, graph: Any, *, kind: str = "logit", groups: l
             continue
         gate = cls(g.size, **kind_kwargs).to(device)
         gs.gates[str(g.index)] = gate
+        sites[0][1].add_module(f"{GATE_PREFIX}{g.index}", gate)  # one layer can hold the gates of several groups
+        gs._owners.append(sites[0][1])
         for name, mod, index, handler in sites:
             site = _Site(g.index, name, mod, index, handler)
             gs._sites.append(site)
             gs._handles.append(mod.register_forward_hook(_GateHook(gate, site.index, handler)))
-    model.add_module("prunekit_gates", gs)
-    gs._owner.append(model)
     return gs
 
 
