@@ -9,8 +9,10 @@ a keep mask ``m`` over all channels of all groups (concatenated in ``graph.group
 A position carrying one channel survives with ``m[c]``, one carrying several (a head-dim
 position shared by every head) with ``1 - prod(1 - m[c])``, an untracked one always. At a
 binary mask this is exactly the pruned model's count; between, it is a polynomial in the
-mask, so gates and policies can differentiate it. Ops the model counts but no formula
-covers (nn.MultiheadAttention, which keeps its channels) are a constant remainder.
+mask, so gates and policies can differentiate it. The per-op formulas are
+:func:`prunekit.graph.opcost.op_cost`; ops whose channels pruning never changes
+(nn.MultiheadAttention keeps its own) are constant terms, and whatever the model counts
+that no formula covers is a constant remainder.
 Parameters are the same polynomial over tensors and their sliced dims.
 
 >>> import torch, torchvision, prunekit as pk
@@ -27,7 +29,6 @@ True
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -36,13 +37,11 @@ import torch
 from torch import Tensor, nn
 
 from prunekit._perf import named_tensors
+from prunekit.graph.opcost import CONV_OPS, op_cost
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CostModel"]
-
-_CONV = frozenset({"conv1d", "conv2d", "conv3d"})
-_MATMUL = frozenset({"linear", "matmul", "mm", "bmm"})
 
 
 @dataclass
@@ -245,7 +244,7 @@ class CostModel:
         layers: dict[str, tuple[_Factor | None, _Factor | None]] = {}
         produced = {v: lab for op in ops for v, lab in zip(op.out_values, op.out_labs)}
         for op in ops:
-            spec = _op_cost(op)
+            spec = op_cost(op)
             if spec is None:
                 continue
             flops, contract_dim = spec
@@ -261,7 +260,7 @@ class CostModel:
                     fs.append(f_in)
             coefs.append(float(flops))
             factors.append(fs)
-            if op.name in _CONV or op.name == "linear":
+            if op.name in CONV_OPS or op.name == "linear":
                 f_out = out[0] if len(out) == 1 else None
                 layers.setdefault(op.module, (f_in if contract_dim is not None else f_out, f_out))
         return _Polynomial(0.0, coefs, factors), layers
@@ -286,34 +285,6 @@ class CostModel:
             else:
                 const += t.numel()
         return _Polynomial(const, coefs, factors)
-
-
-def _op_cost(op: Any) -> tuple[int, int | None] | None:
-    """(FLOPs at the traced shapes, the contracted dim of the first input or None) of an op
-    the formulas cover, counted as ``torch.utils.flop_counter`` does (2 per multiply-add)."""
-    shapes = getattr(op, "in_shapes", None)
-    if not shapes or not op.out_shapes:
-        return None
-    out = op.out_shapes[0]
-    if op.name in _CONV:
-        if len(shapes) < 2 or len(shapes[1]) < 3:
-            return None
-        w = shapes[1]
-        # A depthwise conv's cost follows its output channels only (one input per output).
-        return 2 * math.prod(out) * math.prod(w[1:]), (1 if w[1] > 1 else None)
-    if op.name in _MATMUL:
-        a = shapes[0]
-        if op.name == "linear":
-            k = shapes[1][-1] if len(shapes) > 1 else a[-1]
-        else:
-            k = a[-1]
-        return 2 * math.prod(out) * k, -1
-    if op.name == "scaled_dot_product_attention":
-        if len(shapes) < 3:
-            return None
-        q, k, v = shapes[0], shapes[1], shapes[2]
-        return 2 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1]), None
-    return None
 
 
 def _interp1(x: Tensor, xs: Sequence[float], ys: Tensor) -> Tensor:

@@ -12,10 +12,10 @@ from torch import nn
 
 from prunekit._perf import engine_call, walk
 from prunekit.errors import PruningError
-from prunekit.graph.blocks import ResidualBlock, find_blocks
 from prunekit.graph.dependency import ChannelGroup, GroupMember, build_groups, describe, summarize_unprunable
 from prunekit.graph.rules import RULES, register_rule
 from prunekit.graph.meta import MetaStandIns, meta_tensors
+from prunekit.graph.residual import ResidualBlock, find_blocks
 from prunekit.graph.shapes import record_shapes
 from prunekit.graph.tracer import Member, OpRecord, TraceState, Tracer
 
@@ -63,7 +63,7 @@ class DependencyGraph:
     def blocks(self, mode: str = "eval") -> list[ResidualBlock]:
         """Residual blocks of the pass traced in ``mode``: every add that joins a sub-path
         (the branch) to its own input, directly or through a shortcut path (see
-        :mod:`prunekit.graph.blocks`), in execution order.
+        :mod:`prunekit.graph.residual`), in execution order.
 
         >>> import torch, torchvision
         >>> g = trace(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))

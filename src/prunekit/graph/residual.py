@@ -10,9 +10,9 @@ and the shortcut are the ops from X to each operand; the longer path is the bran
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from prunekit.graph.opcost import op_cost
 from prunekit.graph.tracer import ModuleCall, OpRecord
 
 __all__ = ["ResidualBlock", "find_blocks"]
@@ -122,7 +122,7 @@ def _join(op: OpRecord, a: int, b: int, scope: ModuleCall, ops: list[OpRecord], 
         add_op=op.index,
         identity_shortcut=identity,
         params=sum(subtree_params.get(m, 0) for m in branch_modules),
-        flops=sum(op_flops(ops[i]) for i in branch),
+        flops=sum(_flops(ops[i]) for i in branch),
         branch_ops=tuple(branch),
     )
 
@@ -183,29 +183,7 @@ def _modules_on(path: list[int], scope: ModuleCall, leaves: list[ModuleCall], op
     return tuple(names)
 
 
-def op_flops(op: OpRecord) -> int:
-    """FLOPs of one recorded op from its shapes (2 per multiply-add), 0 for ops that do
-    not contract (element-wise, normalisation, pooling) or whose shapes were not kept."""
-    s = op.in_shapes
-    if not s or not op.out_shapes:
-        return 0
-    out = math.prod(op.out_shapes[0])
-    name = op.name
-    if name in ("conv1d", "conv2d", "conv3d") and len(s) > 1:
-        return 2 * out * math.prod(s[1][1:])
-    if name == "linear" and len(s) > 1:
-        return 2 * out * s[1][1]
-    if name in ("matmul", "bmm", "mm") and s[0]:
-        return 2 * out * s[0][-1]
-    if name in ("addmm", "baddbmm") and len(s) > 1:
-        return 2 * out * s[1][-1]
-    if name == "scaled_dot_product_attention" and len(s) > 2:
-        q, k, v = s[0], s[1], s[2]
-        batch = math.prod(q[:-2])
-        return 2 * batch * q[-2] * k[-2] * (q[-1] + v[-1])  # q @ k^T, then the weights @ v
-    if name == "multi_head_attention_forward" and len(s) > 2:
-        q = s[0]  # (target length, batch, embed dim), or unbatched (target length, embed dim)
-        tgt, n, e, src = q[0], q[1] if len(q) == 3 else 1, q[-1], s[1][0]
-        projections = 2 * n * e * e * (2 * tgt + 2 * src)  # q and output over the targets, k and v over the sources
-        return projections + 4 * n * tgt * src * e  # q @ k^T, then the weights @ v
-    return 0
+def _flops(op: OpRecord) -> int:
+    """FLOPs of one op (:func:`prunekit.graph.opcost.op_cost`), 0 for ops it does not count."""
+    cost = op_cost(op)
+    return cost[0] if cost is not None else 0
