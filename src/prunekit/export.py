@@ -6,13 +6,14 @@ import contextlib
 import copy
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from prunekit.runtime import atomic_path, model_mode
 
 __all__ = ["export_onnx", "OnnxCheckError"]
 log = logging.getLogger(__name__)
@@ -84,16 +85,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
     inputs = tuple(t.detach().cpu() for t in _as_tuple(example_inputs))
     if any(t.device.type != "cpu" for t in model.state_dict().values()):
         model = copy.deepcopy(model).cpu()  # never move the caller's model
-    was_training = model.training
-    model.eval()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the ONNX file the usual permissions
-    try:
+    with model_mode(model, "eval"), atomic_path(out) as tmp_path:
+        tmp = str(tmp_path)
         exporter = _export(model, inputs, tmp, opset, dynamic_batch)
         onnx.checker.check_model(tmp)
         figures: dict[str, Any] = {"path": str(out), "opset": opset, "exporter": exporter,
@@ -114,9 +108,4 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
             if not figures["match"]:
                 raise OnnxCheckError(f"ONNX output differs from PyTorch: max abs diff {figures['max_abs_diff']:.3g} "
                                      f"(tolerance {atol:g} + {rtol:g}*|y|); {out} not written", figures)
-        os.replace(tmp, out)
         return figures
-    finally:
-        model.train(was_training)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

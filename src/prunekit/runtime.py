@@ -156,32 +156,45 @@ def default_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_replace(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """Create ``path`` by calling ``write`` on a binary file so that ``path`` is always either
-    the old or the complete new file; returns it as a :class:`~pathlib.Path`.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` for a writer that needs a file name (an
+    exporter, a checker reading the file back); when the block succeeds, the file there
+    becomes ``path`` so that ``path`` is always either the old or the complete new file.
 
-    The data go to a temporary file in the same directory (so ``os.replace`` is a rename on
-    one file system) with the usual permissions (``mkstemp`` makes owner-only files), are
-    flushed and fsynced, then renamed over ``path``, and the directory is fsynced so the
+    The temporary file lies in the same directory (so ``os.replace`` is a rename on one
+    file system) with the usual permissions (``mkstemp`` makes owner-only files); after
+    the block it is fsynced, renamed over ``path``, and the directory is fsynced so the
     rename survives a crash. On any error the temporary file is removed and the previous
     ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.chmod(tmp, default_file_mode())
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
-    return path
+
+
+def atomic_replace(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+    """Create ``path`` by calling ``write`` on a binary file so that ``path`` is always either
+    the old or the complete new file (:func:`atomic_path`); returns it as a
+    :class:`~pathlib.Path`."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+    return Path(path)
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:

@@ -24,6 +24,7 @@ from prunekit.errors import PruningError
 from prunekit.features import Batch, as_batch, call_on_device
 from prunekit.graph.dependency import ChannelGroup
 from prunekit.handlers import handler_for
+from prunekit.runtime import model_mode
 
 DEFAULT_BATCHES = 8
 
@@ -138,29 +139,27 @@ def site_views(model: nn.Module, groups: list[ChannelGroup], batches: Iterable[B
         pre, post = hooks_for(name)
         handles.append(mod.register_forward_pre_hook(pre))
         handles.append(mod.register_forward_hook(post))
-    was_training = model.training
-    model.eval()
     try:
-        for x, y in batches:
-            captured.clear()
-            with torch.set_grad_enabled(with_grad):
-                out = call_on_device(model, x)
-                if with_grad:
-                    model.zero_grad(set_to_none=True)
-                    task_loss(out, y).backward()
-            for name, entries in sites.by_module.items():
-                mod = sites.modules[name]
-                for gi, chan, kind in entries:
-                    t = captured.get(f"{name}:{kind}")
-                    if t is None or (with_grad and t.grad is None):
-                        continue
-                    v = t * t.grad if with_grad else t
-                    yield gi, chan, _channel_view(v.detach(), mod, kind)
+        with model_mode(model, "eval"):
+            for x, y in batches:
+                captured.clear()
+                with torch.set_grad_enabled(with_grad):
+                    out = call_on_device(model, x)
+                    if with_grad:
+                        model.zero_grad(set_to_none=True)
+                        task_loss(out, y).backward()
+                for name, entries in sites.by_module.items():
+                    mod = sites.modules[name]
+                    for gi, chan, kind in entries:
+                        t = captured.get(f"{name}:{kind}")
+                        if t is None or (with_grad and t.grad is None):
+                            continue
+                        v = t * t.grad if with_grad else t
+                        yield gi, chan, _channel_view(v.detach(), mod, kind)
     finally:
         for h in handles:
             h.remove()
         model.zero_grad(set_to_none=True)
-        model.train(was_training)
 
 
 def _observe(model: nn.Module, groups: list[ChannelGroup], batches: Iterable[Batch], *,
@@ -220,26 +219,24 @@ def weight_taylor(model: nn.Module, groups: list[ChannelGroup], batches: Iterabl
     (Molchanov et al. 2019, with the group's slices summed before squaring)."""
     params = dict(model.named_parameters())
     totals = {g.index: np.zeros(g.size) for g in groups}
-    was_training = model.training
-    model.eval()
     try:
-        for x, y in batches:
-            model.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                task_loss(call_on_device(model, x), y).backward()
-            for g in groups:
-                contrib = np.zeros(g.size)
-                for m in g.members:
-                    p = params.get(m.tensor)
-                    if p is None or p.grad is None:
-                        continue
-                    wg = (p.detach() * p.grad).movedim(m.dim, 0).reshape(p.shape[m.dim], -1).sum(1)
-                    ok = m.channel >= 0
-                    np.add.at(contrib, m.channel[ok], wg.double().cpu().numpy()[ok])
-                totals[g.index] += contrib ** 2
+        with model_mode(model, "eval"):
+            for x, y in batches:
+                model.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    task_loss(call_on_device(model, x), y).backward()
+                for g in groups:
+                    contrib = np.zeros(g.size)
+                    for m in g.members:
+                        p = params.get(m.tensor)
+                        if p is None or p.grad is None:
+                            continue
+                        wg = (p.detach() * p.grad).movedim(m.dim, 0).reshape(p.shape[m.dim], -1).sum(1)
+                        ok = m.channel >= 0
+                        np.add.at(contrib, m.channel[ok], wg.double().cpu().numpy()[ok])
+                    totals[g.index] += contrib ** 2
     finally:
         model.zero_grad(set_to_none=True)
-        model.train(was_training)
     return totals
 
 

@@ -39,6 +39,7 @@ from prunekit.features import (
     unfold_rows,
 )
 from prunekit.graph.dependency import ChannelGroup
+from prunekit.runtime import model_mode
 
 MAX_ROWS = 4096  # sampled receptive fields per consumer layer
 LASSO_ENTRIES = 40_000  # rows x outputs of one group's stacked LASSO problem
@@ -60,10 +61,8 @@ def consumer_rows(model: nn.Module, groups: list[ChannelGroup], batches: Iterabl
     current: dict[str, Tensor] = {}
     handles = [mod.register_forward_pre_hook(lambda m, a, n=n: current.__setitem__(n, a[0].detach()))
                for n, mod in layers.items()]
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), model_mode(model, "eval"):
             for x, _ in batches:
                 current.clear()
                 call_on_device(model, x)
@@ -76,7 +75,6 @@ def consumer_rows(model: nn.Module, groups: list[ChannelGroup], batches: Iterabl
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
     return {n: torch.cat(v) for n, v in rows.items() if v}
 
 

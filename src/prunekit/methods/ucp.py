@@ -43,6 +43,7 @@ from prunekit.methods import MethodResult, budget_kwargs, register, take_batches
 from prunekit.recover.callbacks import Callback
 from prunekit.recover.config import TrainConfig
 from prunekit.recover.train import train
+from prunekit.runtime import infer_device
 
 
 class Excitation(nn.Module):
@@ -106,7 +107,7 @@ class Attention:
                 key = _key(name)
                 self.blocks[key] = Excitation(len(chan), reduction)
                 self.handles.append(mod.register_forward_hook(self._hook(key, dim)))
-        self.device = next(model.parameters()).device
+        self.device = infer_device(model)
         self.blocks.to(self.device)
 
     def _hook(self, key: str, dim: int) -> Any:

@@ -14,11 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from prunekit.recover.distributed import all_reduce_sum, is_distributed
 from prunekit.runtime import infer_device, model_mode
 
-__all__ = ["evaluate", "model_device"]
-
-model_device = infer_device
-"""The old name, still imported by :mod:`prunekit.recover.train`: the model's device (CPU for
-a model without parameters or buffers)."""
+__all__ = ["evaluate"]
 
 
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:

@@ -37,6 +37,7 @@ from prunekit.features import (
 )
 from prunekit.handlers import handler_for
 from prunekit.plan import PruningPlan
+from prunekit.runtime import model_mode
 
 log = logging.getLogger(__name__)
 
@@ -140,19 +141,13 @@ def reconstruct(pruned: nn.Module, original: nn.Module, plan: PruningPlan, batch
     names = [n for n in names if reconstructable(pmods[n]) and reconstructable(omods.get(n, nn.Identity()))]
     if not names:
         return []
-    bns = _following_bn(pruned, names, batches[0])
-    was = pruned.training, original.training
-    pruned.eval()
-    original.eval()
-    try:
+    with model_mode(pruned, "eval"), model_mode(original, "eval"):
+        bns = _following_bn(pruned, names, batches[0])  # in eval too: a training forward would update BN statistics
         if mode == "oneshot":
             _reconstruct_oneshot(pruned, original, plan, batches, names, bns, positions, seed)
         else:
             for name in names:
                 _reconstruct_layer(pruned, original, plan, batches, name, bns.get(name), positions, seed)
-    finally:
-        pruned.train(was[0])
-        original.train(was[1])
     return names
 
 

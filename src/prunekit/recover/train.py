@@ -39,8 +39,9 @@ from prunekit.recover.distributed import (
     is_distributed,
     unwrap_model,
 )
-from prunekit.recover.evaluate import evaluate, model_device
+from prunekit.recover.evaluate import evaluate
 from prunekit.recover.losses import distillation_loss
+from prunekit.runtime import infer_device as model_device  # the model's device, CPU for one without tensors
 
 __all__ = ["CHECKPOINT_NAME", "LOG_NAME", "TrainConfig", "TrainResult", "evaluate", "train"]
 
