@@ -16,6 +16,7 @@ _EXPORTS = {
     "trace": "prunekit.api",
     "prune": "prunekit.api",
     "plan_for": "prunekit.api",
+    "PruneConfig": "prunekit.config",
     "apply_plan": "prunekit.surgery",
     "save": "prunekit.persist",
     "load": "prunekit.persist",

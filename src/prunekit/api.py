@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 from torch import nn
 
 from prunekit._perf import engine_call
-from prunekit.allocate import check_ratio, select
+from prunekit.allocate import select
 from prunekit.allocate.budget import Budget, make_budget, removal_for_budget
 from prunekit.allocate.cost import CostModel
-from prunekit.criteria import Criterion, score_groups
+from prunekit.config import PruneConfig, criterion_name, make_config
+from prunekit.criteria import score_groups
 from prunekit.errors import PruningError
 from prunekit.graph import DependencyGraph, module_names, trace
 from prunekit.plan import PruningPlan
@@ -26,37 +27,32 @@ log = logging.getLogger(__name__)
 
 
 @engine_call
-def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, criterion: str | Criterion,
-                    ignore: Iterable[nn.Module | str] | None, ratios: Mapping[str, float] | None,
-                    global_ranking: bool, round_to: int, min_channels: int, inplace: bool,
-                    graph: DependencyGraph | None, criterion_kwargs: Mapping[str, Any] | None,
-                    max_repairs: int, target_flops: float | None = None, target_params: float | None = None,
-                    target_latency: float | None = None, latency_table: Any = None) -> tuple[PruningPlan, nn.Module]:
-    ratio = check_ratio(ratio, "ratio")
-    budget = make_budget(model, example_inputs, target_flops=target_flops, target_params=target_params,
-                         target_latency=target_latency, latency_table=latency_table)
-    checked: dict[str, float] = {}
-    if ratios:
-        names = module_names(model, list(ratios), "ratios")
-        checked = {n: check_ratio(r, f"ratios['{n}']") for n, r in zip(names, ratios.values())}
+def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, inplace: bool,
+                    graph: DependencyGraph | None) -> tuple[PruningPlan, nn.Module]:
+    budget = make_budget(model, example_inputs, cfg)
+    ratio = cfg.ratio
+    ratios: dict[str, float] = {}
+    if cfg.ratios:  # the config checked the values; resolving the names needs the model
+        ratios = dict(zip(module_names(model, list(cfg.ratios), "ratios"), cfg.ratios.values()))
     if graph is None:
-        graph = trace(model, example_inputs, ignore=ignore)
-    elif ignore:
+        graph = trace(model, example_inputs, ignore=cfg.ignore)
+    elif cfg.ignore:
         raise PruningError("ignore: pass it to trace() when you give a ready graph")
-    scores = score_groups(model, graph.groups, criterion, **dict(criterion_kwargs or {}))
+    scores = score_groups(model, graph.groups, cfg.criterion, **dict(cfg.criterion_kwargs or {}))
     value = _budget_value(model, example_inputs, graph, budget) if budget is not None else None
     groups = list(graph.groups)
     repairs: list[str] = []
-    options = dict(ratios=checked, global_ranking=global_ranking, round_to=round_to, min_channels=min_channels)
-    for _ in range(max_repairs + 1):
+    options = dict(ratios=ratios, global_ranking=cfg.global_ranking, round_to=cfg.round_to,
+                   min_channels=cfg.min_channels)
+    for _ in range(cfg.max_repairs + 1):
         if budget is not None:
             removed = removal_for_budget(groups, scores, budget, options, value)
             ratio = float(sum(len(r) for r in removed) / max(1, graph.n_channels))
         else:
             removed = select(groups, scores, ratio=ratio, **options)
         meta = {
-            "ratio": ratio, "criterion": criterion if isinstance(criterion, str) else getattr(criterion, "__name__", "custom"),
-            "global_ranking": global_ranking, "round_to": round_to, "groups": len(groups),
+            "ratio": ratio, "criterion": criterion_name(cfg.criterion),
+            "global_ranking": cfg.global_ranking, "round_to": cfg.round_to, "groups": len(groups),
             "groups_pruned": int(sum(len(r) > 0 for r in removed)),
             "channels_removed": int(sum(len(r) for r in removed)), "channels": graph.n_channels, "repairs": repairs,
         }
@@ -84,7 +80,7 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, *, ratio: float, crit
             groups[i] = dataclasses.replace(g, prunable=np.zeros(g.size, dtype=bool), reasons=(reason,) * g.size)
             repairs.append(f"{g.name}: {reason}")
             log.info("keeping group %s: %s", g.name, reason)
-    raise PruningError(f"gave up after {max_repairs} repairs; last: {repairs[-1] if repairs else '?'}")
+    raise PruningError(f"gave up after {cfg.max_repairs} repairs; last: {repairs[-1] if repairs else '?'}")
 
 
 def _budget_value(model: nn.Module, example_inputs: Any, graph: DependencyGraph,
@@ -103,32 +99,27 @@ def _budget_value(model: nn.Module, example_inputs: Any, graph: DependencyGraph,
     return lambda removed: budget.measure(apply_plan(model, channel_plan(model, graph, removed)[0])) / budget.base
 
 
-def plan_for(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, criterion: str | Criterion = "l2",
-         ignore: Iterable[nn.Module | str] | None = None, ratios: Mapping[str, float] | None = None,
-         global_ranking: bool = False, round_to: int = 1, min_channels: int = 1,
-         graph: DependencyGraph | None = None, criterion_kwargs: Mapping[str, Any] | None = None,
-         max_repairs: int = 32, target_flops: float | None = None, target_params: float | None = None,
-         target_latency: float | None = None, latency_table: Any = None) -> PruningPlan:
+def plan_for(model: nn.Module, example_inputs: Any, config: PruneConfig | None = None, *,
+             graph: DependencyGraph | None = None, **options: Any) -> PruningPlan:
     """Decide what to remove (and check that it works) without touching ``model``.
 
-    Same options as :func:`prune`; returns the validated :class:`PruningPlan`, which
-    :func:`prunekit.apply_plan` turns into a smaller model.
+    Same options as :func:`prune` (a :class:`PruneConfig` and/or its fields as keywords);
+    returns the validated :class:`PruningPlan`, which :func:`prunekit.apply_plan` turns into
+    a smaller model.
     """
-    p, _ = _plan_and_apply(model, example_inputs, ratio=ratio, criterion=criterion, ignore=ignore, ratios=ratios,
-                           global_ranking=global_ranking, round_to=round_to, min_channels=min_channels,
-                           inplace=False, graph=graph, criterion_kwargs=criterion_kwargs, max_repairs=max_repairs,
-                           target_flops=target_flops, target_params=target_params,
-                           target_latency=target_latency, latency_table=latency_table)
+    p, _ = _plan_and_apply(model, example_inputs, make_config(config, **options), inplace=False, graph=graph)
     return p
 
 
-def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, criterion: str | Criterion = "l2",
-          ignore: Iterable[nn.Module | str] | None = None, ratios: Mapping[str, float] | None = None,
-          global_ranking: bool = False, round_to: int = 1, min_channels: int = 1, inplace: bool = False,
-          graph: DependencyGraph | None = None, criterion_kwargs: Mapping[str, Any] | None = None,
-          max_repairs: int = 32, target_flops: float | None = None, target_params: float | None = None,
-          target_latency: float | None = None, latency_table: Any = None, return_plan: bool = False) -> Any:
+def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = None, *, inplace: bool = False,
+          graph: DependencyGraph | None = None, return_plan: bool = False, **options: Any) -> Any:
     """Return a physically smaller copy of ``model`` (or prune it in place).
+
+    The pruning options are a :class:`prunekit.PruneConfig` (``config``) and/or its fields as
+    keywords (``ratio=0.3, ignore=[m.fc]``); keywords override the config's fields, so
+    ``prune(m, x, base, ratio=0.3)`` is ``prune(m, x, base.replace(ratio=0.3))``. Unknown or
+    invalid options raise :class:`PruningError` naming them. ``inplace``, ``graph`` (a ready
+    :func:`trace` result) and ``return_plan`` are about the call, not the pruning.
 
     ``ratio`` is the fraction of channels removed from every prunable group (ranked within
     the group by ``criterion``), unless ``global_ranking`` ranks normalised scores across
@@ -139,21 +130,20 @@ def prune(model: nn.Module, example_inputs: Any, *, ratio: float = 0.5, criterio
     reuse one). Data-driven criteria (``taylor``, ``activation``, ...) take
     ``criterion_kwargs={'loader': ..., 'batches': N}``. ``ratios`` maps module names to
     their own ratio; ``ignore`` lists modules whose output channels stay; ``round_to`` keeps
-    channel counts multiples of it. The result is checked by running it: any op whose shape
-    would break makes the groups involved stay, and the plan records why
-    (``plan.meta['repairs']``). On any error the user's model is unchanged. With ``return_plan`` the result is ``(model, plan)``.
+    channel counts multiples of it and every group keeps ``min_channels``. The result is
+    checked by running it: any op whose shape would break makes the groups involved stay (at
+    most ``max_repairs`` times), and the plan records why (``plan.meta['repairs']``). On any
+    error the user's model is unchanged. With ``return_plan`` the result is ``(model, plan)``.
 
     >>> import torch, torchvision
     >>> m = torchvision.models.resnet18()
     >>> small = prune(m, torch.randn(1, 3, 64, 64), ratio=0.5, ignore=[m.fc])
     >>> small.layer1[0].conv1.out_channels
     32
+    >>> prune(m, torch.randn(1, 3, 64, 64), PruneConfig(ratio=0.5, ignore=["fc"])).layer1[0].conv1.out_channels
+    32
     """
-    p, pruned = _plan_and_apply(model, example_inputs, ratio=ratio, criterion=criterion, ignore=ignore, ratios=ratios,
-                                global_ranking=global_ranking, round_to=round_to, min_channels=min_channels,
-                                inplace=inplace, graph=graph, criterion_kwargs=criterion_kwargs, max_repairs=max_repairs,
-                                target_flops=target_flops, target_params=target_params,
-                                target_latency=target_latency, latency_table=latency_table)
+    p, pruned = _plan_and_apply(model, example_inputs, make_config(config, **options), inplace=inplace, graph=graph)
     if pruned is model and not inplace:
         pruned = copy_module(model)
     return (pruned, p) if return_plan else pruned

@@ -52,7 +52,8 @@ class Recipe:
     FLOPs kept; wins over ``ratio``), ``criterion``, ``global_ranking``, ``round_to``, ``ignore``,
     ``ratios`` (per-module ratios), ``min_channels``, ``target_params`` / ``target_latency``
     (fractions kept), ``method`` (a :mod:`prunekit.methods` name, e.g. ``channel_pruning``, ``cap``)
-    and ``calib_batches`` (calibration batches of the training split for data-driven criteria/methods).
+    and ``calib_batches`` (calibration batches of the training split for data-driven criteria/methods);
+    :func:`prunekit.cli.common.prune_options` maps the pruning keys to a :class:`prunekit.PruneConfig`.
     Fine-tuning: ``finetune_epochs``, ``finetune_lr``, ``kd_alpha``,
     ``kd_temperature`` (distillation weight and temperature when a teacher is used).
     """

@@ -4,14 +4,16 @@ solver that picks which channels go to meet one, as closely as one channel allow
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from torch import nn
 
 from prunekit.allocate import select
-from prunekit.errors import PruningError
 from prunekit.measure import count_flops, count_params
+
+if TYPE_CHECKING:
+    from prunekit.config import PruneConfig
 
 __all__ = ["Budget", "make_budget", "removal_for_budget"]
 
@@ -35,39 +37,25 @@ def _flops(model: nn.Module, example_inputs: Any) -> int:
         return count_flops(model, example_inputs)
 
 
-def make_budget(model: nn.Module, example_inputs: Any, *, target_flops: float | None = None,
-                target_params: float | None = None, target_latency: float | None = None,
-                latency_table: Any = None) -> Budget | None:
-    """The budget the options ask for (None when none is given); PruningError names an
-    option that is out of range or given together with another. A latency budget times a
-    per-layer table on the model's device unless ``latency_table`` is given."""
-    given = {k: v for k, v in (("flops", target_flops), ("params", target_params), ("latency", target_latency))
-             if v is not None}
-    if not given:
-        if latency_table is not None:
-            raise PruningError("latency_table: only used with target_latency")
+def make_budget(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Budget | None:
+    """The budget ``config`` asks for (None when pruning by ratio); its values were checked
+    when the config was made. A latency budget times a per-layer table on the model's
+    device unless ``config.latency_table`` is given."""
+    if config.target is None:
         return None
-    if len(given) > 1:
-        raise PruningError(f"give one budget, not {', '.join('target_' + k for k in given)}")
-    kind, target = next(iter(given.items()))
-    try:
-        target = float(target)
-    except (TypeError, ValueError):
-        raise PruningError(f"target_{kind}={target!r}: must be a number in (0, 1]") from None
-    if not 0.0 < target <= 1.0:
-        raise PruningError(f"target_{kind}={target!r}: must be in (0, 1] (the fraction of {kind} kept)")
+    kind, target = config.target
     table = None
     if kind == "flops":
         measure: Callable[[nn.Module], float] = lambda m: float(_flops(m, example_inputs))  # noqa: E731
     elif kind == "params":
         measure = lambda m: float(count_params(m))  # noqa: E731
     else:
-        if latency_table is None:
+        table = config.latency_table
+        if table is None:
             from prunekit.measure.latency_table import build_latency_table
 
-            latency_table = build_latency_table(model, example_inputs)
-        table = latency_table
-        measure = latency_table.estimate
+            table = build_latency_table(model, example_inputs)
+        measure = table.estimate
     return Budget(kind, target, measure(model), measure, table)
 
 

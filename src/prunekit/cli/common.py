@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prunekit.config import PruneConfig
 from prunekit.recipe import DEFAULTS, Recipe
 
 
@@ -344,12 +345,13 @@ def calibration_loader(r: Recipe) -> Any:
     return make_loader(info, batch_size=min(r.batch_size, 64), shuffle=True, seed=r.seed)
 
 
-def prune_options(r: Recipe) -> dict[str, Any]:
-    """The recipe's pruning options as keyword arguments of :func:`prunekit.prune` (the one
-    place where prune options map to keywords; methods take them via ``budget_kwargs``)."""
-    return dict(ratio=r.ratio, target_flops=r.target_flops, target_params=r.target_params,
-                target_latency=r.target_latency, ignore=r.ignore or None, ratios=r.ratios or None,
-                global_ranking=r.global_ranking, round_to=r.round_to, min_channels=r.min_channels)
+def prune_options(r: Recipe) -> PruneConfig:
+    """The recipe's pruning options as a :class:`prunekit.PruneConfig`: the one place where
+    recipe keys (and so the prune flags, which resolve into the recipe) map to pruning
+    options. Calibration data (``criterion_kwargs``) is added when pruning."""
+    return PruneConfig(ratio=r.ratio, criterion=r.criterion, ignore=r.ignore, ratios=r.ratios,
+                       global_ranking=r.global_ranking, round_to=r.round_to, min_channels=r.min_channels,
+                       target_flops=r.target_flops, target_params=r.target_params, target_latency=r.target_latency)
 
 
 def prune_with_recipe(model: Any, x: Any, r: Recipe) -> tuple[Any, Any]:
@@ -358,15 +360,14 @@ def prune_with_recipe(model: Any, x: Any, r: Recipe) -> tuple[Any, Any]:
     import prunekit as pk
     from prunekit import methods
 
-    budget = prune_options(r)
     try:
+        cfg = prune_options(r)
         loader = calibration_loader(r)
-        if r.method:
+        if r.method:  # a method chooses its criterion; iterative takes the recipe's as an argument
             extra = {"criterion": r.criterion} if r.method == "iterative" else {}
-            res = methods.get(r.method)(model, x, loader=loader, batches=r.calib_batches, **extra,
-                                        **methods.budget_kwargs(budget))
+            res = methods.get(r.method)(model, x, loader=loader, batches=r.calib_batches, config=cfg, **extra)
             return res.model, dataclasses.replace(res.plan, meta={**res.plan.meta, "method": r.method})
         ctx = {"loader": loader, "batches": r.calib_batches} if loader is not None else None
-        return pk.prune(model, x, criterion=r.criterion, criterion_kwargs=ctx, return_plan=True, **budget)
+        return pk.prune(model, x, cfg, criterion_kwargs=ctx, return_plan=True)
     except (ValueError, KeyError) as exc:  # PruningError is a ValueError
         raise CliError(str(exc.args[0] if exc.args else exc)) from None

@@ -1,7 +1,7 @@
 """``prunekit prune``: prune a model and write it with a before/after report.
 
 Plain criterion pruning or a published method, by ratio or budget, options from flags over a
-``--recipe``; the option -> keyword mapping is :func:`prunekit.cli.common.prune_options`.
+``--recipe``; the recipe -> :class:`prunekit.PruneConfig` mapping is :func:`prunekit.cli.common.prune_options`.
 """
 
 from __future__ import annotations

@@ -5,9 +5,11 @@ Every method has the same call shape and is found by name, like criteria::
     result = prunekit.methods.get("channel_pruning")(model, x, loader=calib, target_flops=0.5)
     result.model, result.plan, result.info
 
-Budgets are those of :func:`prunekit.prune` (``ratio`` or ``target_flops`` / ``target_params`` /
-``target_latency``), plus ``ignore``; ``loader`` yields calibration ``(inputs, targets)``
-batches and ``batches`` says how many to use. Register your own with :func:`register`.
+Budgets are the options of :func:`prunekit.prune` (``ratio`` or ``target_flops`` / ``target_params`` /
+``target_latency``, ``ignore``, ``round_to``, ...) as keywords and/or a ``config=``
+:class:`prunekit.PruneConfig` (keywords win), except the criterion, which the method
+chooses; ``loader`` yields calibration ``(inputs, targets)`` batches and ``batches`` says how
+many to use. Register your own with :func:`register`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
+from prunekit.config import FIELDS, PruneConfig, make_config
 from prunekit.errors import PruningError
 from prunekit.features import Batch, as_batch
 from prunekit.plan import PruningPlan
@@ -42,8 +45,8 @@ class Method(Protocol):
 
 
 _METHODS: Registry[Method] = Registry("method")
-BUDGET_KEYS = ("ratio", "target_flops", "target_params", "target_latency", "latency_table", "ignore",
-               "round_to", "min_channels", "global_ranking", "ratios")
+# A method scores channels its own way; these options of a PruneConfig are not its to take.
+_METHOD_OWNED = ("criterion", "criterion_kwargs")
 
 
 def register(name: str) -> Callable[[Method], Method]:
@@ -78,6 +81,17 @@ def take_batches(loader: Iterable[Any] | None, batches: int, method: str) -> lis
     return out
 
 
-def budget_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The :func:`prunekit.prune` budget options among ``kwargs`` (the others are the method's)."""
-    return {k: v for k, v in kwargs.items() if k in BUDGET_KEYS and v is not None}
+def budget_config(kwargs: Mapping[str, Any], method: str) -> PruneConfig:
+    """The pruning options among a method's extra keywords: ``config`` (a
+    :class:`PruneConfig`, optional) with the other keywords over it; a keyword given as None
+    counts as not given. Raises :class:`PruningError` naming keywords that are neither
+    budget options nor the method's own, and ``criterion``/``criterion_kwargs`` (the method
+    chooses how channels are scored)."""
+    options = {k: v for k, v in kwargs.items() if v is not None}
+    config = options.pop("config", None)
+    bad = [k for k in options if k in _METHOD_OWNED or k not in FIELDS]
+    if bad:
+        valid = ", ".join(k for k in FIELDS if k not in _METHOD_OWNED)
+        raise PruningError(f"method '{method}': unknown option{'s' if len(bad) > 1 else ''} "
+                           f"{', '.join(repr(k) for k in bad)}; budget options: {valid}, config")
+    return make_config(config, **options)

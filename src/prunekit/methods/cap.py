@@ -25,9 +25,10 @@ from torch import nn
 
 import prunekit as pk
 from prunekit import criteria
+from prunekit.config import PruneConfig
 from prunekit.errors import PruningError
 from prunekit.features import Batch
-from prunekit.methods import MethodResult, budget_kwargs, register, take_batches
+from prunekit.methods import MethodResult, budget_config, register, take_batches
 from prunekit.plan import PruningPlan
 from prunekit.recover.reconstruct import reconstruct
 
@@ -35,11 +36,11 @@ log = logging.getLogger(__name__)
 
 
 def compensated(model: nn.Module, example_inputs: Any, calib: list[Batch], *, graph: Any, scores: list[np.ndarray],
-                seed: int = 0, **budget: Any) -> tuple[nn.Module, PruningPlan]:
-    """Prune by the given scores under ``budget`` and compensate the consumers in one pass;
-    returns the pruned model and its plan."""
-    small, plan = pk.prune(model, example_inputs, graph=graph, criterion=lambda m, g, **c: scores[g.index],
-                           return_plan=True, **budget)
+                config: PruneConfig, seed: int = 0) -> tuple[nn.Module, PruningPlan]:
+    """Prune by the given scores under the budget of ``config`` (its ``ignore`` is already in
+    ``graph``) and compensate the consumers in one pass; returns the pruned model and its plan."""
+    small, plan = pk.prune(model, example_inputs, config=config, graph=graph,
+                           criterion=lambda m, g, **c: scores[g.index], return_plan=True)
     if not plan.is_empty:
         reconstruct(small, model, plan, calib, mode="oneshot", seed=seed)
     return small, plan
@@ -62,7 +63,7 @@ def search_ratios(model: nn.Module, example_inputs: Any, calib: list[Batch], eva
             mid = (lo + hi) / 2
             try:
                 small, _ = compensated(model, example_inputs, calib, graph=graph, scores=scores, seed=seed,
-                                       ratio=0.0, ratios={**ratios, key: mid})
+                                       config=PruneConfig(ratio=0.0, ratios={**ratios, key: mid}))
                 acc = float(evaluate(small))
             except (PruningError, RuntimeError) as exc:  # e.g. a singular system: treat as too far
                 log.info("group %s ratio %.3f failed: %s", key, mid, exc)
@@ -80,17 +81,18 @@ def cap(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None =
         search_steps: int = 4, seed: int = 0, **kwargs: Any) -> MethodResult:
     """Compensation-aware pruning with closed-form compensation (no fine-tuning). With
     ``evaluate`` (model -> accuracy), per-group ratios come from the bottom-up search and the
-    budget options are not used; otherwise the budget in ``kwargs`` applies. Returns the
-    compensated model and its plan."""
+    budget options are not used; otherwise the budget in ``kwargs`` applies (see
+    :func:`prunekit.methods.budget_config`). Returns the compensated model and its plan."""
+    cfg = budget_config(kwargs, "cap")
     calib = take_batches(loader, batches, "cap")
-    budget = budget_kwargs(kwargs)
-    graph = pk.trace(model, example_inputs, ignore=budget.pop("ignore", None))
+    graph = pk.trace(model, example_inputs, ignore=cfg.ignore)
+    budget = cfg.replace(ignore=None)  # ignored modules are in the graph now
     scores = criteria.score_groups(model, graph.groups, "cap", loader=calib, batches=len(calib), seed=seed)
     info: dict[str, Any] = {"criterion": "cap"}
     if evaluate is not None:
         ratios, trials = search_ratios(model, example_inputs, calib, evaluate, graph=graph, scores=scores,
                                        tolerance=tolerance, max_ratio=max_ratio, steps=search_steps, seed=seed)
-        budget = {"ratio": 0.0, "ratios": ratios}
+        budget = PruneConfig(ratio=0.0, ratios=ratios)
         info.update(searched_ratios=ratios, trials=trials)
-    small, plan = compensated(model, example_inputs, calib, graph=graph, scores=scores, seed=seed, **budget)
+    small, plan = compensated(model, example_inputs, calib, graph=graph, scores=scores, config=budget, seed=seed)
     return MethodResult(small, plan, info)

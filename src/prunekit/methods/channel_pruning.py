@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 import prunekit as pk
-from prunekit.methods import MethodResult, budget_kwargs, register, take_batches
+from prunekit.methods import MethodResult, budget_config, register, take_batches
 from prunekit.recover.reconstruct import reconstruct
 
 
@@ -28,12 +28,12 @@ def channel_pruning(model: nn.Module, example_inputs: Any, *, loader: Iterable[A
                     batches: int = 8, positions: int = 16, reconstruct_layers: bool = True,
                     seed: int = 0, **kwargs: Any) -> MethodResult:
     """Prune ``model`` by LASSO selection and least-squares reconstruction (He et al. 2017)
-    under the budget in ``kwargs``; ``positions`` receptive fields per image are sampled.
-    Returns the pruned, reconstructed model and its plan."""
+    under the budget in ``kwargs`` (see :func:`prunekit.methods.budget_config`); ``positions``
+    receptive fields per image are sampled. Returns the pruned, reconstructed model and its plan."""
+    cfg = budget_config(kwargs, "channel_pruning")
     calib = take_batches(loader, batches, "channel_pruning")
-    small, plan = pk.prune(model, example_inputs, criterion="lasso", return_plan=True,
-                           criterion_kwargs={"loader": calib, "batches": len(calib), "seed": seed},
-                           **budget_kwargs(kwargs))
+    small, plan = pk.prune(model, example_inputs, config=cfg, criterion="lasso",
+                           criterion_kwargs={"loader": calib, "batches": len(calib), "seed": seed}, return_plan=True)
     layers = reconstruct(small, model, plan, calib, mode="sequential", positions=positions, seed=seed) \
         if reconstruct_layers else []
     return MethodResult(small, plan, {"criterion": "lasso", "reconstructed": layers})

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 import prunekit as pk
-from prunekit.methods import MethodResult, budget_kwargs, register, take_batches
+from prunekit.methods import MethodResult, budget_config, register, take_batches
 from prunekit.recover.reconstruct import reconstruct
 
 
@@ -27,9 +27,9 @@ def functionality(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any
     """Remove functionally redundant channels (one kept per cluster of similar activation
     maps) under the budget in ``kwargs``; optionally compensate the next layers. Returns
     the pruned model and its plan."""
+    cfg = budget_config(kwargs, "functionality")
     calib = take_batches(loader, batches, "functionality")
-    small, plan = pk.prune(model, example_inputs, criterion="functionality", return_plan=True,
-                           criterion_kwargs={"loader": calib, "batches": len(calib), "seed": seed},
-                           **budget_kwargs(kwargs))
+    small, plan = pk.prune(model, example_inputs, config=cfg, criterion="functionality",
+                           criterion_kwargs={"loader": calib, "batches": len(calib), "seed": seed}, return_plan=True)
     layers = reconstruct(small, model, plan, calib, mode="oneshot", seed=seed) if compensate else []
     return MethodResult(small, plan, {"criterion": "functionality", "reconstructed": layers})

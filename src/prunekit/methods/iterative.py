@@ -18,7 +18,7 @@ from torch import nn
 from prunekit.errors import PruningError
 from prunekit.graph import module_names
 from prunekit.measure import count_flops, count_params
-from prunekit.methods import MethodResult, budget_kwargs, register
+from prunekit.methods import MethodResult, budget_config, register
 from prunekit.methods.criterion import prune_by_criterion
 from prunekit.plan import PruningPlan, compose
 
@@ -44,32 +44,33 @@ def prune_iteratively(model: nn.Module, example_inputs: Any, *, steps: int = 4, 
                       **kwargs: Any) -> MethodResult:
     """Reach the budget (``ratio``, ``target_flops`` or ``target_params``) in ``steps`` steps
     with ``recover`` in between (not after the last step). Returns the final model, the
-    composed plan and the per-step fractions reached."""
-    budget = budget_kwargs(kwargs)
-    if budget.get("ignore"):  # names stay valid in every pruned copy; module objects do not
-        budget["ignore"] = list(module_names(model, list(budget["ignore"]), "ignore"))
-    if "target_latency" in budget:
+    composed plan and the per-step fractions reached. The other options in ``kwargs`` (see
+    :func:`prunekit.methods.budget_config`) apply to every step."""
+    cfg = budget_config(kwargs, "iterative")
+    if cfg.ignore:  # names stay valid in every pruned copy; module objects do not
+        cfg = cfg.replace(ignore=module_names(model, list(cfg.ignore), "ignore"))
+    if cfg.target_latency is not None:
         raise PruningError("iterative pruning takes ratio, target_flops or target_params (not target_latency)")
-    kinds = [k for k in ("target_flops", "target_params") if k in budget]
-    final = float(budget.pop(kinds[0])) if kinds else 1.0 - float(budget.pop("ratio", 0.5))
+    target = cfg.target  # ("flops" | "params", fraction kept), or None for a ratio
+    final = target[1] if target else 1.0 - cfg.ratio
     measure: Callable[[nn.Module], float] = (
-        (lambda m: float(count_flops(m, example_inputs))) if kinds == ["target_flops"] else
-        (lambda m: float(count_params(m))) if kinds == ["target_params"] else (lambda m: 1.0))
+        (lambda m: float(count_flops(m, example_inputs))) if target and target[0] == "flops" else
+        (lambda m: float(count_params(m))) if target else (lambda m: 1.0))
     base = measure(model)
     current, plan, reached = model, PruningPlan(), []
     kept_channels = 1.0
     for step, goal in enumerate(schedule(final, steps, kind)):
-        if kinds:
+        if target:
             now = measure(current) / base
-            step_budget = {kinds[0]: min(1.0, goal / now)}
+            step_cfg = cfg.replace(**{f"target_{target[0]}": min(1.0, goal / now)})
         else:  # a ratio: remove the same share of what is left in every group
-            step_budget = {"ratio": max(0.0, 1 - goal / kept_channels)}
+            step_cfg = cfg.replace(ratio=max(0.0, 1 - goal / kept_channels))
             kept_channels = goal
         result = prune_by_criterion(current, example_inputs, criterion=criterion, loader=loader, batches=batches,
-                                    **budget, **step_budget)
+                                    config=step_cfg)
         current = result.model
         plan = compose(plan, result.plan) if not plan.is_empty else result.plan
-        reached.append(measure(current) / base if kinds else goal)
+        reached.append(measure(current) / base if target else goal)
         log.info("step %d/%d: %.3f kept", step + 1, steps, reached[-1])
         if recover is not None and step < steps - 1:
             current = recover(current, step) or current

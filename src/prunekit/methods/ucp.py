@@ -39,7 +39,7 @@ from prunekit.errors import PruningError
 from prunekit.features import as_batch, call_on_device
 from prunekit.graph import module_names
 from prunekit.graph.dependency import ChannelGroup
-from prunekit.methods import MethodResult, budget_kwargs, register, take_batches
+from prunekit.methods import MethodResult, budget_config, register, take_batches
 from prunekit.recover.callbacks import Callback
 from prunekit.recover.config import TrainConfig
 from prunekit.recover.train import train
@@ -207,11 +207,10 @@ def ucp(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None =
     plan; ``info["attention_loss"]`` is the mean training loss (task + L1)."""
     import copy
 
+    cfg = budget_config(kwargs, "ucp")
     torch.manual_seed(seed)
     calib = take_batches(loader, batches, "ucp")
-    budget = budget_kwargs(kwargs)
-    ignore = budget.pop("ignore", None)
-    names = module_names(model, list(ignore), "ignore") if ignore else None  # module objects -> names of the copy
+    names = module_names(model, list(cfg.ignore), "ignore") if cfg.ignore else None  # module objects -> names of the copy
     work = copy.deepcopy(model)
     work.requires_grad_(train_network)
     graph = pk.trace(work, example_inputs, ignore=names)
@@ -231,9 +230,8 @@ def ucp(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None =
         att.remove()
     by_index = dict(zip((g.index for g in groups), att.scores(groups)))
     source = work if train_network else model
-    small, plan = pk.prune(source, example_inputs, graph=graph,
-                           criterion=lambda m, g, **c: by_index.get(g.index, np.zeros(g.size)),
-                           return_plan=True, **budget)
+    small, plan = pk.prune(source, example_inputs, config=cfg.replace(ignore=None), graph=graph,  # ignore is in graph
+                           criterion=lambda m, g, **c: by_index.get(g.index, np.zeros(g.size)), return_plan=True)
     if from_scratch:
         from prunekit.zoo.init import init_weights
 
