@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from prunekit._perf import named_tensors
 from prunekit.graph.dependency import ChannelGroup
+from prunekit.handlers import handler_for
 from prunekit.registry import Registry
 
 
@@ -181,8 +182,8 @@ def bn_scale(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
     for m in group.members:
         mod_name, _, leaf = m.tensor.rpartition(".")
         mod = model.get_submodule(mod_name) if mod_name else model
-        norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
-        if leaf == "weight" and isinstance(mod, norm_types):
+        handler = handler_for(mod)
+        if leaf == "weight" and handler is not None and handler.is_norm:
             vals = getattr(mod, leaf).detach().abs().double().cpu().numpy()
             ok = m.channel >= 0
             np.add.at(scores, m.channel[ok], vals[ok])
