@@ -101,6 +101,53 @@ def test_inplace_prunes_the_given_model() -> None:
     torch.testing.assert_close(model(x), copy_small(x))
 
 
+class _TwoConvs(nn.Module):
+    def __init__(self, first: type[nn.Conv2d] = nn.Conv2d) -> None:
+        super().__init__()
+        self.c1 = first(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(torch.relu(self.c1(x)))
+
+
+class _FixedOutChannels(nn.Conv2d):
+    """A Conv2d whose ``out_channels`` can be set once (by ``__init__``), then is read-only."""
+
+    @property
+    def out_channels(self) -> int:  # type: ignore[override]
+        return self.__dict__["_out"]
+
+    @out_channels.setter
+    def out_channels(self, value: int) -> None:
+        if "_out" in self.__dict__:
+            raise AttributeError("out_channels is read-only")
+        self.__dict__["_out"] = value
+
+
+def test_inplace_is_rolled_back_on_an_interrupt_during_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _TwoConvs()
+    state = copy.deepcopy(model.state_dict())
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("prunekit.api.check", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pk.prune(model, torch.randn(1, 3, 8, 8), ratio=0.5, inplace=True)
+    assert model.c1.weight.shape[0] == 8 and model.c1.out_channels == 8 and model.c2.in_channels == 8
+    assert _same_state(model, state)
+
+
+def test_inplace_is_rolled_back_when_a_module_attribute_cannot_be_fixed() -> None:
+    model = _TwoConvs(_FixedOutChannels)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(AttributeError, match="read-only"):
+        pk.prune(model, torch.randn(1, 3, 8, 8), ratio=0.5, inplace=True)
+    assert model.c1.weight.shape[0] == 8 and model.c1.out_channels == 8 and model.c2.weight.shape[1] == 8
+    assert _same_state(model, state)
+
+
 def test_round_to_keeps_multiples() -> None:
     model = FlattenVGG()
     small = pk.prune(model, torch.randn(1, 3, 16, 16), ratio=0.3, round_to=4)

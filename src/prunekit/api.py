@@ -63,10 +63,15 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
             return plan_, model
         journal = Journal()
         candidate = apply_plan(model, plan_, inplace=inplace, journal=journal)
-        mismatch = check(candidate, example_inputs, graph, expected)
-        if mismatch is None:
-            if budget is not None:  # what the budget measure says the result keeps (latency: estimated)
+        try:
+            mismatch = check(candidate, example_inputs, graph, expected)
+            if mismatch is None and budget is not None:  # what the budget measure says the result keeps
                 plan_ = plan_.with_meta(**{f"{budget.kind}_kept": budget.measure(candidate) / budget.base})
+        except BaseException:  # an interrupt or a failure after the surgery must not leave a half-pruned model
+            if inplace:
+                journal.rollback()
+            raise
+        if mismatch is None:
             return plan_, candidate
         if inplace:
             journal.rollback()

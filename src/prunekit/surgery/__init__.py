@@ -62,8 +62,9 @@ class Journal:
             obj._modules.clear()
             obj._modules.update(value)
         else:
-            self.entries.append((obj, kind, key, getattr(obj, key)))
-            setattr(obj, key, value)
+            old = getattr(obj, key)
+            setattr(obj, key, value)  # first: an attribute that refuses the value (read-only) leaves no entry to undo
+            self.entries.append((obj, kind, key, old))
 
     def rollback(self) -> None:
         """Undo every change, newest first."""
