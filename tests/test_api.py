@@ -212,3 +212,22 @@ def test_graph_summary_lists_groups_and_members() -> None:
     assert "attn.qkv" in text and "mlp.0" in text
     qkv = [g for g in graph.groups if g.name.startswith("attn.qkv")][0]
     assert qkv.size == 4  # four heads: channels are whole heads
+
+
+def test_an_unreachable_budget_raises_with_the_smallest_reachable_fraction() -> None:
+    from prunekit.zoo import resolve_model
+
+    model = resolve_model("small_cnn", in_chans=3)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(PruningError) as err:
+        pk.prune(model, torch.randn(1, 3, 16, 16), target_flops=0.001, inplace=True)
+    assert str(err.value) == "target_flops=0.001 cannot be met; the smallest model keeps 0.12% of the FLOPs"
+    assert _same_state(model, state)
+
+
+@pytest.mark.parametrize("budget", [{}, {"target_flops": 0.5}])
+def test_example_inputs_of_the_wrong_shape_are_named(budget: dict) -> None:
+    model = _TwoConvs()
+    with pytest.raises(PruningError, match=r"example_inputs of shape \(1, 1, 8, 8\).*expected input.*3 channels") as err:
+        pk.prune(model, torch.randn(1, 1, 8, 8), **budget)
+    assert isinstance(err.value.__cause__, RuntimeError)  # torch's own message stays reachable

@@ -7,6 +7,7 @@ import logging
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from torch import nn
 
 from prunekit._perf import engine_call
@@ -18,6 +19,7 @@ from prunekit.criteria import score_groups
 from prunekit.errors import PruningError
 from prunekit.graph import DependencyGraph, module_names, trace
 from prunekit.plan import PruningPlan
+from prunekit.runtime import call_model, model_mode
 from prunekit.planning import blame, channel_plan
 from prunekit.surgery import Journal, apply_plan, copy_module
 from prunekit.surgery.validate import check
@@ -29,15 +31,21 @@ log = logging.getLogger(__name__)
 @engine_call
 def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, inplace: bool,
                     graph: DependencyGraph | None) -> tuple[PruningPlan, nn.Module]:
-    budget = make_budget(model, example_inputs, cfg)
-    ratio = cfg.ratio
     ratios: dict[str, float] = {}
     if cfg.ratios:  # the config checked the values; resolving the names needs the model
         ratios = dict(zip(module_names(model, list(cfg.ratios), "ratios"), cfg.ratios.values()))
-    if graph is None:
-        graph = trace(model, example_inputs, ignore=cfg.ignore)
-    elif cfg.ignore:
+    if graph is not None and cfg.ignore:
         raise PruningError("ignore: pass it to trace() when you give a ready graph")
+    try:
+        budget = make_budget(model, example_inputs, cfg)
+        if graph is None:
+            graph = trace(model, example_inputs, ignore=cfg.ignore)
+    except PruningError:
+        raise
+    except Exception:
+        _check_inputs(model, example_inputs)
+        raise
+    ratio = cfg.ratio
     scores = score_groups(model, graph.groups, cfg.criterion, **dict(cfg.criterion_kwargs or {}))
     value = _budget_value(model, example_inputs, graph, budget) if budget is not None else None
     groups = list(graph.groups)
@@ -86,6 +94,30 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
             repairs.append(f"{g.name}: {reason}")
             log.info("keeping group %s: %s", g.name, reason)
     raise PruningError(f"gave up after {cfg.max_repairs} repairs; last: {repairs[-1] if repairs else '?'}")
+
+
+def _check_inputs(model: nn.Module, example_inputs: Any) -> None:
+    """Raise :class:`PruningError` naming ``example_inputs`` (chained from the model's own
+    error) when ``model`` cannot run on them: tracing or measuring failed, and only a plain
+    forward tells a wrong input (shape, channels) from something the engine does not support.
+    Called on that failure path only, so a good call pays no extra forward."""
+    try:
+        with torch.no_grad(), model_mode(model, "eval"):
+            call_model(model, example_inputs)
+    except Exception as exc:
+        raise PruningError(f"example_inputs of shape {_shapes(example_inputs)}: the model cannot run on them "
+                           f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+
+
+def _shapes(example_inputs: Any) -> str:
+    """The shape of a tensor input, or the shapes of the tensors in a tuple/list/dict of them."""
+    if isinstance(example_inputs, torch.Tensor):
+        return str(tuple(example_inputs.shape))
+    if isinstance(example_inputs, dict):
+        return "{" + ", ".join(f"{k!r}: {_shapes(v)}" for k, v in example_inputs.items()) + "}"
+    if isinstance(example_inputs, (tuple, list)):
+        return "(" + ", ".join(_shapes(v) for v in example_inputs) + ")"
+    return type(example_inputs).__name__
 
 
 def _budget_value(model: nn.Module, example_inputs: Any, graph: DependencyGraph,

@@ -10,12 +10,15 @@ import numpy as np
 from torch import nn
 
 from prunekit.allocate import select
+from prunekit.errors import PruningError
 from prunekit.measure import count_flops, count_params
 
 if TYPE_CHECKING:
     from prunekit.config import PruneConfig
 
 __all__ = ["Budget", "make_budget", "removal_for_budget"]
+
+_QUANTITY = {"flops": "FLOPs", "params": "parameters", "latency": "estimated latency"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +66,8 @@ def removal_for_budget(groups: list[Any], scores: list[np.ndarray], budget: Budg
                        value: Callable[[list[np.ndarray]], float]) -> list[np.ndarray]:
     """Channels to remove (local indices per group) so that ``value(removal)``, the fraction
     of the budgeted quantity kept, is at most ``budget.target``, as close to it as one
-    channel allows; ``options`` are :func:`select`'s.
+    channel allows; ``options`` are :func:`select`'s. A target that even the largest ratio
+    cannot meet raises :class:`PruningError` with the smallest fraction reachable.
 
     First bisect the ratio; a uniform ratio moves every group at once (ResNet-20's 16/32/64
     groups all step at multiples of 1/16), so then bisect over how many groups take the
@@ -84,7 +88,8 @@ def removal_for_budget(groups: list[Any], scores: list[np.ndarray], budget: Budg
             lo = mid
     under, over = select(groups, scores, ratio=hi, **options), select(groups, scores, ratio=lo, **options)
     if not fits(under):
-        return under  # even the largest ratio cannot meet the budget: prune as much as allowed
+        raise PruningError(f"target_{budget.kind}={budget.target:g} cannot be met; the smallest model keeps "
+                           f"{100 * value(under):.2f}% of the {_QUANTITY[budget.kind]}")
     steps = [i for i, (a, b) in enumerate(zip(under, over)) if len(a) != len(b) or not np.array_equal(a, b)]
 
     def mixed(k: int) -> list[np.ndarray]:
