@@ -104,11 +104,12 @@ class CostModel:
 
     ``sizes[g]`` is the channel count of group ``g``; a mask has ``sum(sizes)`` entries.
     ``example_inputs``, when given, makes the FLOPs exact at full width for models with ops
-    outside the formulas (their FLOPs become a constant); ``latency_table`` (see
+    outside the formulas (their FLOPs become a constant); ``flops``, the model's FLOPs when
+    already counted, does the same without counting again; ``latency_table`` (see
     :mod:`prunekit.measure.latency_table`) enables :meth:`latency`."""
 
     def __init__(self, graph: Any, model: nn.Module, example_inputs: Any = None, *,
-                 latency_table: Any = None) -> None:
+                 latency_table: Any = None, flops: float | None = None) -> None:
         self.groups = list(graph.groups)
         self.sizes = [g.size for g in self.groups]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
@@ -123,13 +124,15 @@ class CostModel:
         self._cache: dict[tuple[int, int], _Factor] = {}
         self._flops, self._layers = self._build_flops(graph.ops("eval"))
         self.base_flops = float(self._flops(torch.ones(self.n)))
-        if example_inputs is not None:
+        if flops is None and example_inputs is not None:
             from prunekit.measure import count_flops
 
             try:
-                measured = float(count_flops(model, example_inputs, meta=True))
+                flops = float(count_flops(model, example_inputs, meta=True))
             except Exception:  # noqa: BLE001 - the meta device cannot run every model
-                measured = float(count_flops(model, example_inputs))
+                flops = float(count_flops(model, example_inputs))
+        if flops is not None:
+            measured = float(flops)
             if measured < self.base_flops * (1 - 1e-9):
                 log.warning("cost model: formulas count %.4g FLOPs, the model %.4g", self.base_flops, measured)
             self._flops.const += measured - self.base_flops
