@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import torch
 
 from prunekit.runtime import atomic_replace
 
-__all__ = ["atomic_torch_save", "capture_rng_state", "load_checkpoint", "restore_rng_state"]
+__all__ = ["atomic_torch_save", "capture_rng_state", "load_checkpoint", "load_tensor_file", "restore_rng_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +32,35 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint written by the training loop onto the CPU and return its dict.
 
     Checkpoints hold only tensors and plain Python values, so ``weights_only=True`` loading
-    (no arbitrary unpickling) is used.
+    (no arbitrary unpickling) is used; see :func:`load_tensor_file` for the errors.
     """
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    return load_tensor_file(path)
+
+
+def load_tensor_file(path: str | Path) -> Any:
+    """``torch.load`` a file of tensors and plain Python values onto the CPU, unpickling nothing else.
+
+    A file that holds other objects (a pickled module or class, any other pickle) raises
+    ``ValueError`` saying it is refused, rather than torch's advice to turn ``weights_only``
+    off, which would let the file run code; a truncated or corrupt file raises ``ValueError``
+    saying so. Both name ``path``.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning would precede our error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        with path.open("rb") as f:
+            head = f.read(4)
+        # A PyTorch file is a zip archive; a bare pickle (0x80: protocol 2+) that torch's
+        # restricted unpickler rejects holds objects, as does a zip naming a class ("global").
+        if head[:1] == b"\x80" or (head == b"PK\x03\x04" and "global" in str(exc).lower()):
+            raise ValueError(f"{path}: holds objects other than tensors, which are refused (loading them could "
+                             "run code); save a state dict of tensors instead") from None
+        raise ValueError(f"{path}: not a PyTorch tensor file (corrupt or of another format)") from None
+    except (RuntimeError, EOFError) as exc:  # the zip reader's "failed finding central directory", an empty file
+        raise ValueError(f"{path}: truncated or corrupt PyTorch file") from exc
 
 
 def capture_rng_state() -> dict[str, Any]:

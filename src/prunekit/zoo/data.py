@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,20 +134,47 @@ def _load_digits(split: str, augment: bool, image_size: int | None) -> DatasetIn
     )
 
 
+def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
+    """``np.load`` an ``.npz`` archive without pickles; anything else (garbage, a truncated
+    archive, a single ``.npy``, a pickle) is a ValueError naming ``path``, not numpy's advice
+    to allow pickles."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path}: not a readable .npz archive (truncated, corrupt or another format; "
+                         f"pickled data is refused)") from exc
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: a single array, not an .npz archive with x_train, y_train, x_test, y_test")
+    return z
+
+
+def _npz_array(z: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    """Array ``key`` of an open archive; a damaged member or an object (pickled) array is a
+    ValueError naming the file and the key."""
+    try:
+        return z[key]
+    except ValueError as exc:
+        if "allow_pickle" not in str(exc):
+            raise ValueError(f"{path}: array {key!r} cannot be read (truncated or corrupt)") from exc
+        raise ValueError(f"{path}: array {key!r} holds Python objects (pickled data), which are refused") from exc
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ValueError(f"{path}: array {key!r} cannot be read (truncated or corrupt)") from exc
+
+
 def _load_npz_arrays(path: Path, split: str, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, list[str] | None]:
     """Read x_/y_ arrays of one split from an ``.npz``; return (x NCHW, y, x_train NCHW, num_classes, classes)."""
     if not path.is_file():
         raise FileNotFoundError(f"{name}: no .npz file at {path}; pass --data {name}:FILE.npz with keys x_train, y_train, x_test, y_test")
-    with np.load(path, allow_pickle=False) as z:
+    with _open_npz(path) as z:
         missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in z.files]
         if missing:
             raise ValueError(f"{path}: missing arrays {missing}; found {sorted(z.files)}")
         key = "train" if split == "train" else "test"
-        x = _to_nchw(z[f"x_{key}"], f"x_{key}", path)
-        y = z[f"y_{key}"].astype(np.int64).reshape(-1)
-        x_train = x if key == "train" else _to_nchw(z["x_train"], "x_train", path)
-        num_classes = int(max(z["y_train"].max(), z["y_test"].max())) + 1
-        classes = [str(c) for c in z["classes"]] if "classes" in z.files else None
+        x = _to_nchw(_npz_array(z, f"x_{key}", path), f"x_{key}", path)
+        y = _npz_array(z, f"y_{key}", path).astype(np.int64).reshape(-1)
+        x_train = x if key == "train" else _to_nchw(_npz_array(z, "x_train", path), "x_train", path)
+        num_classes = int(max(_npz_array(z, "y_train", path).max(), _npz_array(z, "y_test", path).max())) + 1
+        classes = [str(c) for c in _npz_array(z, "classes", path)] if "classes" in z.files else None
     if len(x) != len(y):
         raise ValueError(f"{path}: x_{key} has {len(x)} images but y_{key} has {len(y)} labels")
     return x, y, x_train, num_classes, classes
