@@ -6,6 +6,7 @@ import contextlib
 import copy
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from torch import nn
 
 from prunekit.runtime import atomic_path, model_mode
 
-__all__ = ["export_onnx", "OnnxCheckError"]
+__all__ = ["export_onnx", "OnnxCheckError", "check_destination", "supported_opsets"]
 log = logging.getLogger(__name__)
 
 _MISSING = "ONNX export needs the optional packages onnx and onnxruntime: pip install 'prunekit[export]'"
@@ -35,6 +36,36 @@ def _require(name: str) -> Any:
         return __import__(name)
     except ImportError as exc:
         raise ImportError(f"{_MISSING} ({name} is not installed: {exc})") from None
+
+
+def supported_opsets() -> range | None:
+    """The ONNX opsets this torch can export (None when it does not say)."""
+    try:  # a private module: a torch without it leaves the check to the exporter
+        from torch.onnx import _constants
+
+        return range(_constants.ONNX_MIN_OPSET, _constants.ONNX_MAX_OPSET + 1)
+    except (ImportError, AttributeError):
+        return None
+
+
+def check_destination(path: str | os.PathLike[str]) -> None:
+    """Raise ``ValueError`` naming ``path`` when an ONNX file cannot be written there: it is a
+    directory, lies below a regular file, or its directory (or the nearest one that exists,
+    where the missing ones would be made) does not accept new files. Run before exporting,
+    so that a bad path fails at once instead of after the whole export."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"{path}: is a directory; give the .onnx file to write")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{path}: {parent} is a file, not a directory")
+    try:  # the only reliable test (permissions, read-only mounts, special file systems) is to try
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot create files in {parent} ({exc.strerror or exc})") from None
 
 
 def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -78,10 +109,16 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
 
     Returns ``{"path", "opset", "exporter", "bytes", "checked", "max_abs_diff",
     "max_rel_diff", "atol", "rtol", "match"}``. Raises ``ImportError`` (install hint) if
-    onnx/onnxruntime are missing and :class:`OnnxCheckError` if the outputs differ.
+    onnx/onnxruntime are missing, ``ValueError`` for an opset torch cannot export or a
+    ``path`` that cannot be written (:func:`check_destination`), before any work, and
+    :class:`OnnxCheckError` if the outputs differ.
     """
     onnx = _require("onnx")
     ort = _require("onnxruntime") if check else None
+    opsets = supported_opsets()
+    if opsets is not None and opset not in opsets:
+        raise ValueError(f"opset {opset}: this torch exports opsets {opsets.start} to {opsets.stop - 1}")
+    check_destination(path)
     inputs = tuple(t.detach().cpu() for t in _as_tuple(example_inputs))
     if any(t.device.type != "cpu" for t in model.state_dict().values()):
         model = copy.deepcopy(model).cpu()  # never move the caller's model
