@@ -35,7 +35,8 @@ def _row(name: str, before: float | None, after: float | None, fmt: Any) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """Human-readable summary of a report with before/after profiles (and accuracy if any)."""
     b, a = report.get("before", {}), report.get("after", {})
-    lines = [f"# prunekit {report.get('command', 'run')}: {report.get('model', '')}", ""]
+    data = f" on {report['data']}" if report.get("data") else ""
+    lines = [f"# prunekit {report.get('command', 'run')}: {report.get('model', '')}{data}", ""]
     lines += ["| metric | before | after | after/before |", "|---|---|---|---|"]
     lines.append(_row("params", b.get("params"), a.get("params"), human))
     lines.append(_row("FLOPs", b.get("flops"), a.get("flops"), human))
@@ -53,7 +54,9 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"- kept: {r}")
     env = report.get("environment", {})
     if env:
-        lines += ["", f"Measured with torch {env.get('torch')} on {env.get('processor')}, {env.get('cpu_threads')} threads"
+        threads = env.get("cpu_threads")
+        lines += ["", f"Measured with torch {env.get('torch')} on {env.get('processor')}, {threads} "
+                      f"thread{'' if threads == 1 else 's'}"
                       + (f", GPU {env['cuda']}" if env.get("cuda") else "") + "."]
     return "\n".join(lines) + "\n"
 

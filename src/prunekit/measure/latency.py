@@ -58,6 +58,27 @@ class LatencyStats:
         return d
 
 
+class _NoCudaRuntimeNotice(logging.Filter):
+    """Drops cpp_extension's "No CUDA runtime is found" record: importing torch.utils.benchmark
+    logs it on every CPU-only machine that has a CUDA toolkit, and timing never builds an extension."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def _import_benchmark() -> Any:
+    """``torch.utils.benchmark``, imported lazily (it pulls in the slow cpp_extension) with only
+    that module's "No CUDA runtime is found" notice silenced, during the import only."""
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    notice = _NoCudaRuntimeNotice()
+    cpp_logger.addFilter(notice)
+    try:
+        import torch.utils.benchmark as benchmark
+    finally:
+        cpp_logger.removeFilter(notice)
+    return benchmark
+
+
 @contextlib.contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
     """Temporarily set torch's intra-op thread count (warm-up must match timing)."""
@@ -153,9 +174,7 @@ def measure_latency(
     batch_size = int(t0.shape[0]) if t0 is not None and t0.dim() > 0 else 1
     is_cuda = dev.type == "cuda"
 
-    # Imported lazily: importing torch.utils.benchmark pulls in cpp_extension,
-    # which is slow and may log CUDA_HOME warnings at `import prunekit` time.
-    import torch.utils.benchmark as benchmark
+    benchmark = _import_benchmark()
 
     timer_kwargs: dict[str, Any] = {}
     if is_cuda:

@@ -108,7 +108,7 @@ class Profile:
             lat = self.latency
             parts.append(
                 f"latency {_fmt_latency(lat)} "
-                f"(median ± IQR, {lat.threads} threads, {lat.device})"
+                f"(median ± IQR, {lat.threads} thread{'' if lat.threads == 1 else 's'}, {lat.device})"
             )
         if self.peak_memory is not None:
             parts.append(f"peak memory {_human_bytes(self.peak_memory)}")

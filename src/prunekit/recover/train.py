@@ -48,6 +48,8 @@ __all__ = ["CHECKPOINT_NAME", "LOG_NAME", "TrainConfig", "TrainResult", "evaluat
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
+_POSTFIX_EVERY_S = 0.5
+"""Seconds between two updates of the progress bar's loss (each reads the loss off the device)."""
 LOG_NAME = "train_log.jsonl"
 
 Hook = Callable[[nn.Module, int], Any]
@@ -139,7 +141,8 @@ def _train_one_epoch(
     sums = torch.zeros(5, dtype=torch.float64, device=device)
     batches = loader if cfg.max_steps_per_epoch is None else islice(loader, cfg.max_steps_per_epoch)
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not show_progress, dynamic_ncols=True)
-    start = time.perf_counter()
+    start = shown = time.perf_counter()
+    shown -= _POSTFIX_EVERY_S  # the first step shows the loss at once
     try:
         for i, (x, y) in enumerate(batches):
             x = x.to(device, non_blocking=True)
@@ -188,8 +191,13 @@ def _train_one_epoch(
                 value = float(loss.item())
                 if not math.isfinite(value):
                     raise FloatingPointError(f"training loss is {value} at epoch {epoch + 1}, step {global_step}")
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
                 logger.debug("epoch %d step %d loss %.4f", epoch + 1, global_step, value)
+            if show_progress and time.perf_counter() - shown >= _POSTFIX_EVERY_S:
+                # The running mean loss on the bar; reading it syncs the device, so at most
+                # every _POSTFIX_EVERY_S (epochs shorter than log_every steps show it too).
+                shown = time.perf_counter()
+                bar.set_postfix(loss=f"{float(sums[0].item()) / max(float(sums[2].item()), 1.0):.4f}",
+                                lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)
             bar.update(1)
     finally:
         bar.close()
