@@ -138,8 +138,10 @@ class Recipe:
         for key in ("lr", "finetune_lr", "weight_decay", "warmup_epochs"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0")
-        if self.subset is not None and self.subset < 1:
-            raise bad("subset", "must be >= 1")
+        for key in ("subset", "num_classes", "in_chans", "image_size"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise bad(key, "must be >= 1")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise bad("grad_clip", "must be > 0")
         for name, value in self.ratios.items():

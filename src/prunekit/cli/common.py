@@ -25,6 +25,17 @@ class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts that must be at least 1 (``--threads``, ``--in-chans``, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def resolve_input_shape(text: str | None, model: Any, spec: str) -> tuple[int, ...]:
     """The example input shape: ``text`` (``--input-shape``, e.g. ``1,3,224,224``) when given,
     else the model's own config (timm), else 224 (299 for inception) for torchvision models,
@@ -64,11 +75,11 @@ def add_model_options(p: argparse.ArgumentParser, *, model_required: bool = True
     p.add_argument("--model", required=model_required,
                    help="model: a zoo name (resnet56), torchvision:NAME, timm:NAME or path/to/file.py:build_fn"
                    + ("" if model_required else ", or a directory written by `prunekit train` (default: the recipe's)"))
-    p.add_argument("--num-classes", type=int, default=None, help="number of output classes (default: the model's)")
-    p.add_argument("--in-chans", type=int, default=None, help="input channels for zoo/timm models (default: 3)")
+    p.add_argument("--num-classes", type=positive_int, default=None, help="number of output classes (default: the model's)")
+    p.add_argument("--in-chans", type=positive_int, default=None, help="input channels for zoo/timm models (default: 3)")
     p.add_argument("--input-shape", default=None,
                    help="example input shape, batch first, e.g. 1,3,224,224 (default: from the model)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for latency measurement (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for latency measurement (default: torch's)")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
 
 
@@ -137,7 +148,7 @@ def add_run_options(p: argparse.ArgumentParser, *, out: str | None = None) -> No
                    help="run directory (created; files in it are replaced atomically, none is deleted)"
                    + (f"; default {out}" if out else ""))
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for latency measurement (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for latency measurement (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="hide the training progress bars")
 
 
@@ -196,6 +207,37 @@ def load_model(spec: str, *, num_classes: int | None, in_chans: int | None, flag
         return resolve_model(spec, num_classes=num_classes, in_chans=in_chans, weights=weights), None
     except (KeyError, ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
         raise CliError(f"{flag} {spec}: {exc.args[0] if exc.args else exc}") from None
+
+
+def check_resume(out: str) -> None:
+    """With ``--resume``: ``OUT/checkpoint.pt`` must exist and load, else :class:`CliError`.
+
+    Checked before anything is loaded or written, so a mistyped ``--out`` is not trained from
+    scratch over (the library's ``train(resume=True)`` starts fresh without a checkpoint), and a
+    truncated or refused checkpoint is one line naming the file.
+    """
+    from prunekit.recover.checkpoint import load_checkpoint
+    from prunekit.recover.train import CHECKPOINT_NAME
+
+    ckpt = Path(out).expanduser() / CHECKPOINT_NAME
+    if not ckpt.is_file():
+        raise CliError(f"--resume: no {CHECKPOINT_NAME} in {out}")
+    try:
+        load_checkpoint(ckpt)
+    except ValueError as exc:
+        raise CliError(f"--resume: {exc}") from None
+
+
+def check_in_chans(r: Recipe, info: Any, plan: Any, what: str) -> None:
+    """Refuse a data set whose images have another channel count than the model takes, before
+    any training: a saved run's ``in_chans`` (its plan), else ``--in-chans``; ``what`` says
+    where that came from (``saved in --pruned DIR``) in the message."""
+    chans = r.in_chans
+    if plan is not None:
+        shape = plan.meta.get("input_shape") or [None, None]
+        chans = plan.meta.get("in_chans") or shape[1]
+    if chans is not None and chans != info.in_chans:
+        raise CliError(f"--data {r.data}: {info.in_chans}-channel images, but the model takes in_chans={chans} ({what})")
 
 
 def example_shape(r: Recipe, model: Any, spec: str, plan: Any, info: Any = None) -> tuple[int, ...]:
@@ -336,7 +378,14 @@ def calibration_loader(r: Recipe) -> Any:
     from prunekit import criteria
     from prunekit.zoo import make_loader
 
-    if not r.method and r.criterion not in criteria.DATA_CRITERIA:
+    if r.method:  # an unknown name is the error, not the data it would need
+        from prunekit import methods
+
+        try:
+            methods.get(r.method)
+        except KeyError as exc:
+            raise CliError(f"--method {r.method}: {exc.args[0]}") from None
+    elif r.criterion not in criteria.DATA_CRITERIA:
         return None
     if not r.data:
         what = f"--method {r.method}" if r.method else f"--criterion {r.criterion}"

@@ -14,10 +14,12 @@ from prunekit.cli.common import (
     CliError,
     accuracy,
     add_recipe_options,
+    check_in_chans,
     default_device,
     example_shape,
     load_data,
     load_model,
+    positive_int,
     resolve_recipe,
 )
 
@@ -35,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     info = load_data(r, args.split, r.subset)
     model, plan = load_model(args.model, num_classes=r.num_classes or info.num_classes,
                              in_chans=r.in_chans or info.in_chans, weights=args.weights)
+    check_in_chans(r, info, plan, f"saved in --model {args.model}" if plan is not None else "from --in-chans")
     model = model.to(default_device()).eval()
     loader = make_loader(info, batch_size=r.eval_batch_size, shuffle=False, seed=r.seed, num_workers=r.workers)
     result: dict[str, Any] = {"model": args.model, "data": r.data, "split": args.split, "images": len(info)}
@@ -63,5 +66,5 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_recipe_options(p, DATA_OPTIONS + [o for o in TRAIN_OPTIONS if o[1] == "seed"] + SHAPE_OPTIONS)
     p.add_argument("--latency-batch", type=int, default=64, help="the larger batch size for latency/throughput (default 64)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for latency measurement (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for latency measurement (default: torch's)")
     p.set_defaults(func=run)

@@ -21,9 +21,16 @@ def run(args: argparse.Namespace) -> int:
     """Export to ONNX and check the outputs against PyTorch with onnxruntime."""
     import torch
 
-    from prunekit.export import OnnxCheckError, export_onnx
+    from prunekit.export import OnnxCheckError, check_destination, export_onnx, supported_opsets
 
     r = resolve_recipe(args)
+    opsets = supported_opsets()
+    if opsets is not None and args.opset not in opsets:
+        raise CliError(f"--opset {args.opset}: this torch exports opsets {opsets.start} to {opsets.stop - 1}")
+    try:  # before the model is even loaded: a bad --out fails at once, not after the export
+        check_destination(args.out)
+    except ValueError as exc:
+        raise CliError(f"--out {exc}") from None
     model, plan = load_model(args.model, num_classes=r.num_classes, in_chans=r.in_chans)
     spec = plan.meta.get("model_spec", args.model) if plan is not None else args.model
     shape = example_shape(r, model, spec, plan)

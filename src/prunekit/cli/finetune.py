@@ -14,6 +14,8 @@ from prunekit.cli.common import (
     accuracy,
     add_recipe_options,
     add_run_options,
+    check_in_chans,
+    check_resume,
     default_device,
     distributed,
     example_shape,
@@ -44,12 +46,15 @@ def run(args: argparse.Namespace) -> int:
     r = resolve_recipe(args)
     if not Path(args.pruned).expanduser().is_dir():
         raise CliError(f"--pruned {args.pruned}: not a directory saved by prunekit (model.safetensors + plan.json)")
+    if args.resume:
+        check_resume(args.out)
     train_info, test_info = load_data(r, "train", r.subset), load_data(r, "test")
     model, plan = load_model(args.pruned, num_classes=None, in_chans=None, flag="--pruned")
     teacher = None
     if args.teacher:
         teacher, _ = load_model(args.teacher, num_classes=r.num_classes or train_info.num_classes,
                                 in_chans=r.in_chans or train_info.in_chans, flag="--teacher", weights=args.teacher_weights)
+    check_in_chans(r, train_info, plan, f"saved in --pruned {args.pruned}")
     shape = example_shape(r, model, plan.meta.get("model_spec", ""), plan, train_info)
     out, main = output_dir(args.out), is_main_process()
     train_loader, test_loader = make_loaders(r, train_info, test_info)
@@ -87,5 +92,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_run_options(p)
     ft = [("--epochs", "finetune_epochs", int, "fine-tuning epochs"), ("--lr", "finetune_lr", float, "peak learning rate")]
     add_recipe_options(p, DATA_OPTIONS + ft + [o for o in TRAIN_OPTIONS if o[1] not in ("epochs", "lr")] + KD_OPTIONS + SHAPE_OPTIONS)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly; refused when OUT "
+                   "has no readable checkpoint.pt (nothing is trained or written)")
     p.set_defaults(func=run)

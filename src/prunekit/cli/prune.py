@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     before, after = profile_report(model, shape, args), profile_report(small, shape, args)
     pk.save(small, plan, out, model_spec=spec, extra=run_meta(shape, nc, ic))
     write_run(out, r, {"command": "prune", "model": spec, "input_shape": list(shape), "ratio": plan.meta.get("ratio"),
-                       "target_flops": r.target_flops, "criterion": r.criterion, "method": r.method,
+                       "target_flops": r.target_flops, "criterion": r.criterion, "method": r.method, "data": r.data,
                        "prune_seconds": seconds, "before": before, "after": after, "plan": plan.meta}, command="prune")
     print_summary([("before", before, {}), ("after", after, {})])
     print(f"pruned {plan.meta.get('groups_pruned', 0)}/{plan.meta.get('groups', 0)} groups (ratio "

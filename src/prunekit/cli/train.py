@@ -13,6 +13,8 @@ from prunekit.cli.common import (
     accuracy,
     add_recipe_options,
     add_run_options,
+    check_in_chans,
+    check_resume,
     default_device,
     distributed,
     example_shape,
@@ -40,10 +42,13 @@ def run(args: argparse.Namespace) -> int:
     r = resolve_recipe(args)
     if not r.model:
         raise CliError("no model: pass --model SPEC or set model: in the recipe")
+    if args.resume:
+        check_resume(args.out)
     train_info, test_info = load_data(r, "train", r.subset), load_data(r, "test")
     nc, ic = r.num_classes or train_info.num_classes, r.in_chans or train_info.in_chans
     torch.manual_seed(r.seed)  # the initial weights depend on --seed only
     model, plan = load_model(r.model, num_classes=nc, in_chans=ic)
+    check_in_chans(r, train_info, plan, f"saved in --model {r.model}" if plan is not None else "from --in-chans")
     shape = example_shape(r, model, r.model, plan, train_info)
     out, main = output_dir(args.out), is_main_process()
     train_loader, test_loader = make_loaders(r, train_info, test_info)
@@ -79,5 +84,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--model", dest="model", default=None, help=MODEL_HELP + " (recipe key model)")
     add_run_options(p)
     add_recipe_options(p, DATA_OPTIONS + TRAIN_OPTIONS + SHAPE_OPTIONS)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt if it exists")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly; refused when OUT "
+                   "has no readable checkpoint.pt (nothing is trained or written)")
     p.set_defaults(func=run)
