@@ -197,7 +197,7 @@ def _train_one_epoch(
                 # every _POSTFIX_EVERY_S (epochs shorter than log_every steps show it too).
                 shown = time.perf_counter()
                 bar.set_postfix(loss=f"{float(sums[0].item()) / max(float(sums[2].item()), 1.0):.4f}",
-                                lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)
+                                lr=f"{optimizer.param_groups[0]['lr']:.3g}")
             bar.update(1)
     finally:
         bar.close()
