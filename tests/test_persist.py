@@ -70,20 +70,26 @@ def test_plan_on_wrong_architecture_fails_before_changing_it(tmp_path) -> None:
 
 
 def test_save_is_atomic_and_keeps_other_files(tmp_path, monkeypatch) -> None:
+    run = tmp_path / "run"
     model = TinyViT()
     small, plan = pk.prune(model, torch.randn(1, 3, 16, 16), ratio=0.5, return_plan=True)
-    (tmp_path / "notes.txt").write_text("mine")
-    pk.save(small, plan, tmp_path)
-    old = (tmp_path / "plan.json").read_text()
-    import prunekit.persist as persist
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    pk.save(small, plan, run)
+    old = {p.name: p.read_bytes() for p in run.iterdir()}
+    import prunekit.runtime as runtime
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(persist.os, "fsync", boom)
-    with pytest.raises(OSError):
-        persist.atomic_write(tmp_path / "plan.json", "garbage")
-    assert (tmp_path / "plan.json").read_text() == old
-    assert (tmp_path / "notes.txt").read_text() == "mine"
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    assert json.loads(old)["format"] == "prunekit.plan/2"
+    monkeypatch.setattr(runtime.os, "fsync", boom)
+    other, plan2 = pk.prune(TinyViT(), torch.randn(1, 3, 16, 16), ratio=0.25, return_plan=True)
+    with pytest.raises(OSError, match="disk full"):
+        pk.save(other, plan2, run)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == old  # the whole run untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary directory left
+    monkeypatch.undo()
+    pk.save(other, plan2, run)
+    assert (run / "notes.txt").read_text() == "mine"
+    assert pk.persist.load_plan(run) == plan2 and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert json.loads(old["plan.json"])["format"] == "prunekit.plan/2"

@@ -1,5 +1,6 @@
 """Runtime helpers shared by the tracer, measurement, recovery and persistence: calling a
-model on example inputs, where it runs, switching its train/eval flags, atomic files.
+model on example inputs, where it runs, switching its train/eval flags, atomic files and
+atomic directories.
 
 ``example_inputs`` throughout prunekit may be:
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -151,9 +154,7 @@ _MASK_REGULARISERS = frozenset({"StochasticDepth", "DropPath", "DropBlock2d", "D
 
 def default_file_mode() -> int:
     """Permission bits of a newly created file under the current umask (``0o666 & ~umask``)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
@@ -211,3 +212,155 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a new empty directory next to ``path`` to write files into; when the block
+    succeeds, that directory becomes ``path`` as a whole, so a reader (or a process after a
+    crash) sees either the previous directory or the complete new one, never a mix.
+
+    * The temporary directory is the sibling ``.<name>.tmp-<random>`` (same file system, so
+      the switch is a rename). On any exception it is removed and ``path`` is untouched.
+    * Entries of the previous directory that the block did not write are carried over
+      (hard links, copies where the file system has none; symbolic links as links), so
+      files someone else put there survive; the same-named entries the block wrote replace
+      them. Temporary files of an interrupted atomic file write (``.*.tmp``) are dropped.
+    * After the block every file and directory in it is fsynced; then, if ``path`` does not
+      exist, the directory is renamed to it; otherwise ``path`` is renamed to
+      ``.<name>.old-<random>``, the new directory to ``path``, and the old one deleted.
+      Between those two renames ``path`` does not exist: :func:`readable_directory` gives
+      readers the old one meanwhile, and if the writer dies there, the next
+      ``atomic_directory`` on ``path`` (or :func:`recover_directory`) renames it back.
+    * Leftovers of a killed writer (``.<name>.tmp-*``, ``.<name>.old-*``) are removed
+      before writing. Two processes writing the same ``path`` at once are not supported.
+
+    ``path`` may be a symbolic link to a directory: the directory it points to is switched
+    and the link kept. A ``path`` that exists and is not a directory raises
+    ``NotADirectoryError``.
+    """
+    target = _switch_target(path)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{path}: exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        # mkdtemp makes an owner-only directory; keep the replaced directory's permissions.
+        os.chmod(tmp, os.stat(target).st_mode & 0o7777 if target.is_dir() else 0o777 & ~_umask())
+        yield tmp
+        _fsync_tree(tmp)
+        if target.is_dir():
+            _carry_over(target, tmp)
+            _fsync_dir(tmp)
+        _switch(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def readable_directory(path: str | os.PathLike[str]) -> Path:
+    """The directory to read ``path`` from: ``path`` itself, or, when it is missing (or empty:
+    recreated by someone) because an :func:`atomic_directory` writer is between its two
+    renames or was killed there, the previous directory that writer moved aside."""
+    target = _switch_target(path)
+    olds = _siblings(target, "old") if _vacant(target) else []
+    return max(olds, key=lambda p: p.stat().st_ctime) if olds else Path(path)
+
+
+def recover_directory(path: str | os.PathLike[str]) -> None:
+    """Undo what a killed :func:`atomic_directory` writer left next to ``path``: if it died
+    between its two renames, the directory it moved aside becomes ``path`` again (also when
+    ``path`` has been recreated empty since, e.g. by ``mkdir -p``); other temporary
+    siblings are removed. Call it before creating ``path`` ahead of an atomic write."""
+    target = _switch_target(path)
+    olds = _siblings(target, "old")
+    if olds and _vacant(target):
+        newest = max(olds, key=lambda p: p.stat().st_ctime)
+        if target.is_dir():
+            target.rmdir()
+        os.rename(newest, target)
+        olds.remove(newest)
+        _fsync_dir(target.parent)
+    for stale in olds + _siblings(target, "tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _vacant(target: Path) -> bool:
+    """``target`` does not exist or is an empty directory (not a symbolic link)."""
+    if not os.path.lexists(target):
+        return True
+    return target.is_dir() and not target.is_symlink() and not any(target.iterdir())
+
+
+def _umask() -> int:
+    """The current umask (read by setting it, then restoring it)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _switch_target(path: str | os.PathLike[str]) -> Path:
+    """The absolute directory entry to switch: the target of a symbolic link (so the link stays)."""
+    return Path(os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path))
+
+
+def _siblings(target: Path, kind: str) -> list[Path]:
+    """The ``.<name>.<kind>-*`` entries next to ``target`` (``kind`` is ``tmp`` or ``old``)."""
+    prefix = f".{target.name}.{kind}-"
+    with contextlib.suppress(FileNotFoundError):
+        return [target.parent / n for n in os.listdir(target.parent) if n.startswith(prefix)]
+    return []
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every regular file and directory under ``root`` (what the writer wrote)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            file = os.path.join(dirpath, name)
+            if os.path.isfile(file) and not os.path.islink(file):
+                fd = os.open(file, os.O_RDWR)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Link (or copy) into ``new`` every entry of ``old`` that ``new`` lacks."""
+    for entry in os.scandir(old):
+        dst = new / entry.name
+        if os.path.lexists(dst):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), dst)
+        elif entry.is_dir():
+            shutil.copytree(entry.path, dst, symlinks=True, copy_function=_link_or_copy)
+        elif not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            _link_or_copy(entry.path, str(dst))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link ``src`` to ``dst`` (instant, no extra space); copy where links are unsupported."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _switch(tmp: Path, target: Path) -> None:
+    """Make the complete directory ``tmp`` be ``target`` (see :func:`atomic_directory`)."""
+    if not target.exists():
+        os.rename(tmp, target)
+        _fsync_dir(target.parent)
+        return
+    old = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    _fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -2,9 +2,11 @@
 
 Recipe-backed options resolve in three layers: flags the user passed, then ``--recipe FILE``
 (see :mod:`prunekit.recipe`), then built-in defaults; that is why every recipe-backed flag
-has an argparse default of None. Only rank 0 writes files; every file is written atomically
-and nothing already in ``--out`` is removed. Heavy modules (torch, the zoo) are imported
-inside the functions so that building the parser stays cheap.
+has an argparse default of None. Only rank 0 writes files; a run's files are written into a
+new directory that replaces ``--out`` as a whole (:func:`prunekit.runtime.atomic_directory`),
+carrying over whatever else was in ``--out``, so nothing already there is removed. Heavy
+modules (torch, the zoo) are imported inside the functions so that building the parser stays
+cheap.
 """
 
 from __future__ import annotations
@@ -165,14 +167,17 @@ def resolve_recipe(args: argparse.Namespace, base: dict[str, Any] | None = None)
 
 
 def output_dir(path: str | None) -> Path:
-    """``--out`` as a directory, created on the main process; a path that exists and is
-    not a directory raises :class:`CliError`."""
+    """``--out`` as a directory, created on the main process (after restoring a run that a
+    killed writer left moved aside, :func:`prunekit.runtime.recover_directory`); a path that
+    exists and is not a directory raises :class:`CliError`."""
     from prunekit.recover import is_main_process
+    from prunekit.runtime import recover_directory
 
     out = Path(path or ".").expanduser()
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {path}: exists and is not a directory")
     if is_main_process():
+        recover_directory(out)
         out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -194,19 +199,31 @@ def load_data(r: Recipe, split: str, subset: int | None = None) -> Any:
 
 
 def load_model(spec: str, *, num_classes: int | None, in_chans: int | None, flag: str = "--model",
-               weights: str | None = None) -> tuple[Any, Any]:
-    """Return ``(model, plan)``: a saved directory via ``prunekit.load`` (plan from it) or a spec (plan None)."""
+               weights: str | None = None, trust_code: bool = False) -> tuple[Any, Any]:
+    """Return ``(model, plan)``: a saved directory via ``prunekit.load`` (plan from it) or a spec (plan None).
+
+    A directory whose plan names a Python file to build the model from is refused unless
+    ``trust_code`` (``--trust-code``); a file spec the user gave as ``spec`` is their choice and runs."""
     import prunekit as pk
-    from prunekit.persist import load_plan
+    from prunekit.persist import UntrustedCodeError, load_plan
     from prunekit.zoo import resolve_model
 
     path = Path(spec).expanduser()
     try:
         if path.is_dir():
-            return pk.load(path), load_plan(path)
+            return pk.load(path, trust_code=trust_code), load_plan(path)
         return resolve_model(spec, num_classes=num_classes, in_chans=in_chans, weights=weights), None
+    except UntrustedCodeError as exc:  # already names the directory and the way out
+        raise CliError(str(exc)) from None
     except (KeyError, ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
         raise CliError(f"{flag} {spec}: {exc.args[0] if exc.args else exc}") from None
+
+
+def add_trust_code_option(p: argparse.ArgumentParser) -> None:
+    """Add ``--trust-code`` to a command that loads run directories (see :func:`load_model`)."""
+    p.add_argument("--trust-code", action="store_true",
+                   help="let a run directory's plan.json name a Python file (path/to/file.py:build) that is "
+                   "imported and run to build the model; only for runs from a source you trust")
 
 
 def check_resume(out: str) -> None:
@@ -311,15 +328,16 @@ def run_meta(shape: tuple[int, ...], num_classes: int | None, in_chans: int | No
 
 
 def write_run(out: Path, r: Recipe, report: dict[str, Any], notes: list[str] | None = None, command: str = "") -> None:
-    """Write recipe.yaml, report.json and report.md (markdown from prunekit.report plus ``notes``)."""
-    from prunekit.persist import atomic_write
+    """Write recipe.yaml, report.json and report.md (markdown from prunekit.report plus ``notes``)
+    into ``out``, a directory being written by :func:`prunekit.runtime.atomic_directory` together
+    with the run's model files, so that the whole run replaces ``--out`` at once."""
     from prunekit.recipe import dump_recipe
     from prunekit.report import environment, markdown
 
-    atomic_write(out / "recipe.yaml", dump_recipe(r, f"resolved options of `prunekit {command}`; rerun with --recipe THIS_FILE"))
+    (out / "recipe.yaml").write_text(dump_recipe(r, f"resolved options of `prunekit {command}`; rerun with --recipe THIS_FILE"))
     report = {**report, "recipe": r.to_dict(), "environment": environment()}
-    atomic_write(out / "report.json", json.dumps(report, indent=1, default=str))
-    atomic_write(out / "report.md", markdown(report) + "".join(f"\n{line}\n" for line in notes or []))
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "report.md").write_text(markdown(report) + "".join(f"\n{line}\n" for line in notes or []))
 
 
 def pct(v: float | None) -> str:

@@ -31,10 +31,12 @@ def run(args: argparse.Namespace) -> int:
 
     import prunekit as pk
     from prunekit.measure import human
+    from prunekit.persist import write_model
     from prunekit.plan import PruningPlan
     from prunekit.plot import plot_accuracy_vs_flops
     from prunekit.recipe import load_recipe
     from prunekit.recover import train
+    from prunekit.runtime import atomic_directory
 
     t_start = time.perf_counter()
     r = resolve_recipe(args, base=load_recipe("digits_demo"))
@@ -77,19 +79,20 @@ def run(args: argparse.Namespace) -> int:
 
     print("[4/4] measuring params, FLOPs" + ("" if args.no_latency else " and batch-1 CPU latency"))
     before_p, after_p = profile_report(model, shape, args), profile_report(small, shape, args)
-    pk.save(small, plan, out, model_spec=r.model, extra=run_meta(shape, nc, ic))
     points = [{"label": "original", "flops": before_p["flops"], **base},
               {"label": "pruned", "flops": after_p["flops"], **pruned},
               {"label": "pruned + fine-tuned", "flops": after_p["flops"], **after}]
-    plot_accuracy_vs_flops(points, out / "accuracy_vs_flops.png", title=f"{r.model} on {r.data}")
     report = {"command": "demo", "model": r.model, "data": r.data, "input_shape": list(shape),
               "before": {**before_p, **base}, "pruned": {"params": after_p["params"], "flops": after_p["flops"], **pruned},
               "after": {**after_p, **after}, "plan": plan.meta, "prune_seconds": prune_s,
               "train": {"seconds": res.wall_time_s, "epochs": res.epochs_completed, "final": res.final},
               "finetune": {"seconds": res_ft.wall_time_s, "epochs": res_ft.epochs_completed, "final": res_ft.final},
               "wall_seconds": time.perf_counter() - t_start}
-    write_run(out, r, report, [f"Pruned, before fine-tuning: top1 {pruned['top1']:.4f}, top5 {pruned['top5']:.4f}, "
-                               f"loss {pruned['loss']:.4f}.", "![accuracy vs FLOPs](accuracy_vs_flops.png)"], "demo")
+    with atomic_directory(out) as run:  # the whole run replaces OUT at once; baseline/ and finetune/ are carried over
+        write_model(small, plan, run, model_spec=r.model, extra=run_meta(shape, nc, ic))
+        plot_accuracy_vs_flops(points, run / "accuracy_vs_flops.png", title=f"{r.model} on {r.data}")
+        write_run(run, r, report, [f"Pruned, before fine-tuning: top1 {pruned['top1']:.4f}, top5 {pruned['top5']:.4f}, "
+                                   f"loss {pruned['loss']:.4f}.", "![accuracy vs FLOPs](accuracy_vs_flops.png)"], "demo")
     print_summary([("original", before_p, base), ("pruned", after_p, pruned), ("pruned + fine-tuned", after_p, after)])
     print(f"\ndone in {time.perf_counter() - t_start:.1f} s. Saved in {out}/:\n"
           f"  model.safetensors, plan.json  pruned + fine-tuned model: prunekit.load('{out}')\n"

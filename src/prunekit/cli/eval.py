@@ -14,6 +14,7 @@ from prunekit.cli.common import (
     CliError,
     accuracy,
     add_recipe_options,
+    add_trust_code_option,
     check_in_chans,
     default_device,
     example_shape,
@@ -36,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--latency-batch {args.latency_batch}: must be >= 1")
     info = load_data(r, args.split, r.subset)
     model, plan = load_model(args.model, num_classes=r.num_classes or info.num_classes,
-                             in_chans=r.in_chans or info.in_chans, weights=args.weights)
+                             in_chans=r.in_chans or info.in_chans, weights=args.weights,
+                             trust_code=args.trust_code)
     check_in_chans(r, info, plan, f"saved in --model {args.model}" if plan is not None else "from --in-chans")
     model = model.to(default_device()).eval()
     loader = make_loader(info, batch_size=r.eval_batch_size, shuffle=False, seed=r.seed, num_workers=r.workers)
@@ -67,4 +69,5 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--latency-batch", type=int, default=64, help="the larger batch size for latency/throughput (default 64)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for latency measurement (default: torch's)")
+    add_trust_code_option(p)
     p.set_defaults(func=run)

@@ -11,6 +11,7 @@ from prunekit.cli.common import (
     SHAPE_OPTIONS,
     CliError,
     add_recipe_options,
+    add_trust_code_option,
     example_shape,
     load_model,
     resolve_recipe,
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         check_destination(args.out)
     except ValueError as exc:
         raise CliError(f"--out {exc}") from None
-    model, plan = load_model(args.model, num_classes=r.num_classes, in_chans=r.in_chans)
+    model, plan = load_model(args.model, num_classes=r.num_classes, in_chans=r.in_chans, trust_code=args.trust_code)
     spec = plan.meta.get("model_spec", args.model) if plan is not None else args.model
     shape = example_shape(r, model, spec, plan)
     try:
@@ -57,4 +58,5 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_recipe_options(p, [o for o in DATA_OPTIONS if o[1] in ("num_classes", "in_chans")] + SHAPE_OPTIONS)
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
     p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the check, plus 1e-3 relative (default 1e-4)")
+    add_trust_code_option(p)
     p.set_defaults(func=run)

@@ -14,6 +14,7 @@ from prunekit.cli.common import (
     accuracy,
     add_recipe_options,
     add_run_options,
+    add_trust_code_option,
     check_in_chans,
     check_resume,
     default_device,
@@ -40,8 +41,9 @@ KD_OPTIONS: OptionTable = [
 @distributed
 def run(args: argparse.Namespace) -> int:
     """Fine-tune a saved pruned model (optionally distilling from a teacher) and save it with the same plan."""
-    import prunekit as pk
+    from prunekit.persist import write_model
     from prunekit.recover import is_main_process, train
+    from prunekit.runtime import atomic_directory
 
     r = resolve_recipe(args)
     if not Path(args.pruned).expanduser().is_dir():
@@ -49,11 +51,12 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         check_resume(args.out)
     train_info, test_info = load_data(r, "train", r.subset), load_data(r, "test")
-    model, plan = load_model(args.pruned, num_classes=None, in_chans=None, flag="--pruned")
+    model, plan = load_model(args.pruned, num_classes=None, in_chans=None, flag="--pruned", trust_code=args.trust_code)
     teacher = None
     if args.teacher:
         teacher, _ = load_model(args.teacher, num_classes=r.num_classes or train_info.num_classes,
-                                in_chans=r.in_chans or train_info.in_chans, flag="--teacher", weights=args.teacher_weights)
+                                in_chans=r.in_chans or train_info.in_chans, flag="--teacher", weights=args.teacher_weights,
+                                trust_code=args.trust_code)
     check_in_chans(r, train_info, plan, f"saved in --pruned {args.pruned}")
     shape = example_shape(r, model, plan.meta.get("model_spec", ""), plan, train_info)
     out, main = output_dir(args.out), is_main_process()
@@ -69,12 +72,13 @@ def run(args: argparse.Namespace) -> int:
     if not main:
         return 0
     prof = profile_report(model, shape, args)
-    pk.save(model, plan, out)
-    write_run(out, r, {"command": "finetune", "model": plan.meta.get("model_spec"), "pruned": str(args.pruned),
-                       "teacher": args.teacher, "data": r.data, "input_shape": list(shape), "before": {**prof, **before},
-                       "after": {**prof, **after}, "plan": plan.meta,
-                       "finetune": {"seconds": res.wall_time_s, "epochs": res.epochs_completed, "history": res.history}},
-              command="finetune")
+    with atomic_directory(out) as run:  # the whole run replaces --out at once (see prunekit.persist)
+        write_model(model, plan, run)
+        write_run(run, r, {"command": "finetune", "model": plan.meta.get("model_spec"), "pruned": str(args.pruned),
+                           "teacher": args.teacher, "data": r.data, "input_shape": list(shape),
+                           "before": {**prof, **before}, "after": {**prof, **after}, "plan": plan.meta,
+                           "finetune": {"seconds": res.wall_time_s, "epochs": res.epochs_completed,
+                                        "history": res.history}}, command="finetune")
     print(f"test top-1 {pct(before['top1'])} -> {pct(after['top1'])} ({res.wall_time_s:.1f} s); saved {out}/ "
           f"(model.safetensors, plan.json, report.md, recipe.yaml, checkpoint.pt)")
     return 0
@@ -94,4 +98,5 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_recipe_options(p, DATA_OPTIONS + ft + [o for o in TRAIN_OPTIONS if o[1] not in ("epochs", "lr")] + KD_OPTIONS + SHAPE_OPTIONS)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly; refused when OUT "
                    "has no readable checkpoint.pt (nothing is trained or written)")
+    add_trust_code_option(p)
     p.set_defaults(func=run)

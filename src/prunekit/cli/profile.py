@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from prunekit.cli.common import add_model_options, model_from_spec, resolve_input_shape
+from prunekit.cli.common import add_model_options, add_trust_code_option, load_model, model_from_spec, resolve_input_shape
 
 
 def run(args: argparse.Namespace) -> int:
@@ -16,8 +16,8 @@ def run(args: argparse.Namespace) -> int:
     import prunekit as pk
 
     if args.model and Path(args.model).is_dir():
-        model = pk.load(args.model)
-        spec = pk.persist.load_plan(args.model).meta.get("model_spec", "")
+        model, plan = load_model(args.model, num_classes=None, in_chans=None, trust_code=args.trust_code)
+        spec = plan.meta.get("model_spec", "")
     else:
         model = model_from_spec(args.model, args.num_classes, args.in_chans)
         spec = args.model
@@ -33,4 +33,5 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser("profile", help="params, FLOPs and measured latency of a model or a saved pruned model")
     p.add_argument("--json", action="store_true", help="print JSON")
     add_model_options(p)
+    add_trust_code_option(p)
     p.set_defaults(func=run)

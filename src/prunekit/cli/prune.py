@@ -14,6 +14,7 @@ from prunekit.cli.common import (
     OptionTable,
     add_model_options,
     add_recipe_options,
+    add_trust_code_option,
     example_shape,
     load_model,
     output_dir,
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     """``prunekit prune`` with --recipe, --target-flops and saved (trained) model directories."""
     import torch
 
-    import prunekit as pk
+    from prunekit.persist import write_model
+    from prunekit.runtime import atomic_directory
 
     if args.ratios is not None:
         try:
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     r = resolve_recipe(args)
     if not r.model:
         raise CliError("no model: pass --model SPEC or set model: in the recipe")
-    model, plan0 = load_model(r.model, num_classes=r.num_classes, in_chans=r.in_chans)
+    model, plan0 = load_model(r.model, num_classes=r.num_classes, in_chans=r.in_chans, trust_code=args.trust_code)
     if plan0 is not None and not plan0.is_empty:
         raise CliError(f"--model {r.model}: already pruned; prune the unpruned model it came from instead")
     spec = plan0.meta.get("model_spec", r.model) if plan0 is not None else r.model
@@ -69,10 +71,11 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     out = output_dir(args.out)  # only once the input is known to be good
     before, after = profile_report(model, shape, args), profile_report(small, shape, args)
-    pk.save(small, plan, out, model_spec=spec, extra=run_meta(shape, nc, ic))
-    write_run(out, r, {"command": "prune", "model": spec, "input_shape": list(shape), "ratio": plan.meta.get("ratio"),
-                       "target_flops": r.target_flops, "criterion": r.criterion, "method": r.method, "data": r.data,
-                       "prune_seconds": seconds, "before": before, "after": after, "plan": plan.meta}, command="prune")
+    with atomic_directory(out) as run:  # the whole run replaces --out at once (see prunekit.persist)
+        write_model(small, plan, run, model_spec=spec, extra=run_meta(shape, nc, ic))
+        write_run(run, r, {"command": "prune", "model": spec, "input_shape": list(shape), "ratio": plan.meta.get("ratio"),
+                           "target_flops": r.target_flops, "criterion": r.criterion, "method": r.method, "data": r.data,
+                           "prune_seconds": seconds, "before": before, "after": after, "plan": plan.meta}, command="prune")
     print_summary([("before", before, {}), ("after", after, {})])
     print(f"pruned {plan.meta.get('groups_pruned', 0)}/{plan.meta.get('groups', 0)} groups (ratio "
           f"{plan.meta.get('ratio', 0):.3f}) in {seconds:.2f} s; saved to {out}/ (model.safetensors, plan.json, "
@@ -96,4 +99,5 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of this (default 1)")
     p.add_argument("--out", required=True, help="output directory (created; existing files are replaced atomically)")
     add_recipe_options(p, PRUNE_OPTIONS)
+    add_trust_code_option(p)
     p.set_defaults(func=run)

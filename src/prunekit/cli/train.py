@@ -13,6 +13,7 @@ from prunekit.cli.common import (
     accuracy,
     add_recipe_options,
     add_run_options,
+    add_trust_code_option,
     check_in_chans,
     check_resume,
     default_device,
@@ -36,8 +37,10 @@ def run(args: argparse.Namespace) -> int:
     """Train a model from scratch (resumable, torchrun-aware) and save it with an empty plan."""
     import torch
 
+    from prunekit.persist import write_model
     from prunekit.plan import PruningPlan
     from prunekit.recover import get_world_size, is_main_process, train
+    from prunekit.runtime import atomic_directory
 
     r = resolve_recipe(args)
     if not r.model:
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     train_info, test_info = load_data(r, "train", r.subset), load_data(r, "test")
     nc, ic = r.num_classes or train_info.num_classes, r.in_chans or train_info.in_chans
     torch.manual_seed(r.seed)  # the initial weights depend on --seed only
-    model, plan = load_model(r.model, num_classes=nc, in_chans=ic)
+    model, plan = load_model(r.model, num_classes=nc, in_chans=ic, trust_code=args.trust_code)
     check_in_chans(r, train_info, plan, f"saved in --model {r.model}" if plan is not None else "from --in-chans")
     shape = example_shape(r, model, r.model, plan, train_info)
     out, main = output_dir(args.out), is_main_process()
@@ -62,13 +65,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     spec = plan.meta.get("model_spec", r.model) if plan is not None else r.model
     prof = profile_report(model, shape, args)
-    import prunekit as pk
-
-    pk.save(model, plan or PruningPlan(), out, model_spec=None if plan is not None else spec,
-            extra=run_meta(shape, nc, ic))
-    write_run(out, r, {"command": "train", "model": spec, "data": r.data, "input_shape": list(shape), "before": {},
-                       "after": {**prof, **acc}, "train": {"seconds": res.wall_time_s, "epochs": res.epochs_completed,
-                       "resumed_from_epoch": res.resumed_from_epoch, "history": res.history}}, command="train")
+    with atomic_directory(out) as run:  # the whole run replaces --out at once; checkpoint.pt is carried over
+        write_model(model, plan or PruningPlan(), run, model_spec=None if plan is not None else spec,
+                    extra=run_meta(shape, nc, ic))
+        write_run(run, r, {"command": "train", "model": spec, "data": r.data, "input_shape": list(shape), "before": {},
+                           "after": {**prof, **acc}, "train": {"seconds": res.wall_time_s,
+                           "epochs": res.epochs_completed, "resumed_from_epoch": res.resumed_from_epoch,
+                           "history": res.history}}, command="train")
     print(f"trained {res.epochs_completed} epoch(s) ({res.wall_time_s:.1f} s this run): test top-1 {pct(acc['top1'])}, "
           f"top-5 {pct(acc['top5'])}, loss {acc['loss']:.4f}\nsaved {out}/model.safetensors + plan.json "
           f"(prunekit.load('{out}')), checkpoint.pt, train_log.jsonl, report.md, recipe.yaml")
@@ -86,4 +89,5 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_recipe_options(p, DATA_OPTIONS + TRAIN_OPTIONS + SHAPE_OPTIONS)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly; refused when OUT "
                    "has no readable checkpoint.pt (nothing is trained or written)")
+    add_trust_code_option(p)
     p.set_defaults(func=run)

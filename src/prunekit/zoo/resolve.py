@@ -26,7 +26,7 @@ from torch import nn
 
 from prunekit.zoo.models import ModelNotFoundError, close_matches, create_model, is_model, list_models
 
-__all__ = ["resolve_model", "load_weights", "SPEC_FORMS"]
+__all__ = ["resolve_model", "load_weights", "is_file_spec", "SPEC_FORMS"]
 
 #: Human-readable list of the accepted spec forms, used in error messages.
 SPEC_FORMS = "a zoo name (e.g. 'resnet56'), 'torchvision:NAME', 'timm:NAME' or 'path/to/file.py:FUNCTION'"
@@ -79,6 +79,18 @@ def resolve_model(
     if weights is not None:
         load_weights(model, weights, spec=spec)
     return model
+
+
+def is_file_spec(spec: str) -> bool:
+    """True when resolving ``spec`` imports and runs a Python file (``path/to/file.py:FUNCTION``).
+
+    Zoo, ``torchvision:`` and ``timm:`` specs build installed code only. A malformed spec is
+    not a file spec: :func:`resolve_model` refuses it without importing anything."""
+    try:
+        source, _ = _split_spec(spec.strip())
+    except ValueError:
+        return False
+    return source not in ("zoo", "torchvision", "timm")
 
 
 def _split_spec(spec: str) -> tuple[str, str]:
