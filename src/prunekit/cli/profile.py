@@ -17,12 +17,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.model and Path(args.model).is_dir():
         model, plan = load_model(args.model, num_classes=None, in_chans=None, trust_code=args.trust_code)
-        spec = plan.meta.get("model_spec", "")
+        spec, saved = plan.meta.get("model_spec", ""), plan.meta.get("input_shape")
     else:
         model = model_from_spec(args.model, args.num_classes, args.in_chans)
-        spec = args.model
+        spec, saved = args.model, None
     model.eval()
-    shape = resolve_input_shape(args.input_shape, model, spec)
+    # A saved run is profiled at the input shape it was made with (as eval does): its model
+    # may take 1 channel, which no default shape can know.
+    shape = tuple(saved) if saved and not args.input_shape else resolve_input_shape(args.input_shape, model, spec)
     prof = pk.profile(model, torch.randn(*shape), latency=not args.no_latency, threads=args.threads)
     print(json.dumps(prof.to_dict(), indent=1) if args.json else prof)
     return 0
