@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,14 +47,14 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
         raise
     ratio = cfg.ratio
     scores = score_groups(model, graph.groups, cfg.criterion, **dict(cfg.criterion_kwargs or {}))
-    value = _budget_value(model, example_inputs, graph, budget) if budget is not None else None
+    measure = _BudgetMeasure.build(model, graph, budget) if budget is not None else None
     groups = list(graph.groups)
     repairs: list[str] = []
     options = dict(ratios=ratios, global_ranking=cfg.global_ranking, round_to=cfg.round_to,
                    min_channels=cfg.min_channels)
     for _ in range(cfg.max_repairs + 1):
         if budget is not None:
-            removed = removal_for_budget(groups, scores, budget, options, value)
+            removed = removal_for_budget(groups, scores, budget, options, measure.value)
             ratio = float(sum(len(r) for r in removed) / max(1, graph.n_channels))
         else:
             removed = select(groups, scores, ratio=ratio, **options)
@@ -73,8 +73,8 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
         candidate = apply_plan(model, plan_, inplace=inplace, journal=journal)
         try:
             mismatch = check(candidate, example_inputs, graph, expected)
-            if mismatch is None and budget is not None:  # what the budget measure says the result keeps
-                plan_ = plan_.with_meta(**{f"{budget.kind}_kept": budget.measure(candidate) / budget.base})
+            if mismatch is None and measure is not None:  # what the budget measure says the result keeps
+                plan_ = plan_.with_meta(**{f"{budget.kind}_kept": measure.kept(plan_, candidate)})
         except BaseException:  # an interrupt or a failure after the surgery must not leave a half-pruned model
             if inplace:
                 journal.rollback()
@@ -120,20 +120,45 @@ def _shapes(example_inputs: Any) -> str:
     return type(example_inputs).__name__
 
 
-def _budget_value(model: nn.Module, example_inputs: Any, graph: DependencyGraph,
-                  budget: Budget) -> Callable[[list[np.ndarray]], float]:
-    """The budget measure of a candidate removal: the cost model evaluated at its mask (no
-    pruning), or, for a model the cost model cannot describe, the candidate pruned and
-    measured."""
-    try:
-        cost = CostModel(graph, model, example_inputs, latency_table=budget.table)
-        if abs(cost.base(budget.kind) - budget.base) <= 1e-6 * max(1.0, budget.base):
-            return lambda removed: float(cost.measure(budget.kind, cost.mask_of(removed))) / budget.base
-        log.info("cost model base %s differs from the measured %s: pruning candidates instead",
-                 cost.base(budget.kind), budget.base)
-    except Exception as exc:  # noqa: BLE001 - any model the formulas miss falls back to measuring
-        log.info("cost model unavailable (%s): pruning candidates instead", exc)
-    return lambda removed: budget.measure(apply_plan(model, channel_plan(model, graph, removed)[0])) / budget.base
+@dataclasses.dataclass
+class _BudgetMeasure:
+    """How a budget is measured during one prune: on the cost model when it describes the
+    model (no pruning per candidate), else by pruning each candidate and measuring it."""
+
+    budget: Budget
+    model: nn.Module
+    graph: DependencyGraph
+    cost: CostModel | None
+
+    @classmethod
+    def build(cls, model: nn.Module, graph: DependencyGraph, budget: Budget) -> "_BudgetMeasure":
+        """The cost model, checked against the budget's own measure of the original."""
+        try:
+            # The budget already counted the FLOPs: the cost model need not count them again.
+            cost = CostModel(graph, model, latency_table=budget.table,
+                             flops=budget.base if budget.kind == "flops" else None)
+            if abs(cost.base(budget.kind) - budget.base) <= 1e-6 * max(1.0, budget.base):
+                return cls(budget, model, graph, cost)
+            log.info("cost model base %s differs from the measured %s: pruning candidates instead",
+                     cost.base(budget.kind), budget.base)
+        except Exception as exc:  # noqa: BLE001 - any model the formulas miss falls back to measuring
+            log.info("cost model unavailable (%s): pruning candidates instead", exc)
+        return cls(budget, model, graph, None)
+
+    def value(self, removed: list[np.ndarray]) -> float:
+        """Fraction of the budgeted quantity a candidate removal keeps."""
+        b = self.budget
+        if self.cost is not None:
+            return float(self.cost.measure(b.kind, self.cost.mask_of(removed))) / b.base
+        return b.measure(apply_plan(self.model, channel_plan(self.model, self.graph, removed)[0])) / b.base
+
+    def kept(self, plan: PruningPlan, pruned: nn.Module) -> float:
+        """Fraction the validated result keeps (repairs included): the cost model at the
+        plan's mask, which equals the pruned model's count, or the measure of ``pruned``."""
+        b = self.budget
+        if self.cost is not None:
+            return float(self.cost.measure(b.kind, self.cost.mask_of_plan(plan))) / b.base
+        return b.measure(pruned) / b.base
 
 
 def plan_for(model: nn.Module, example_inputs: Any, config: PruneConfig | None = None, *,
