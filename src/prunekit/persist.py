@@ -83,7 +83,10 @@ def _read_plan(directory: str | os.PathLike[str], where: Path) -> PruningPlan:
     path = where / PLAN
     if not path.exists():
         raise FileNotFoundError(f"{Path(directory) / PLAN}: no plan.json (was this directory written by prunekit.save?)")
-    return PruningPlan.from_json(path.read_text())
+    try:
+        return PruningPlan.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # truncated or hand-edited JSON
+        raise ValueError(f"{Path(directory) / PLAN}: not a readable prunekit plan ({exc})") from None
 
 
 def load(directory: str | os.PathLike[str], model: nn.Module | Callable[[], nn.Module] | None = None, *,
@@ -119,5 +122,12 @@ def load(directory: str | os.PathLike[str], model: nn.Module | Callable[[], nn.M
     weights = where / WEIGHTS
     if not weights.exists():
         raise FileNotFoundError(f"{Path(directory) / WEIGHTS}: missing weights file")
-    load_model(pruned, str(weights), strict=True)
+    try:
+        load_model(pruned, str(weights), strict=True)
+    except RuntimeError as exc:  # the weights are those of another plan or architecture
+        raise ValueError(f"{Path(directory) / WEIGHTS}: the weights do not fit the model the plan builds "
+                         f"({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error type for a truncated/garbage file
+        raise ValueError(f"{Path(directory) / WEIGHTS}: not a readable safetensors file "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     return pruned

@@ -255,10 +255,18 @@ def load_weights(model: nn.Module, weights: str | Path, *, spec: str = "") -> nn
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state: Any = load_file(str(path), device="cpu")
+        try:
+            state: Any = load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type for a truncated/garbage file
+            raise ValueError(f"{label}weights file {str(path)!r}: not a readable safetensors file "
+                             f"({type(exc).__name__})") from None
     else:
-        # weights_only: a state dict needs no pickled code, and arbitrary pickles are unsafe.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from prunekit.recover.checkpoint import load_tensor_file
+
+        try:  # tensors only: a state dict needs no pickled code, and arbitrary pickles are unsafe
+            state = load_tensor_file(path)
+        except ValueError as exc:
+            raise ValueError(f"{label}weights file {exc}") from None
     if isinstance(state, Mapping) and not all(isinstance(v, torch.Tensor) for v in state.values()):
         for key in ("state_dict", "model_state_dict", "model"):
             if isinstance(state.get(key), Mapping):
