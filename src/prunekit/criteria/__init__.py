@@ -264,8 +264,10 @@ def lasso(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
 
 @register("cap")
 def cap(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
-    """Compensation-aware importance (CaP): the consumers' reconstruction loss of removing the
-    channel after their other weights are re-solved by least squares. Needs ``loader=``."""
+    """Compensation-aware greedy removal order (CaP): each step removes the channel that raises
+    the consumers' least-squares-compensated reconstruction loss least, given those already
+    removed; the score is the total loss once the channel is removed (lowest = removed first).
+    Needs ``loader=``."""
     from prunekit.criteria.reconstruction import cap_scores
 
     return cap_scores(model, group, ctx)
