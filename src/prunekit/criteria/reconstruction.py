@@ -4,11 +4,13 @@ Both read the inputs of the group's consumers (the ungrouped conv/linear layers 
 channels are the group's channels) on calibration batches, as rows of receptive fields.
 
 * ``lasso`` (He, Zhang & Sun 2017): each consumer's output is a sum of per-channel
-  contributions ``Y = sum_c Z_c`` with ``Z_c = X_c W_c^T``. Channel weights ``beta`` are found
-  by LASSO, ``min ||Y - sum_c beta_c Z_c||^2 + alpha ||beta||_1`` (all consumers of a coupled
-  group stacked into one problem); raising ``alpha`` drops channels one after another, so a
-  channel's score is the largest ``alpha`` at which it is still selected: keeping the top-k
-  is exactly "raise the penalty until k channels remain".
+  contributions ``Y = sum_c Z_c`` with ``Z_c = X_c W_c^T``. Channel weights ``beta >= 0``
+  (they scale channels) solve the LASSO ``min ||Y - sum_c beta_c Z_c||^2 / (2N) + alpha
+  ||beta||_1`` (all consumers of a coupled group stacked into one problem). The whole path
+  over ``alpha`` is computed exactly by LARS; a channel's score is the penalty below which it
+  stays selected (see :func:`lasso_order`), so when the path drops no channel, the top-k
+  channels are the LASSO support with exactly k channels (the one the authors reach by
+  bisecting ``alpha``) for every k.
 * ``cap`` (compensation-aware, after CaP): greedy joint selection. The loss of removing a
   set ``S`` of input columns *after* the consumer's other weights (and offset) are re-solved
   by least squares is, in closed form, ``tr(W_S [P_SS]^{-1} W_S^T)`` with ``P`` the inverse of
@@ -98,9 +100,8 @@ def _blocks(mod: nn.Module) -> int:
 
 
 def lasso_scores(model: nn.Module, group: ChannelGroup, ctx: dict[str, Any]) -> np.ndarray:
-    """LASSO entry penalty of each channel of ``group`` (see the module docstring)."""
-    from sklearn.linear_model import lasso_path
-
+    """Exact LASSO selection order of the channels of ``group`` (see the module docstring and
+    :func:`lasso_order`)."""
     rows = _rows(model, group, ctx, "lasso")
     cols, target = [], []
     consumers = _consumers(model, group)
@@ -128,12 +129,42 @@ def lasso_scores(model: nn.Module, group: ChannelGroup, ctx: dict[str, Any]) -> 
     design = torch.cat(cols, 1).T.numpy()  # (rows * outputs, channels)
     y = torch.cat(target).numpy()
     scale = np.abs(y).max() or 1.0
-    alphas, coefs, _ = lasso_path(design / scale, y / scale, alphas=int(ctx.get("n_alphas", 60)),
-                                  positive=True, eps=1e-4, max_iter=2000)
-    active = coefs > 1e-12  # (channels, alphas), alphas decreasing
-    first = np.where(active.any(1), active.argmax(1), len(alphas))
-    # Earlier entry (larger alpha) = more important; ties broken by the final coefficient.
-    return (len(alphas) - first).astype(np.float64) + coefs[:, -1] / (coefs[:, -1].max() + 1e-12) * 0.5
+    return lasso_order(design / scale, y / scale)
+
+
+def lasso_order(design: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Scores from the exact positive-LASSO path of ``y ~ design @ beta`` (``beta >= 0``, no
+    intercept), computed by LARS (``sklearn.linear_model.lars_path(method="lasso")``) at its
+    exact breakpoints.
+
+    A channel selected down to the end of the path scores ``lambda / lambda_max`` in
+    ``(0, 1]``, ``lambda`` being the penalty of its *last* entry (the top of the run of
+    penalties, reaching zero, over which it stays selected). A channel the path drops and does
+    not take back scores ``lambda_top / lambda_max - 1`` in ``(-1, 0)`` (``lambda_top``: the top
+    of its last run of selection), one never selected ``-1``. Without drops the supports are
+    nested and the top-``k`` scores are the LASSO support with exactly ``k`` channels, for every
+    ``k`` the path passes through; channels entering at the same penalty (exact ties) tie."""
+    from sklearn.linear_model import lars_path
+
+    alphas, _, coefs = lars_path(design, y, method="lasso", positive=True)
+    n = design.shape[1]
+    lam_max = float(alphas[0]) if len(alphas) and alphas[0] > 0 else 1.0
+    # The path is linear between breakpoints: the support on (alphas[i+1], alphas[i]) is that
+    # of the midpoint, which also counts a coefficient shrinking to zero at alphas[i+1].
+    mids = (coefs[:, :-1] + coefs[:, 1:]) / 2 > 0  # (channels, intervals), penalty decreasing
+    tops = alphas[:-1]
+    scores = np.full(n, -1.0)
+    for c in range(n):
+        on = np.flatnonzero(mids[c])
+        if len(on) == 0:
+            continue
+        # Walk back from the last selected interval to the start of that run.
+        start = on[-1]
+        while start > 0 and mids[c, start - 1]:
+            start -= 1
+        top = float(tops[start]) / lam_max
+        scores[c] = top if on[-1] == mids.shape[1] - 1 else top - 1.0
+    return scores
 
 
 def _channel_columns(chan: np.ndarray, k: int) -> dict[int, Tensor]:
