@@ -46,7 +46,8 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
         _check_inputs(model, example_inputs)
         raise
     ratio = cfg.ratio
-    scores = score_groups(model, graph.groups, cfg.criterion, **dict(cfg.criterion_kwargs or {}))
+    fallbacks: dict[str, str] = {}  # group name -> how its criterion fell back (plan.meta["criterion_fallbacks"])
+    scores = score_groups(model, graph.groups, cfg.criterion, fallbacks=fallbacks, **dict(cfg.criterion_kwargs or {}))
     measure = _BudgetMeasure.build(model, graph, budget) if budget is not None else None
     groups = list(graph.groups)
     repairs: list[str] = []
@@ -66,6 +67,8 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
         }
         if budget is not None:
             meta[f"target_{budget.kind}"] = budget.target
+        if fallbacks:
+            meta["criterion_fallbacks"] = dict(fallbacks)
         plan_, expected = channel_plan(model, graph, removed, meta)
         if plan_.is_empty:
             return plan_, model

@@ -55,6 +55,11 @@ def test_l1_out_is_the_filter_norm(tiny) -> None:
     np.testing.assert_allclose(criteria.get("l1_out")(model, group), [3.0, 1.0, 3.0])
 
 
+def test_l2_out_is_the_filter_l2_norm(tiny) -> None:
+    model, group = tiny
+    np.testing.assert_allclose(criteria.get("l2_out")(model, group), np.sqrt([1 + 4, 0.25 + 0.25, 9 + 0]))
+
+
 def test_bn_is_abs_gamma(tiny) -> None:
     model, group = tiny
     np.testing.assert_allclose(criteria.get("bn")(model, group), [0.1, 4.0, 1.0])
@@ -144,9 +149,14 @@ def _pooled(model: Tiny, x: torch.Tensor) -> torch.Tensor:
     return torch.relu(model.bn(model.conv(x))).mean((2, 3))  # the fc's input: where channels are consumed
 
 
-def test_activation_and_apoz_read_the_consumer_input(tiny) -> None:
+def test_activation_and_apoz_fall_back_to_the_consumer_input(tiny) -> None:
+    """Tiny's ReLU is a function call, not a module, so there is no activation output to hook:
+    the statistics are read at the fc's input (after the mean), and the fallback is reported."""
     model, group = tiny
     batches = _batches()
+    fallbacks: dict[str, str] = {}
+    criteria.score_groups(model, [group], "apoz", loader=batches, fallbacks=fallbacks)
+    assert fallbacks["conv"].startswith("apoz: activation statistics read at the consumer input")
     with torch.no_grad():
         acts = [_pooled(model, x) for x, _ in batches]
     mean_abs = sum(a.abs().mean(0) for a in acts).numpy()

@@ -117,8 +117,10 @@ def test_cap_search_takes_the_largest_ratio_under_a_linearly_falling_threshold()
 
 def test_ucp_attention_finds_a_dead_channel() -> None:
     """Channel 3 of the stem's group feeds nothing (its consumer weights are zero): its
-    attention gets no task gradient, only the L1 pull, so it ends among the lowest and goes
-    at ratio 0.5 (labels are the model's own predictions, so useful channels are pulled up)."""
+    attention gets no task gradient, only the (optional) L1 pull, so it ends among the lowest
+    and goes at ratio 0.5 (labels are the model's own predictions, so useful channels are
+    pulled up). The network is frozen (``train_network=False``): trained jointly, the zero
+    consumer weights would get gradients and the channel would come alive."""
     from nets import cbr
 
     torch.manual_seed(0)
@@ -126,9 +128,138 @@ def test_ucp_attention_finds_a_dead_channel() -> None:
     with torch.no_grad():
         model[1][0].weight[:, 3] = 0
         calib = [(x, model(x).argmax(1)) for x, _ in _batches()]
-    res = methods.get("ucp")(model, X, loader=calib, steps=60, l1=0.01, lr=0.01, ratio=0.5, ignore=["4"])
+    res = methods.get("ucp")(model, X, loader=calib, steps=60, l1=0.01, lr=0.01, ratio=0.5, ignore=["4"],
+                             train_network=False)
     assert 3 not in res.plan.keep["0.0.weight"][0]
     assert len(res.plan.keep["0.0.weight"][0]) == 4
+
+
+def test_ucp_block_is_the_authors_se_layer() -> None:
+    """Hand computation: sigmoid(W2 relu(W1 mean_positions(x))); hidden C // 16 without
+    biases, or 1 with biases when C <= 16."""
+    from prunekit.methods.ucp import Excitation
+
+    big, small = Excitation(32), Excitation(8)
+    assert (big.fc1.weight.shape, big.fc1.bias, big.fc2.weight.shape, big.fc2.bias) == ((2, 32), None, (32, 2), None)
+    assert small.fc1.weight.shape == (1, 8) and small.fc1.bias is not None and small.fc2.bias is not None
+    x = torch.randn(3, 32, 5, 5)
+    w1, w2 = big.fc1.weight.detach(), big.fc2.weight.detach()
+    expected = torch.sigmoid(torch.relu(x.mean((2, 3)) @ w1.T) @ w2.T)
+    torch.testing.assert_close(big(x, 1), expected)
+
+
+def test_ucp_blocks_scale_the_conv_output_before_its_bn() -> None:
+    """conv -> SE -> BN, as the authors place the block: with the block attached the BN's
+    input is the conv output times the block's scale."""
+    from nets import cbr
+    from prunekit.methods.ucp import Attention
+
+    torch.manual_seed(0)
+    model = nn.Sequential(cbr(3, 8), cbr(8, 6), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+    groups = [g for g in pk.trace(model, X).groups if g.n_prunable > 0]
+    att = Attention(model, groups, 16)
+    seen = []
+    handle = model[0][1].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+        raw = torch.nn.functional.conv2d(x, model[0][0].weight, padding=1)
+        scale = att.blocks["0/0"](raw, 1)
+    handle.remove()
+    att.remove()
+    torch.testing.assert_close(seen[0], raw * scale[:, :, None, None])
+
+
+def _trained_cbr() -> nn.Module:
+    """A small conv net whose every parameter and BN statistic is away from its initial value."""
+    from nets import cbr
+
+    torch.manual_seed(0)
+    model = nn.Sequential(cbr(3, 8), cbr(8, 6), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3)
+        model.train()
+        for _ in range(3):
+            model(torch.randn(8, 3, 8, 8) + 1)
+    return model.eval()
+
+
+def test_ucp_reinitialise_resets_every_parameter_and_buffer() -> None:
+    from prunekit.methods.ucp import reinitialise
+
+    trained = _trained_cbr()
+    fresh = copy.deepcopy(trained)
+    torch.manual_seed(5)
+    reinitialise(fresh)
+    for name, t in [*trained.named_parameters(), *trained.named_buffers()]:
+        if name.endswith("num_batches_tracked"):
+            assert int(dict(fresh.named_buffers())[name]) == 0
+            continue
+        assert not torch.equal(dict([*fresh.named_parameters(), *fresh.named_buffers()])[name], t), name
+    for bn in (fresh[0][1], fresh[1][1]):
+        assert torch.equal(bn.running_mean, torch.zeros(bn.num_features))
+        assert torch.equal(bn.running_var, torch.ones(bn.num_features))
+        assert torch.equal(bn.weight.detach(), torch.ones(bn.num_features))
+        assert torch.equal(bn.bias.detach(), torch.zeros(bn.num_features))
+    # The oracle for the convs and the linear: PyTorch's own reset, drawn in module order under the same seed.
+    torch.manual_seed(5)
+    expected = [m for m in copy.deepcopy(trained).modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))]
+    for m in expected:
+        m.reset_parameters()
+    got = [m for m in fresh.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))]
+    for a, b in zip(got, expected):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa, pb)
+
+
+def test_ucp_reinitialise_refuses_tensors_it_cannot_reset() -> None:
+    from prunekit.methods.ucp import reinitialise
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.gain = nn.Conv2d(3, 4, 1), nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return self.conv(x) * self.gain.view(1, -1, 1, 1)
+
+    with pytest.raises(pk.PruningError, match="cannot re-initialise gain"):
+        reinitialise(Scaled())
+
+
+def _separable(n: int = 4, seed: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two classes told apart by the sign of the image mean."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        y = torch.randint(0, 2, (16,), generator=g)
+        out.append((torch.randn(16, 3, 8, 8, generator=g) * 0.5 + (2.0 * y - 1).view(-1, 1, 1, 1), y))
+    return out
+
+
+def test_ucp_from_scratch_needs_data_to_retrain() -> None:
+    with pytest.raises(pk.PruningError, match="from_scratch=True .* needs data to retrain"):
+        methods.get("ucp")(_trained_cbr(), X, loader=_separable(), steps=2, ratio=0.5, ignore=["4"], from_scratch=True)
+
+
+def test_ucp_from_scratch_resets_then_retrains() -> None:
+    """The result is neither the trained weights nor the seeded reset (oracle: the pruned
+    architecture reset under the same seed), and the retraining loss falls."""
+    from prunekit.methods.ucp import reinitialise
+
+    model = _trained_cbr()
+    data = _separable()
+    res = methods.get("ucp")(model, X, loader=data, steps=4, ratio=0.5, ignore=["4"], from_scratch=True,
+                             retrain_loader=data, retrain_epochs=6, seed=7)
+    reset = pk.apply_plan(model, res.plan)
+    torch.manual_seed(7)
+    reinitialise(reset)
+    trained_pruned = pk.apply_plan(model, res.plan)
+    for (name, p), r, t in zip(res.model.named_parameters(), reset.parameters(), trained_pruned.parameters()):
+        assert p.shape == r.shape and not torch.equal(p, r) and not torch.equal(p, t), name
+    history = [h["train_loss"] for h in res.info["retrain"]["history"]]
+    assert len(history) == 6 and history[-1] < 0.5 * history[0]
 
 
 def test_iterative_schedule_and_composed_plan() -> None:

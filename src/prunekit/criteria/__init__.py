@@ -174,9 +174,31 @@ def l1_out(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
                         params=_params(model, ctx))
 
 
+@register("l2_out")
+def l2_out(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
+    """Filter L2 norm: sqrt of the sum of squares of the producers' filters (role 'out')
+    only, the L2 counterpart of ``l1_out``."""
+    return np.sqrt(norm_members(model, group, 2, roles=("out",), reduction=ctx.get("reduction", "sum"),
+                                params=_params(model, ctx)))
+
+
+def report_fallback(ctx: dict[str, Any], group: ChannelGroup, message: str) -> None:
+    """Record that a criterion scored ``group`` otherwise than its name says (``message``,
+    e.g. ``"bn -> l2: no normalisation layer"``): :func:`score_groups` collects these per
+    group name and :func:`prunekit.prune` puts them in ``plan.meta["criterion_fallbacks"]``.
+    A no-op when the criterion is called outside :func:`score_groups`, and for groups with
+    no prunable channel (their scores decide nothing)."""
+    sink = ctx.get("_fallbacks")
+    if sink is not None and group.n_prunable > 0:
+        sink[group.name] = message
+
+
 @register("bn")
 def bn_scale(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
-    """|gamma| of the normalisation layers in the group (Network Slimming); falls back to L2."""
+    """BN-gamma criterion: |gamma| of the normalisation layers in the group, summed over
+    them. It is the importance Network Slimming (Liu et al. 2017) prunes by, but without that
+    method's L1 sparsity training of gamma. A group without a normalisation layer is scored
+    by ``l2`` instead (reported as a fallback)."""
     scores = np.zeros(group.size, dtype=np.float64)
     found = False
     for m in group.members:
@@ -188,7 +210,10 @@ def bn_scale(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
             ok = m.channel >= 0
             np.add.at(scores, m.channel[ok], vals[ok])
             found = True
-    return scores if found else l2(model, group)
+    if found:
+        return scores
+    report_fallback(ctx, group, "bn -> l2: no normalisation layer")
+    return l2(model, group, **ctx)
 
 
 @register("fpgm")
@@ -230,7 +255,8 @@ def taylor(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
 @register("taylor_act")
 def taylor_act(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
     """First-order Taylor on activations (Molchanov et al. 2017): |mean over positions of
-    activation x gradient|, averaged over samples. Needs ``loader=``."""
+    activation x gradient|, averaged over samples, at the activation output (see
+    :mod:`prunekit.criteria.data`). Needs ``loader=``."""
     from prunekit.criteria.data import activation_scores
 
     return activation_scores("taylor_act", model, group, ctx)
@@ -238,7 +264,8 @@ def taylor_act(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
 
 @register("activation")
 def mean_activation(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
-    """Mean absolute activation of the channel where it is consumed. Needs ``loader=``."""
+    """Mean absolute activation of the channel at its activation output (see
+    :mod:`prunekit.criteria.data`). Needs ``loader=``."""
     from prunekit.criteria.data import activation_scores
 
     return activation_scores("activation", model, group, ctx)
@@ -246,8 +273,9 @@ def mean_activation(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.nda
 
 @register("apoz")
 def apoz(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
-    """1 - APoZ (Hu et al. 2016): the fraction of non-zero post-activation values; channels
-    that are mostly zero score low. Needs ``loader=``."""
+    """1 - APoZ (Hu et al. 2016): the fraction of non-zero values at the channel's activation
+    output (after the ReLU, before pooling; see :mod:`prunekit.criteria.data`); channels that
+    are mostly zero score low. Needs ``loader=``."""
     from prunekit.criteria.data import activation_scores
 
     return activation_scores("apoz", model, group, ctx)
@@ -255,8 +283,9 @@ def apoz(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
 
 @register("lasso")
 def lasso(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
-    """LASSO channel selection (He et al. 2017) on the consumers' sampled inputs: the largest
-    penalty at which the channel is still selected. Needs ``loader=``."""
+    """LASSO channel selection (He et al. 2017) on the consumers' sampled inputs, from the exact
+    positive-LASSO path (LARS): the penalty below which the channel stays selected, so the
+    top-k are the LASSO support with exactly k channels. Needs ``loader=``."""
     from prunekit.criteria.reconstruction import lasso_scores
 
     return lasso_scores(model, group, ctx)
@@ -264,8 +293,10 @@ def lasso(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
 
 @register("cap")
 def cap(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
-    """Compensation-aware importance (CaP): the consumers' reconstruction loss of removing the
-    channel after their other weights are re-solved by least squares. Needs ``loader=``."""
+    """Compensation-aware greedy removal order (CaP): each step removes the channel that raises
+    the consumers' least-squares-compensated reconstruction loss least, given those already
+    removed; the score is the total loss once the channel is removed (lowest = removed first).
+    Needs ``loader=``."""
     from prunekit.criteria.reconstruction import cap_scores
 
     return cap_scores(model, group, ctx)
@@ -273,8 +304,10 @@ def cap(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
 
 @register("functionality")
 def functionality(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
-    """Functionality-oriented redundancy (Qin et al. 2018): channels whose activation maps
-    duplicate another's (cosine clustering) go first, keeping one per cluster. Needs ``loader=``."""
+    """Activation-clustering proxy after Qin et al. 2018 (functionality-oriented pruning):
+    channels whose activation maps duplicate another's (cosine clustering) go first, keeping
+    one per cluster. Not the paper's method, whose similarity measure is not public (see
+    :mod:`prunekit.criteria.functionality`). Needs ``loader=``."""
     from prunekit.criteria.functionality import functionality_scores
 
     return functionality_scores(model, group, ctx)
@@ -290,13 +323,16 @@ def random_scores(model: nn.Module, group: ChannelGroup, *, seed: int = 0, **ctx
     return np.random.default_rng(seed * 100_003 + group.index).random(group.size)
 
 
-def score_groups(model: nn.Module, groups: list[ChannelGroup], criterion: str | Criterion, **ctx: Any) -> list[np.ndarray]:
+def score_groups(model: nn.Module, groups: list[ChannelGroup], criterion: str | Criterion, *,
+                 fallbacks: dict[str, str] | None = None, **ctx: Any) -> list[np.ndarray]:
     """Scores for every group with the given criterion (name or callable): a list of float
     arrays, one per group. ``ctx`` reaches the criterion (e.g. ``loader``, ``batches``,
-    ``seed``), plus ``groups`` (all groups being scored) and ``_cache`` (a dict shared by this
-    call, so a data-driven criterion can gather statistics for all groups in one pass)."""
+    ``seed``), plus ``groups`` (all groups being scored), ``_cache`` (a dict shared by this
+    call, so a data-driven criterion can gather statistics for all groups in one pass) and
+    ``_fallbacks``. ``fallbacks``, when given, receives group name -> message for every group
+    the criterion scored otherwise than its name says (see :func:`report_fallback`)."""
     fn = get(criterion) if isinstance(criterion, str) else criterion
-    ctx = {"groups": groups, "_cache": {}, **ctx}
+    ctx = {"groups": groups, "_cache": {}, **ctx, "_fallbacks": {} if fallbacks is None else fallbacks}
     out = []
     with torch.no_grad():
         for g in groups:

@@ -4,9 +4,14 @@ They need calibration data: pass ``loader=`` (any iterable of ``(inputs, targets
 of input tensors) and ``batches=`` (how many to use; default 8). Statistics for *all* groups
 are gathered in one pass over the data and cached for the other groups of the same call.
 
-Activation statistics are read where the channel is *consumed*: the input of the next
-conv/linear layer, i.e. after BN and the non-linearity (where APoZ is defined). A group with
-no such consumer falls back to the output of its producing layers.
+Activation statistics are read at the channel's *activation output* on the producer side:
+the output of the activation module (ReLU, GELU, ...) that takes the output of the group's
+normalisation layers, or of its producing layers where it has none (conv -> BN -> ReLU is
+read after the ReLU, where APoZ is defined, and before any pooling). A group for which some
+producer has no such activation module (a residual sum sits in between, or the activation is
+a function call rather than a module) falls back to the input of its consumers (after any
+pooling), and a group without consumers to the output of its producers; the fallback is
+reported (``plan.meta["criterion_fallbacks"]``, see :func:`prunekit.criteria.report_fallback`).
 """
 
 from __future__ import annotations
@@ -94,68 +99,153 @@ def _channel_view(t: Tensor, mod: nn.Module, kind: str) -> Tensor:
     return samples.flatten(2)
 
 
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+               nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Sigmoid, nn.Tanh)
+"""Elementwise activation modules whose output is a group's activation output."""
+
+
+def _predecessors(model: nn.Module, group: ChannelGroup) -> list[tuple[str, nn.Module, np.ndarray]]:
+    """(module name, module, channel map) of the layers whose outputs the group's activation
+    takes: its normalisation layers, or its producing filter layers where it has none."""
+    norms = []
+    for m in group.members:
+        name, leaf = _module_of(m.tensor)
+        if m.role != "norm" or leaf != "weight":
+            continue
+        mod = model.get_submodule(name) if name else model
+        handler = handler_for(mod)
+        if handler is not None and handler.is_norm:
+            norms.append((name, mod, m.channel))
+    return norms or _weight_members(model, group, "out")
+
+
 class _Sites:
-    """Where each group's activations are observed: consumer inputs, else producer outputs."""
+    """Where each group's activations are observed: activation outputs after its norms or
+    producers (decided on the first batch, see :meth:`settle`), else consumer inputs, else
+    producer outputs."""
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup]) -> None:
-        self.by_module: dict[str, list[tuple[int, np.ndarray, str]]] = {}
-        self.modules: dict[str, nn.Module] = {}
+        self.preds = {g.index: _predecessors(model, g) for g in groups}
+        self.fallback: dict[int, tuple[str, list[tuple[str, nn.Module, np.ndarray]]]] = {}
         for g in groups:
             sites, kind = _weight_members(model, g, "in"), "in"
             if not sites:
                 sites, kind = _weight_members(model, g, "out"), "out"
-            for name, mod, chan in sites:
-                self.modules[name] = mod
-                self.by_module.setdefault(name, []).append((g.index, chan, kind))
+            self.fallback[g.index] = (kind, sites)
+        self.modules = {name: mod for _, sites in self.fallback.values() for name, mod, _ in sites}
+        self.pred_modules = {name: mod for preds in self.preds.values() for name, mod, _ in preds}
+        self.by_module: dict[str, list[tuple[int, np.ndarray, str]]] | None = None
+        self.reasons: dict[int, str] = {}
+
+    def kinds(self, name: str) -> set[str]:
+        """The fallback kinds ('in', 'out') that may be read at filter module ``name``."""
+        return {kind for kind, sites in self.fallback.values() if any(n == name for n, _, _ in sites)}
+
+    def settle(self, captured: dict[str, Tensor]) -> None:
+        """Fix every group's sites from the first batch's captures: its activation outputs
+        if every predecessor's output went through an activation module, else its fallback
+        sites (the reason is kept in ``reasons``)."""
+        self.by_module = {}
+        for gi, preds in self.preds.items():
+            if preds and all(f"{name}:act" in captured for name, _, _ in preds):
+                for name, _, chan in preds:
+                    self.by_module.setdefault(name, []).append((gi, chan, "act"))
+                continue
+            kind, sites = self.fallback[gi]
+            missing = [name for name, _, _ in preds if f"{name}:act" not in captured]
+            where = "consumer input" if kind == "in" else "producer output"
+            self.reasons[gi] = (f"activation statistics read at the {where}: no activation module takes the output "
+                                f"of {', '.join(repr(n) for n in missing) or 'a producer'}")
+            for name, _, chan in sites:
+                self.by_module.setdefault(name, []).append((gi, chan, kind))
+
+    def module(self, name: str) -> nn.Module:
+        """The filter or normalisation module named ``name`` (the one a view's channels follow)."""
+        return self.modules.get(name) or self.pred_modules[name]
 
 
 def site_views(model: nn.Module, groups: list[ChannelGroup], batches: Iterable[Batch], *,
-               with_grad: bool = False) -> Iterator[tuple[int, np.ndarray, Tensor]]:
+               with_grad: bool = False, fallbacks: dict[int, str] | None = None
+               ) -> Iterator[tuple[int, np.ndarray, Tensor]]:
     """Run the batches with hooks at every observation site of ``groups`` and yield, per
     batch and site, ``(group index, channel map, view)``: ``view`` is the activation as
     ``(samples, channels, positions)`` (times its gradient of the task loss with
-    ``with_grad``), and ``channel map[i]`` the group channel of view channel ``i`` (-1: none)."""
+    ``with_grad``), and ``channel map[i]`` the group channel of view channel ``i`` (-1: none).
+    ``fallbacks``, when given, receives group index -> why the group's activations are not
+    read at its activation output (see the module docstring)."""
     sites = _Sites(model, groups)
     captured: dict[str, Tensor] = {}
+    # Outputs of the groups' norms/producers in this forward, by id: an activation module
+    # whose input is one of them gives that layer's activation output. A module may be called
+    # several times (torchvision's BasicBlock reuses one ReLU), so each call is matched.
+    pending: dict[int, tuple[str, Tensor]] = {}
+    calling: dict[int, str] = {}
     handles = []
 
-    def hooks_for(name: str) -> tuple[Callable[..., None], Callable[..., None]]:
-        kinds = {k for _, _, k in sites.by_module[name]}
+    def keep(key: str, t: Tensor) -> None:
+        captured[key] = t
+        if with_grad and t.requires_grad:
+            t.retain_grad()
+
+    def filter_hooks(name: str) -> tuple[Callable[..., None], Callable[..., None]]:
+        kinds = sites.kinds(name)
 
         def pre(mod: nn.Module, args: tuple[Any, ...]) -> None:
             if "in" in kinds:
-                captured[name + ":in"] = args[0]
-                if with_grad and args[0].requires_grad:
-                    args[0].retain_grad()
+                keep(name + ":in", args[0])
 
         def post(mod: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
             if "out" in kinds:
-                captured[name + ":out"] = out
-                if with_grad and out.requires_grad:
-                    out.retain_grad()
+                keep(name + ":out", out)
         return pre, post
 
+    def pred_hook(name: str) -> Callable[..., None]:
+        def post(mod: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
+            if isinstance(out, Tensor):
+                pending[id(out)] = (name, out)
+        return post
+
+    def act_pre(mod: nn.Module, args: tuple[Any, ...]) -> None:
+        hit = pending.get(id(args[0])) if args and isinstance(args[0], Tensor) else None
+        if hit is not None and hit[1] is args[0]:
+            calling[id(mod)] = hit[0]
+
+    def act_post(mod: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
+        name = calling.pop(id(mod), None)
+        if name is not None:
+            keep(name + ":act", out)
+
     for name, mod in sites.modules.items():
-        pre, post = hooks_for(name)
-        handles.append(mod.register_forward_pre_hook(pre))
-        handles.append(mod.register_forward_hook(post))
+        pre, post = filter_hooks(name)
+        handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    for name, mod in sites.pred_modules.items():
+        handles.append(mod.register_forward_hook(pred_hook(name)))
+    for mod in model.modules():
+        if isinstance(mod, ACTIVATIONS):
+            handles += [mod.register_forward_pre_hook(act_pre), mod.register_forward_hook(act_post)]
     try:
         with model_mode(model, "eval"):
             for x, y in batches:
                 captured.clear()
+                pending.clear()
                 with torch.set_grad_enabled(with_grad):
                     out = call_on_device(model, x)
                     if with_grad:
                         model.zero_grad(set_to_none=True)
                         task_loss(out, y).backward()
+                pending.clear()
+                if sites.by_module is None:
+                    sites.settle(captured)
+                    if fallbacks is not None:
+                        fallbacks.update(sites.reasons)
                 for name, entries in sites.by_module.items():
-                    mod = sites.modules[name]
+                    mod = sites.module(name)
                     for gi, chan, kind in entries:
                         t = captured.get(f"{name}:{kind}")
                         if t is None or (with_grad and t.grad is None):
                             continue
                         v = t * t.grad if with_grad else t
-                        yield gi, chan, _channel_view(v.detach(), mod, kind)
+                        yield gi, chan, _channel_view(v.detach(), mod, "in" if kind == "in" else "out")
     finally:
         for h in handles:
             h.remove()
@@ -163,18 +253,20 @@ def site_views(model: nn.Module, groups: list[ChannelGroup], batches: Iterable[B
 
 
 def _observe(model: nn.Module, groups: list[ChannelGroup], batches: Iterable[Batch], *,
-             stat: Callable[[Tensor], Tensor], with_grad: bool) -> dict[int, np.ndarray]:
+             stat: Callable[[Tensor], Tensor], with_grad: bool,
+             fallbacks: dict[int, str] | None = None) -> dict[int, np.ndarray]:
     """Per group index, the sum over batches and sites of ``stat(view)`` (one value per
-    observed channel, see :func:`site_views`) mapped to the group's channels."""
+    observed channel, see :func:`site_views`) mapped to the group's channels; ``fallbacks``
+    receives the groups read elsewhere than at their activation output."""
     totals = {g.index: np.zeros(g.size) for g in groups}
-    for gi, chan, view in site_views(model, groups, batches, with_grad=with_grad):
+    for gi, chan, view in site_views(model, groups, batches, with_grad=with_grad, fallbacks=fallbacks):
         vals = stat(view).double().cpu().numpy()
         ok = chan >= 0
         np.add.at(totals[gi], chan[ok], vals[ok])
     return totals
 
 
-def _cached(ctx: dict[str, Any], key: str, compute: Callable[[], dict[int, np.ndarray]]) -> dict[int, np.ndarray]:
+def _cached(ctx: dict[str, Any], key: str, compute: Callable[[], dict[int, Any]]) -> dict[int, Any]:
     cache = ctx.get("_cache")
     if cache is None:
         return compute()
@@ -192,9 +284,21 @@ def _activation_stat(name: str, stat: Callable[[Tensor], Tensor], with_grad: boo
                      model: nn.Module, group: ChannelGroup, ctx: dict[str, Any]) -> np.ndarray:
     groups = _all_groups(group, ctx)
     batches = int(ctx.get("batches", DEFAULT_BATCHES))
+    fallbacks = _cached(ctx, name + ":fallbacks", dict)  # filled by the observation below
     totals = _cached(ctx, name, lambda: _observe(
-        model, groups, calibration_batches(ctx.get("loader"), batches, name), stat=stat, with_grad=with_grad))
+        model, groups, calibration_batches(ctx.get("loader"), batches, name), stat=stat, with_grad=with_grad,
+        fallbacks=fallbacks))
+    report_site_fallback(name, group, fallbacks, ctx)
     return totals[group.index]
+
+
+def report_site_fallback(criterion: str, group: ChannelGroup, fallbacks: dict[int, str], ctx: dict[str, Any]) -> None:
+    """Report (see :func:`prunekit.criteria.report_fallback`) that ``criterion`` read
+    ``group`` elsewhere than at its activation output, when ``fallbacks`` says so."""
+    from prunekit.criteria import report_fallback
+
+    if group.index in fallbacks:
+        report_fallback(ctx, group, f"{criterion}: {fallbacks[group.index]}")
 
 
 def mean_activation_stat(v: Tensor) -> Tensor:

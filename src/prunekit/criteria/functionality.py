@@ -1,8 +1,10 @@
-"""Functionality-oriented importance (after Qin et al. 2018): remove *redundant* filters, not weak ones.
+"""Activation-clustering proxy after Qin et al. 2018: remove *redundant* filters, not weak ones.
 
-Each channel's function is described by its activation maps on calibration data (where the
-channel is consumed, see :mod:`prunekit.criteria.data`), flattened and normalised to unit
-length. Channels are clustered agglomeratively by cosine distance (average linkage); every
+Qin et al. (functionality-oriented filter pruning) group filters by their interpreted
+function and prune the repeated ones; their similarity measure and clustering are not
+public, so this is a proxy, not their method. Each channel's function is described by its
+activation maps on calibration data (at its activation output, see
+:mod:`prunekit.criteria.data`), flattened and normalised to unit length. Channels are clustered agglomeratively by cosine distance (average linkage); every
 merge of two clusters keeps the member with the larger activation energy as the cluster's
 representative and marks the other as redundant. The order in which channels are marked is
 the ranking: removing the ``n`` first-marked channels leaves exactly one representative
@@ -17,7 +19,8 @@ import numpy as np
 import torch
 from scipy.cluster.hierarchy import linkage
 
-from prunekit.criteria.data import DEFAULT_BATCHES, _all_groups, _cached, calibration_batches, site_views
+from prunekit.criteria.data import (DEFAULT_BATCHES, _all_groups, _cached, calibration_batches, report_site_fallback,
+                                    site_views)
 from prunekit.graph.dependency import ChannelGroup
 from torch import nn
 
@@ -25,14 +28,16 @@ MAX_FEATURES = 4096  # feature-map values kept per channel and site
 
 
 def channel_features(model: nn.Module, groups: list[ChannelGroup], batches: Any, *,
-                     max_features: int = MAX_FEATURES, seed: int = 0) -> dict[int, np.ndarray]:
+                     max_features: int = MAX_FEATURES, seed: int = 0,
+                     fallbacks: dict[int, str] | None = None) -> dict[int, np.ndarray]:
     """Per group index, a ``(channels, features)`` matrix of sampled activation values: the
     same sampled (sample, position) entries for every channel, concatenated over batches and
-    observation sites."""
+    observation sites. ``fallbacks`` receives the groups read elsewhere than at their
+    activation output (see :func:`prunekit.criteria.data.site_views`)."""
     parts: dict[int, list[np.ndarray]] = {g.index: [] for g in groups}
     sizes = {g.index: g.size for g in groups}
     gen = torch.Generator().manual_seed(seed)
-    for gi, chan, view in site_views(model, groups, batches):
+    for gi, chan, view in site_views(model, groups, batches, fallbacks=fallbacks):
         flat = view.transpose(0, 1).reshape(view.shape[1], -1)  # (channels, samples * positions)
         pick = torch.randperm(flat.shape[1], generator=gen)[:max_features]
         block = np.zeros((sizes[gi], len(pick)))
@@ -70,10 +75,12 @@ def _merge_order(features: np.ndarray, energy: np.ndarray) -> np.ndarray:
 
 
 def functionality_scores(model: nn.Module, group: ChannelGroup, ctx: dict[str, Any]) -> np.ndarray:
-    """Functionality scores of ``group`` (feature maps for all groups gathered in one pass)."""
+    """Activation-clustering scores of ``group`` (feature maps for all groups gathered in one pass)."""
     groups = _all_groups(group, ctx)
     batches = int(ctx.get("batches", DEFAULT_BATCHES))
+    fallbacks = _cached(ctx, "functionality:fallbacks", dict)  # filled by the feature pass below
     feats = _cached(ctx, "functionality", lambda: channel_features(
         model, groups, calibration_batches(ctx.get("loader"), batches, "functionality"),
-        seed=int(ctx.get("seed", 0))))
+        seed=int(ctx.get("seed", 0)), fallbacks=fallbacks))
+    report_site_fallback("functionality", group, fallbacks, ctx)
     return redundancy_order(feats[group.index])

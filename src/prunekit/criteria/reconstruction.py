@@ -4,15 +4,23 @@ Both read the inputs of the group's consumers (the ungrouped conv/linear layers 
 channels are the group's channels) on calibration batches, as rows of receptive fields.
 
 * ``lasso`` (He, Zhang & Sun 2017): each consumer's output is a sum of per-channel
-  contributions ``Y = sum_c Z_c`` with ``Z_c = X_c W_c^T``. Channel weights ``beta`` are found
-  by LASSO, ``min ||Y - sum_c beta_c Z_c||^2 + alpha ||beta||_1`` (all consumers of a coupled
-  group stacked into one problem); raising ``alpha`` drops channels one after another, so a
-  channel's score is the largest ``alpha`` at which it is still selected: keeping the top-k
-  is exactly "raise the penalty until k channels remain".
-* ``cap`` (compensation-aware, after CaP): the loss of removing channel ``c`` *after* the
-  consumer's other weights are re-solved by least squares, in closed form:
-  ``tr(W_c [P_cc]^{-1} W_c^T)`` with ``P`` the inverse of the inputs' second-moment matrix
-  (the Optimal-Brain-Surgeon formula for a block of inputs), summed over consumers.
+  contributions ``Y = sum_c Z_c`` with ``Z_c = X_c W_c^T``. Channel weights ``beta >= 0``
+  (they scale channels) solve the LASSO ``min ||Y - sum_c beta_c Z_c||^2 / (2N) + alpha
+  ||beta||_1`` (all consumers of a coupled group stacked into one problem). The whole path
+  over ``alpha`` is computed exactly by LARS; a channel's score is the penalty below which it
+  stays selected (see :func:`lasso_order`), so when the path drops no channel, the top-k
+  channels are the LASSO support with exactly k channels (the one the authors reach by
+  bisecting ``alpha``) for every k.
+* ``cap`` (compensation-aware, after CaP): greedy joint selection. The loss of removing a
+  set ``S`` of input columns *after* the consumer's other weights (and offset) are re-solved
+  by least squares is, in closed form, ``tr(W_S [P_SS]^{-1} W_S^T)`` with ``P`` the inverse of
+  the inputs' second-moment matrix (the Optimal-Brain-Surgeon formula for a block of inputs),
+  summed over the group's consumers. Each step removes the channel whose removal, given the
+  ones already removed, raises that loss least; the compensated weights and ``P`` are updated
+  by a Schur complement after each step (no refit from scratch). A channel's score is the
+  total loss once it is removed: increasing along the removal order, so the ``k`` lowest
+  scores are the greedy set of ``k`` for every ``k``, and two copies of a unit are not both
+  removed while the other copy is what compensates for the first.
 """
 
 from __future__ import annotations
@@ -92,9 +100,8 @@ def _blocks(mod: nn.Module) -> int:
 
 
 def lasso_scores(model: nn.Module, group: ChannelGroup, ctx: dict[str, Any]) -> np.ndarray:
-    """LASSO entry penalty of each channel of ``group`` (see the module docstring)."""
-    from sklearn.linear_model import lasso_path
-
+    """Exact LASSO selection order of the channels of ``group`` (see the module docstring and
+    :func:`lasso_order`)."""
     rows = _rows(model, group, ctx, "lasso")
     cols, target = [], []
     consumers = _consumers(model, group)
@@ -122,40 +129,139 @@ def lasso_scores(model: nn.Module, group: ChannelGroup, ctx: dict[str, Any]) -> 
     design = torch.cat(cols, 1).T.numpy()  # (rows * outputs, channels)
     y = torch.cat(target).numpy()
     scale = np.abs(y).max() or 1.0
-    alphas, coefs, _ = lasso_path(design / scale, y / scale, alphas=int(ctx.get("n_alphas", 60)),
-                                  positive=True, eps=1e-4, max_iter=2000)
-    active = coefs > 1e-12  # (channels, alphas), alphas decreasing
-    first = np.where(active.any(1), active.argmax(1), len(alphas))
-    # Earlier entry (larger alpha) = more important; ties broken by the final coefficient.
-    return (len(alphas) - first).astype(np.float64) + coefs[:, -1] / (coefs[:, -1].max() + 1e-12) * 0.5
+    return lasso_order(design / scale, y / scale)
+
+
+def lasso_order(design: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Scores from the exact positive-LASSO path of ``y ~ design @ beta`` (``beta >= 0``, no
+    intercept), computed by LARS (``sklearn.linear_model.lars_path(method="lasso")``) at its
+    exact breakpoints.
+
+    A channel selected down to the end of the path scores ``lambda / lambda_max`` in
+    ``(0, 1]``, ``lambda`` being the penalty of its *last* entry (the top of the run of
+    penalties, reaching zero, over which it stays selected). A channel the path drops and does
+    not take back scores ``lambda_top / lambda_max - 1`` in ``(-1, 0)`` (``lambda_top``: the top
+    of its last run of selection), one never selected ``-1``. Without drops the supports are
+    nested and the top-``k`` scores are the LASSO support with exactly ``k`` channels, for every
+    ``k`` the path passes through; channels entering at the same penalty (exact ties) tie."""
+    from sklearn.linear_model import lars_path
+
+    alphas, _, coefs = lars_path(design, y, method="lasso", positive=True)
+    n = design.shape[1]
+    lam_max = float(alphas[0]) if len(alphas) and alphas[0] > 0 else 1.0
+    # The path is linear between breakpoints: the support on (alphas[i+1], alphas[i]) is that
+    # of the midpoint, which also counts a coefficient shrinking to zero at alphas[i+1].
+    mids = (coefs[:, :-1] + coefs[:, 1:]) / 2 > 0  # (channels, intervals), penalty decreasing
+    tops = alphas[:-1]
+    scores = np.full(n, -1.0)
+    for c in range(n):
+        on = np.flatnonzero(mids[c])
+        if len(on) == 0:
+            continue
+        # Walk back from the last selected interval to the start of that run.
+        start = on[-1]
+        while start > 0 and mids[c, start - 1]:
+            start -= 1
+        top = float(tops[start]) / lam_max
+        scores[c] = top if on[-1] == mids.shape[1] - 1 else top - 1.0
+    return scores
+
+
+def _channel_columns(chan: np.ndarray, k: int) -> dict[int, Tensor]:
+    """Columns of a consumer's ``weight.flatten(1)`` fed by each group channel (``k`` per input
+    channel it feeds; usually one input channel)."""
+    cols: dict[int, list[int]] = {}
+    for i, c in enumerate(chan.tolist()):
+        if c >= 0:
+            cols.setdefault(c, []).extend(range(i * k, (i + 1) * k))
+    return {c: torch.tensor(v) for c, v in cols.items()}
+
+
+class _Compensated:
+    """One consumer's compensated least-squares problem while columns are removed.
+
+    With ``M`` the second moment of ``[x; 1]`` and ``P = M^{-1}`` (restricted to the weight
+    columns), removing the column set ``S`` and re-solving the rest (bias included) costs
+    ``tr(W_S (P_SS)^{-1} W_S^T)`` per row (the OBS block formula). Removing ``S`` then ``T``
+    costs the same in two steps: after ``S`` the compensated weights are
+    ``W - W_S (P_SS)^{-1} P_S:`` and the inverse moments of the kept columns are the Schur
+    complement ``P - P_:S (P_SS)^{-1} P_S:``, and ``T``'s increment is the same formula on them."""
+
+    def __init__(self, x: Tensor, w: Tensor, cols: dict[int, Tensor]) -> None:
+        mom = Moments.empty(x.shape[1], None)
+        mom.add(x)
+        m = mom.xx / mom.count
+        # A small ridge keeps P finite when columns are collinear (e.g. duplicated channels).
+        m = m + 1e-6 * torch.diagonal(m).mean() * torch.eye(len(m), dtype=m.dtype)
+        self.p = torch.linalg.inv(m)[:-1, :-1]  # the constant's row is never needed again
+        self.w = w
+        self.cols = cols
+        # Channels with equally many columns are scored in one batched solve.
+        self.batches: dict[int, list[int]] = {}
+        for c, idx in cols.items():
+            self.batches.setdefault(len(idx), []).append(c)
+
+    def increments(self, candidates: np.ndarray, out: np.ndarray) -> None:
+        """Add to ``out[c]`` the loss increase of removing channel ``c`` next, for each candidate."""
+        for chans in self.batches.values():
+            chans = [c for c in chans if candidates[c]]
+            if not chans:
+                continue
+            idx = torch.stack([self.cols[c] for c in chans])  # (b, s)
+            p_blocks = self.p[idx[:, :, None], idx[:, None, :]]  # (b, s, s)
+            w_blocks = self.w[:, idx].transpose(0, 1)  # (b, out, s)
+            loss = torch.einsum("bos,bst,bot->b", w_blocks, torch.linalg.inv(p_blocks), w_blocks)
+            np.add.at(out, np.array(chans), loss.numpy())
+
+    def remove(self, c: int) -> None:
+        """Remove channel ``c``'s columns: compensate the weights, Schur-complement ``P``."""
+        idx = self.cols.get(c)
+        if idx is None:
+            return
+        solve = torch.linalg.solve(self.p[idx][:, idx], self.p[idx])  # (P_SS)^{-1} P_S:
+        self.w = self.w - self.w[:, idx] @ solve
+        self.p = self.p - self.p[:, idx] @ solve
 
 
 def cap_scores(model: nn.Module, group: ChannelGroup, ctx: dict[str, Any]) -> np.ndarray:
-    """Loss of removing each channel after least-squares compensation (see the module docstring)."""
+    """Greedy compensation-aware removal order (see the module docstring): each step removes the
+    prunable channel whose removal, after the ones already removed, raises the consumers'
+    compensated loss least; a channel's score is the total loss once it is removed, so the
+    ``k`` lowest scores are the greedy choice of ``k`` for every ``k``."""
     rows = _rows(model, group, ctx, "cap")
-    scores = np.zeros(group.size)
-    used = False
+    problems = []
     for name, mod, chan in _consumers(model, group):
         x = rows.get(name)
         if x is None:
             continue
-        k = _blocks(mod)
-        mom = Moments.empty(x.shape[1], None)
-        mom.add(x)
-        m = mom.xx / mom.count
-        m = m + 1e-6 * torch.diagonal(m).mean() * torch.eye(len(m), dtype=m.dtype)
-        p = torch.linalg.inv(m)
         w = mod.weight.detach().double().cpu().flatten(1)
-        n_in = w.shape[1] // k
-        idx = torch.arange(n_in * k).view(n_in, k)
-        p_blocks = p[idx[:, :, None], idx[:, None, :]]  # (C, k, k)
-        w_blocks = w.view(len(w), n_in, k).transpose(0, 1)  # (C, out, k)
-        loss = torch.einsum("cok,ckl,col->c", w_blocks, torch.linalg.inv(p_blocks), w_blocks).numpy()
-        ok = chan >= 0
-        np.add.at(scores, chan[ok], loss[ok])
-        used = True
-    if not used:
+        problems.append(_Compensated(x, w, _channel_columns(chan, _blocks(mod))))
+    if not problems:
         from prunekit.criteria import l2
 
         return l2(model, group)
+    return _greedy_removal(problems, np.asarray(group.prunable, dtype=bool))
+
+
+def _greedy_removal(problems: list[_Compensated], prunable: np.ndarray) -> np.ndarray:
+    """Scores of the greedy removal order over ``prunable`` channels: the summed compensated
+    loss of all channels removed so far, at the step a channel goes (strictly increasing along
+    the order); channels that are not prunable score above every prunable one."""
+    candidates = prunable.copy()
+    scores = np.zeros(len(prunable))
+    total = 0.0
+    while candidates.any():
+        inc = np.zeros(len(prunable))
+        for prob in problems:
+            prob.increments(candidates, inc)
+        inc[~candidates] = np.inf
+        c = int(np.argmin(inc))
+        # Increments are >= 0 in exact arithmetic; clipping keeps rounding from reordering, and
+        # nextafter breaks exact ties so that a stable sort of the scores follows the greedy order.
+        total = max(total + max(float(inc[c]), 0.0), np.nextafter(total, np.inf))
+        scores[c] = total
+        candidates[c] = False
+        for prob in problems:
+            prob.remove(c)
+    scores[~prunable] = np.nextafter(total, np.inf)
     return scores

@@ -1,8 +1,11 @@
 """Pruning with compensation and compensation-aware pruning, CaP (Xie et al. 2021).
 
   1. gather the consumers' input statistics (second moments) on a small calibration set;
-  2. score each channel by the reconstruction loss its removal causes *after* the consumers'
-     remaining weights are re-solved in closed form (criterion ``cap``), remove the lowest;
+  2. order the channels of each group by greedy joint selection (criterion ``cap``): each
+     step removes the channel whose removal, given those already removed, raises the
+     consumers' reconstruction loss *after* their remaining weights are re-solved in closed
+     form least (Schur-complement updates of the inverse input moments); the budget takes a
+     prefix of that order;
   3. compensate: re-solve every consumer's weights (and offset) by least squares from the
      original network's statistics, in one pass; no fine-tuning;
   4. optionally (``evaluate=``) choose per-group ratios bottom-up by binary search: group k

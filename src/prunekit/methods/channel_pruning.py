@@ -3,12 +3,22 @@
 Algorithm, per coupled group of channels (a residual stage is one problem, all its
 consumers stacked):
   1. sample receptive fields of the consumers' inputs on calibration data;
-  2. LASSO on the channels' contributions to the consumers' outputs, raising the penalty
-     until the target number of channels remains (criterion ``lasso``);
+  2. order the channels by the exact positive-LASSO path of their contributions to the
+     consumers' outputs (criterion ``lasso``, LARS breakpoints): the top-k are the LASSO
+     support with exactly k channels, the set the authors reach by bisecting the penalty;
   3. remove the others (the budget decides how many per group);
   4. reconstruct every consumer by least squares, layer by layer in execution order, from
      the *pruned* network's inputs to the *original* network's outputs, so that errors do
-     not accumulate (the paper's multi-branch variant).
+     not accumulate.
+
+Departures from the paper:
+  * selection (step 2) runs on the *original* network for all groups at once, not on the
+    partially pruned one layer by layer; only the reconstruction (step 4) sees the pruned
+    network's inputs;
+  * the paper alternates LASSO and least squares until ``beta`` is stable; here one LASSO
+    selection is followed by one least-squares reconstruction;
+  * no multi-branch correction: a consumer is reconstructed towards its own original output,
+    not towards the block output with the shortcut's error added (``Y1 - Y1' + Y2``).
 """
 
 from __future__ import annotations
