@@ -80,7 +80,7 @@ X16 = torch.randn(1, 16, 8, 8)
 def test_correlations_equal_scipy_on_the_criteria_scores() -> None:
     model = _residual()
     x = torch.randn(1, 3, 16, 16)
-    names = ["l1", "l2", "l1_out", "fpgm", "bn"]
+    names = ["l1", "l2", "l1_out", "l2_out", "fpgm", "bn"]
     report = criteria_report(model, x, criteria=names)
     graph = pk.trace(model, x)
     expected_groups = [g for g in graph.groups if g.n_prunable >= 4]
@@ -151,10 +151,10 @@ def test_data_criterion_needs_a_loader_and_unknown_names_fail_before_tracing() -
 
 def test_default_criteria_add_data_driven_ones_with_a_loader() -> None:
     model = _stack("gauss")
-    assert criteria_report(model, X16, ignore=[model.fc]).criteria == ("l1", "l2", "l1_out", "fpgm", "bn")
+    assert criteria_report(model, X16, ignore=[model.fc]).criteria == ("l1", "l2", "l1_out", "l2_out", "fpgm", "bn")
     loader = [(torch.randn(4, 16, 8, 8), torch.randint(0, 10, (4,)))]
     report = criteria_report(model, X16, loader=loader, batches=1, ignore=[model.fc])
-    assert report.criteria == ("l1", "l2", "l1_out", "fpgm", "bn", "taylor", "taylor_act", "activation", "apoz")
+    assert report.criteria == ("l1", "l2", "l1_out", "l2_out", "fpgm", "bn", "taylor", "taylor_act", "activation", "apoz")
     assert report.meta["data_driven"] == ["taylor", "taylor_act", "activation", "apoz"]
 
 

@@ -291,10 +291,11 @@ def test_resume_with_another_number_of_callbacks_raises(tmp_path: Path) -> None:
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
 
 
-def test_ucp_attention_trains_through_callbacks_with_frozen_bn() -> None:
-    """UCP's attention training runs in train(): on_batch_start keeps the network in eval mode
-    (BN running statistics untouched), the blocks (outside the model) learn, the frozen
-    network does not, and target-less batches are labelled by the network itself."""
+def test_ucp_attention_trains_through_callbacks() -> None:
+    """UCP's attention training runs in train(): the blocks (outside the model) learn, network
+    parameters that do not require gradients stay, BatchNorm statistics follow the scaled
+    inputs (the network trains in train mode, as in the paper), and target-less batches are
+    labelled by the network itself."""
     import prunekit as pk
     from prunekit.methods.ucp import Attention, train_attention
 
@@ -308,10 +309,13 @@ def test_ucp_attention_trains_through_callbacks_with_frozen_bn() -> None:
     net_before = {k: v.clone() for k, v in model.state_dict().items()}
     att_before = [p.detach().clone() for p in att.blocks.parameters()]
     batches = [torch.randn(8, 3, 6, 6) for _ in range(2)]  # inputs only
-    loss = train_attention(model, att, batches, steps=4, lr=0.05, l1=0.1, train_network=False)
+    loss = train_attention(model, att, batches, steps=4, lr=0.05, l1=0.1)
     att.remove()
     assert loss is not None and loss > 0
-    assert all(torch.equal(net_before[k], v) for k, v in model.state_dict().items())  # incl. BN running stats
+    params = {k for k, _ in model.named_parameters()}
+    after = model.state_dict()
+    assert all(torch.equal(net_before[k], after[k]) for k in params)  # frozen weights stay
+    assert not torch.equal(net_before["1.running_mean"], after["1.running_mean"])  # BN trains in train mode
     assert any(not torch.equal(a, p) for a, p in zip(att_before, att.blocks.parameters()))
     with pytest.raises(PruningError, match="tensor inputs"):
-        train_attention(model, att, [({"x": batches[0]}, None)], steps=1, lr=0.05, l1=0.1, train_network=False)
+        train_attention(model, att, [({"x": batches[0]}, None)], steps=1, lr=0.05, l1=0.1)

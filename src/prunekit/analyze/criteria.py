@@ -51,7 +51,7 @@ __all__ = [
     "write_report",
 ]
 
-DATA_FREE_CRITERIA: tuple[str, ...] = ("l1", "l2", "l1_out", "fpgm", "bn")
+DATA_FREE_CRITERIA: tuple[str, ...] = ("l1", "l2", "l1_out", "l2_out", "fpgm", "bn")
 """Criteria analysed by default (they need only the weights)."""
 
 DATA_DRIVEN_DEFAULT: tuple[str, ...] = ("taylor", "taylor_act", "activation", "apoz")
@@ -370,7 +370,7 @@ def criteria_report(model: nn.Module, example_inputs: Any, *, criteria: Sequence
                     alpha: float = 0.05, seed: int = 0, min_channels: int = MIN_CHANNELS) -> CriteriaReport:
     """Score every channel group of ``model`` with several criteria and compare them; returns a :class:`CriteriaReport`.
 
-    ``criteria`` defaults to the data-free :data:`DATA_FREE_CRITERIA` (``l1, l2, l1_out, fpgm,
+    ``criteria`` defaults to the data-free :data:`DATA_FREE_CRITERIA` (``l1, l2, l1_out, l2_out, fpgm,
     bn``) plus, when ``loader`` (an iterable of ``(inputs, targets)`` batches) is given, the
     data-driven :data:`DATA_DRIVEN_DEFAULT` (``taylor, taylor_act, activation, apoz``); any
     criterion in :data:`prunekit.criteria.DATA_CRITERIA` uses ``batches`` batches of
