@@ -251,16 +251,19 @@ def _merge(steps: list[Step]) -> list[Step]:
     # Within each run between structural steps, a later fix of the same attribute wins.
     result: list[Step] = []
     run: list[Step] = []
-    for s in out + [None]:  # type: ignore[list-item]
-        if s is None or isinstance(s, STRUCTURAL):
-            last = {(f.module, f.attr): i for i, f in enumerate(run) if isinstance(f, SetAttr)}
-            result.extend(f for i, f in enumerate(run) if not isinstance(f, SetAttr) or last[(f.module, f.attr)] == i)
+    for s in out:
+        if isinstance(s, STRUCTURAL):
+            result += _last_fixes(run) + [s]
             run = []
-            if s is not None:
-                result.append(s)
         else:
             run.append(s)
-    return result
+    return result + _last_fixes(run)
+
+
+def _last_fixes(run: list[Step]) -> list[Step]:
+    """``run`` without the attribute fixes that a later fix of the same attribute overrides."""
+    last = {(f.module, f.attr): i for i, f in enumerate(run) if isinstance(f, SetAttr)}
+    return [f for i, f in enumerate(run) if not isinstance(f, SetAttr) or last[(f.module, f.attr)] == i]
 
 
 def compose(first: PruningPlan, second: PruningPlan) -> PruningPlan:

@@ -11,7 +11,8 @@ from torch import nn
 
 from prunekit.allocate import select
 from prunekit.errors import PruningError
-from prunekit.measure import count_flops, count_params
+from prunekit.measure import count_params
+from prunekit.measure.counts import count_flops_meta_first
 
 if TYPE_CHECKING:
     from prunekit.config import PruneConfig
@@ -33,13 +34,6 @@ class Budget:
     table: Any = None
 
 
-def _flops(model: nn.Module, example_inputs: Any) -> int:
-    try:
-        return count_flops(model, example_inputs, meta=True)
-    except Exception:  # noqa: BLE001 - the meta device cannot run every model
-        return count_flops(model, example_inputs)
-
-
 def make_budget(model: nn.Module, example_inputs: Any, config: PruneConfig) -> Budget | None:
     """The budget ``config`` asks for (None when pruning by ratio); its values were checked
     when the config was made. A latency budget times a per-layer table on the model's
@@ -49,7 +43,7 @@ def make_budget(model: nn.Module, example_inputs: Any, config: PruneConfig) -> B
     kind, target = config.target
     table = None
     if kind == "flops":
-        measure: Callable[[nn.Module], float] = lambda m: float(_flops(m, example_inputs))  # noqa: E731
+        measure: Callable[[nn.Module], float] = lambda m: float(count_flops_meta_first(m, example_inputs))  # noqa: E731
     elif kind == "params":
         measure = lambda m: float(count_params(m))  # noqa: E731
     else:

@@ -88,6 +88,10 @@ class _Polynomial:
         self.row_fac = torch.tensor(row_fac, dtype=torch.long)
 
     def __call__(self, mask: Tensor) -> Tensor:
+        return self.const + (self.coefs * self.terms(mask)).sum()
+
+    def terms(self, mask: Tensor) -> Tensor:
+        """``prod_{f in t} kept_f(m) / size_f`` of every term ``t``."""
         m = mask.to(torch.float64)
         kept = self.fixed.clone().index_add(0, self.s_fac, m[self.s_idx])
         if self.n_rows:
@@ -95,8 +99,7 @@ class _Polynomial:
                 0, self.m_row, 1 - m[self.m_idx], reduce="prod")
             kept = kept.index_add(0, self.row_fac, 1 - gone)
         ratio = kept / self.sizes
-        per_term = torch.ones(self.n_terms, dtype=torch.float64).scatter_reduce(0, self.fac_term, ratio, reduce="prod")
-        return self.const + (self.coefs * per_term).sum()
+        return torch.ones(self.n_terms, dtype=torch.float64).scatter_reduce(0, self.fac_term, ratio, reduce="prod")
 
 
 class CostModel:
@@ -121,16 +124,13 @@ class CostModel:
         comp = np.where(graph.comp >= 0, graph.comp, n_comp - 1)
         self._chan = chan_of_comp[comp]  # atom -> global channel (-1: untracked or never removed)
         self._chan[0] = -1
-        self._cache: dict[tuple[int, int], _Factor] = {}
+        self._cache: dict[tuple[int, int], tuple[Tensor, _Factor]] = {}
         self._flops, self._layers = self._build_flops(graph.ops("eval"))
         self.base_flops = float(self._flops(torch.ones(self.n)))
         if flops is None and example_inputs is not None:
-            from prunekit.measure import count_flops
+            from prunekit.measure.counts import count_flops_meta_first
 
-            try:
-                flops = float(count_flops(model, example_inputs, meta=True))
-            except Exception:  # noqa: BLE001 - the meta device cannot run every model
-                flops = float(count_flops(model, example_inputs))
+            flops = float(count_flops_meta_first(model, example_inputs))
         if flops is not None:
             measured = float(flops)
             if measured < self.base_flops * (1 - 1e-9):
@@ -141,6 +141,11 @@ class CostModel:
         self._params = self._build_params(graph, model)
         self.base_params = float(self._params(torch.ones(self.n)))
         self.latency_table = latency_table
+        if latency_table is not None:
+            # One single-factor term per tabled layer's in and out width: their kept fractions.
+            full = _Factor(1, 1, np.zeros(0, dtype=np.int64), [])  # an untabled width: always whole
+            widths = [f or full for name in latency_table.layers for f in self._layers.get(name, (None, None))]
+            self._widths = _Polynomial(0.0, [1.0] * len(widths), [[f] for f in widths])
         self.base_latency = float(self.latency(torch.ones(self.n))) if latency_table is not None else None
 
     # ------------------------------------------------------------------ masks
@@ -191,12 +196,9 @@ class CostModel:
         if table is None:
             raise ValueError("cost model: latency needs latency_table=")
         full = sum(float(t.grid_ms[-1, -1]) for t in table.layers.values())
+        fractions = self._widths.terms(mask).view(-1, 2)  # (in, out) kept fraction per tabled layer
         now = torch.zeros((), dtype=torch.float64)
-        m = mask.to(torch.float64)
-        for name, t in table.layers.items():
-            fi, fo = self._layers.get(name, (None, None))
-            fin = self._fraction(fi, m)
-            fout = self._fraction(fo, m)
+        for (fin, fout), t in zip(fractions, table.layers.values()):
             now = now + _interp2(fin, fout, table.fractions, t.grid_ms)
         return now * (table.model_ms / full if full else 0.0)
 
@@ -216,7 +218,7 @@ class CostModel:
         key = (id(lab), dim)
         hit = self._cache.get(key)
         if hit is not None:
-            return hit
+            return hit[1]
         a = lab.numpy() if isinstance(lab, Tensor) else np.asarray(lab)
         moved = np.moveaxis(a, dim, 0).reshape(a.shape[dim], -1)
         cells = self._chan[moved]
@@ -226,20 +228,11 @@ class CostModel:
         multi_rows = np.flatnonzero(~fixed_rows & ~same)
         f = _Factor(a.shape[dim], int(fixed_rows.sum()), cells[single, 0].copy(),
                     [np.unique(cells[r]) for r in multi_rows])
-        self._cache[key] = f
-        self._keep_alive = getattr(self, "_keep_alive", []) + [lab]
+        self._cache[key] = (lab, f)  # holding the label keeps its id from being reused
         return f
 
     def _out_factors(self, lab: Tensor) -> list[_Factor]:
         return [self._factor(lab, d) for d in range(lab.ndim) if lab.shape[d] > 1]
-
-    def _fraction(self, f: _Factor | None, m: Tensor) -> Tensor:
-        if f is None:
-            return torch.ones((), dtype=torch.float64)
-        kept = f.fixed + m[torch.from_numpy(f.single)].sum()
-        for chs in f.multi:
-            kept = kept + 1 - torch.prod(1 - m[torch.from_numpy(chs)])
-        return kept / f.size
 
     def _build_flops(self, ops: list[Any]) -> tuple[_Polynomial, dict[str, tuple[_Factor | None, _Factor | None]]]:
         coefs: list[float] = []

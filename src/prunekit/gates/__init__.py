@@ -216,9 +216,24 @@ class GateSet(nn.Module):
         self._owners.clear()
 
 
-def _sites(model: nn.Module, graph: Any, group: Any) -> list[tuple[str, nn.Module, np.ndarray, Any]]:
+def _next_modules(graph: Any) -> dict[str, set[str]]:
+    """Module name -> the modules of the ops that first consume its ops' outputs (eval trace)."""
+    ops = graph.ops("eval")
+    consumer_of: dict[int, Any] = {}
+    for op in ops:
+        for v in op.in_values:
+            consumer_of.setdefault(v, op)
+    out: dict[str, set[str]] = {}
+    for op in ops:
+        nxt = consumer_of.get(op.out_values[0]) if op.out_values else None
+        if nxt is not None:
+            out.setdefault(op.module, set()).add(nxt.module)
+    return out
+
+
+def _sites(model: nn.Module, group: Any, next_modules: dict[str, set[str]]) -> list[tuple[str, nn.Module, np.ndarray, Any]]:
     """(module name, module, gate index per output position, its handler) of every place
-    group ``group``'s gate multiplies."""
+    group ``group``'s gate multiplies (``next_modules`` from :func:`_next_modules`)."""
     from prunekit.handlers import handler_for
 
     norms, producers = {}, {}
@@ -235,17 +250,7 @@ def _sites(model: nn.Module, graph: Any, group: Any) -> list[tuple[str, nn.Modul
         elif m.role == "out" and h.out_channel_dim(mod, 2) is not None and h.weight_dims(mod)[0] is not None:
             producers.setdefault(name, (mod, m.channel, h))
     # A producer whose output goes straight into one of the group's norms is gated there.
-    ops = graph.ops("eval")
-    consumer_of: dict[int, Any] = {}
-    for op in ops:
-        for v in op.in_values:
-            consumer_of.setdefault(v, op)
-    covered = set()
-    for op in ops:
-        if op.module in producers and op.out_values:
-            nxt = consumer_of.get(op.out_values[0])
-            if nxt is not None and nxt.module in norms:
-                covered.add(op.module)
+    covered = {p for p in producers if next_modules.get(p, set()) & norms.keys()}
     out = []
     for name, (mod, chan, h) in list(norms.items()) + [(n, v) for n, v in producers.items() if n not in covered]:
         out.append((name, mod, np.where(chan >= 0, chan, group.size), h))
@@ -267,9 +272,10 @@ def attach_gates(model: nn.Module, graph: Any, *, kind: str = "logit", groups: l
         raise PruningError(f"attach_gates: {exc.args[0]}") from None
     gs = GateSet()
     gs.groups = [g for g in (groups if groups is not None else graph.groups) if g.n_prunable > 0]
+    next_modules = _next_modules(graph)
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     for g in gs.groups:
-        sites = _sites(model, graph, g)
+        sites = _sites(model, g, next_modules)
         if not sites:
             gs.ungated.append(g.name)
             continue

@@ -67,7 +67,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LayerHandler", "handler_for", "list_handlers", "register_handler", "slice_tensors"]
+__all__ = ["LayerHandler", "handler_for", "list_handlers", "low_rank_pair", "register_handler", "slice_tensors"]
 
 Put = Callable[[nn.Module, str, Any], None]
 """How :meth:`LayerHandler.fix_attrs` sets an attribute: ``put(module, name, value)``."""
@@ -177,6 +177,18 @@ def slice_tensors(module: nn.Module, dims: Mapping[str, int], keep: Tensor) -> N
             module._parameters[name] = nn.Parameter(new, requires_grad=t.requires_grad)
         else:
             module._buffers[name] = new
+
+
+def low_rank_pair(first: nn.Module, second: nn.Module, first_weight: Tensor, second_weight: Tensor,
+                  bias: Tensor | None) -> nn.Sequential:
+    """``nn.Sequential(first, second)`` with the factor weights copied in and the original
+    layer's ``bias`` (if any) on ``second``: the tail every :meth:`LayerHandler.factorise` shares."""
+    with torch.no_grad():
+        first.weight.copy_(first_weight)
+        second.weight.copy_(second_weight)
+        if bias is not None:
+            second.bias.copy_(bias)
+    return nn.Sequential(first, second)
 
 
 def svd_factors(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor]:

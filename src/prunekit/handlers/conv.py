@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prunekit.handlers import LayerHandler, Put, register_handler, svd_factors
+from prunekit.handlers import LayerHandler, Put, low_rank_pair, register_handler, svd_factors
 
 _CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -130,12 +129,7 @@ class ConvHandler(LayerHandler):
                               dilation=(1, module.dilation[1]), bias=module.bias is not None, **make)
             first_w = left.reshape(c, kh, r).permute(2, 0, 1).unsqueeze(-1)  # (r, C, kh, 1)
             second_w = right.reshape(r, n, kw).permute(1, 0, 2).unsqueeze(2)  # (N, r, 1, kw)
-        with torch.no_grad():
-            first.weight.copy_(first_w)
-            second.weight.copy_(second_w)
-            if module.bias is not None:
-                second.bias.copy_(module.bias)
-        return nn.Sequential(first, second)
+        return low_rank_pair(first, second, first_w, second_w, module.bias)
 
     def unfolds(self, module: nn.Module) -> bool:
         """Ungrouped, non-transposed 1-D/2-D convs with explicit zero padding."""

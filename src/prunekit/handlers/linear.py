@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from prunekit.handlers import LayerHandler, Put, register_handler, svd_factors
+from prunekit.handlers import LayerHandler, Put, low_rank_pair, register_handler, svd_factors
 
 
 @register_handler
@@ -61,12 +60,7 @@ class LinearHandler(LayerHandler):
         r = right.shape[0]
         first = nn.Linear(w.shape[1], r, bias=False, device=w.device, dtype=w.dtype)
         second = nn.Linear(r, w.shape[0], bias=module.bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            first.weight.copy_(right)
-            second.weight.copy_(left)
-            if module.bias is not None:
-                second.bias.copy_(module.bias)
-        return nn.Sequential(first, second)
+        return low_rank_pair(first, second, right, left, module.bias)
 
     def unfolds(self, module: nn.Module) -> bool:
         """Always: every input row is a receptive field."""

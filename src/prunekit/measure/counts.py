@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from prunekit.runtime import call, call_model, infer_device, model_mode, to_device
 
-__all__ = ["count_params", "count_flops"]
+__all__ = ["count_params", "count_flops", "count_flops_meta_first"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,3 +107,12 @@ def count_flops(model: nn.Module, example_inputs: Any, *, meta: bool = False) ->
     flops = int(counter.get_total_flops())
     logger.debug("count_flops: %d FLOPs for %s", flops, type(model).__name__)
     return flops
+
+
+def count_flops_meta_first(model: nn.Module, example_inputs: Any) -> int:
+    """:func:`count_flops` on meta-device stand-ins (no arithmetic), or on real tensors for a
+    model whose forward the meta device cannot run. Returns the FLOPs of one forward pass."""
+    try:
+        return count_flops(model, example_inputs, meta=True)
+    except Exception:  # noqa: BLE001 - any meta failure falls back to real tensors
+        return count_flops(model, example_inputs)
