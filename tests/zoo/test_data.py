@@ -303,3 +303,25 @@ def test_imagefolder(tmp_path: Path) -> None:
     info = load_dataset(f"imagefolder:{tmp_path}", split="val", image_size=16)
     assert (info.num_classes, info.in_chans, info.image_size, len(info.dataset)) == (2, 3, 16, 4)
     assert info.dataset[0][0].shape == (3, 16, 16)
+
+
+def test_val_split_is_carved_from_train_and_disjoint() -> None:
+    full = load_dataset("digits", split="train", augment=False)
+    train = load_dataset("digits", split="train", augment=False, val_size=200, seed=5)
+    val = load_dataset("digits", split="val", val_size=200, seed=9)
+    assert len(val) == 200 and len(train) == len(full) - 200
+    assert not val.dataset.augment
+    # Every held-out image is a training image, none is left in train, and the user's seed
+    # does not move the held-out set.
+    key = lambda ds: {(bytes(ds.images[i].numpy().tobytes()), int(ds.targets[i])) for i in range(len(ds))}  # noqa: E731
+    k_full, k_train, k_val = key(full.dataset), key(train.dataset), key(val.dataset)
+    assert k_val <= k_full and not (k_val & k_train)
+    assert k_val == key(load_dataset("digits", split="val", val_size=200, seed=0).dataset)
+    assert np.bincount(val.dataset.targets.numpy(), minlength=10).tolist() == [20] * 10
+
+
+def test_val_without_size_is_an_error_not_the_test_split() -> None:
+    with pytest.raises(ValueError, match="val_size"):
+        load_dataset("digits", split="val")
+    with pytest.raises(ValueError, match="split must be"):
+        load_dataset("digits", split="valid")

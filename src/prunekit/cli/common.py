@@ -182,8 +182,9 @@ def output_dir(path: str | None) -> Path:
     return out
 
 
-def load_data(r: Recipe, split: str, subset: int | None = None) -> Any:
-    """Load the recipe's data set split; a missing or placeholder path is a CliError naming --data."""
+def load_data(r: Recipe, split: str, subset: int | None = None, val_size: int = 0) -> Any:
+    """Load the recipe's data set split (``val_size`` images held out of train as "val"); a missing
+    or placeholder path is a CliError naming --data."""
     from prunekit.zoo import load_dataset
 
     if not r.data:
@@ -193,7 +194,7 @@ def load_data(r: Recipe, split: str, subset: int | None = None) -> Any:
         raise CliError(f"--data {r.data}: the recipe's data path is a placeholder; pass --data {name}:/path/to/{name}")
     try:
         return load_dataset(r.data, split=split, augment=r.augment if split == "train" else False, subset=subset,
-                            seed=r.seed, image_size=r.image_size)
+                            seed=r.seed, image_size=r.image_size, val_size=val_size)
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(f"--data {r.data}: {exc}") from None
 

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     r = resolve_recipe(args)
     if args.latency_batch < 1:
         raise CliError(f"--latency-batch {args.latency_batch}: must be >= 1")
-    info = load_data(r, args.split, r.subset)
+    info = load_data(r, args.split, r.subset, val_size=args.val_size)
     model, plan = load_model(args.model, num_classes=r.num_classes or info.num_classes,
                              in_chans=r.in_chans or info.in_chans, weights=args.weights,
                              trust_code=args.trust_code)
@@ -63,7 +63,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        "at batch 1 and --latency-batch; prints JSON.")
     p.add_argument("--model", required=True, help=MODEL_HELP + ", or a directory saved by prunekit")
     p.add_argument("--weights", default=None, help="state-dict file (.pt/.safetensors) for a --model spec")
-    p.add_argument("--split", default="test", choices=("train", "test", "val"), help="data split ('val' = test; default test)")
+    p.add_argument("--split", default="test", choices=("train", "test", "val"), help="data split (default test); 'val' is --val-size images held out of train")
+    p.add_argument("--val-size", type=int, default=0,
+                   help="images held out of the training split as 'val' (class-balanced, fixed choice)")
     p.add_argument("--recipe", default=None, help="YAML recipe (for data, sizes); flags override it")
     add_recipe_options(p, DATA_OPTIONS + [o for o in TRAIN_OPTIONS if o[1] == "seed"] + SHAPE_OPTIONS)
     p.add_argument("--latency-batch", type=int, default=64, help="the larger batch size for latency/throughput (default 64)")

@@ -68,13 +68,16 @@ class DatasetInfo:
         return len(self.dataset)  # type: ignore[arg-type]
 
 
-def _split_name(split: str) -> str:
-    """Map the accepted split names onto "train" / "test" ("val" is the held-out split too)."""
-    if split == "train":
-        return "train"
-    if split in ("test", "val"):
-        return "test"
-    raise ValueError(f"split must be 'train', 'test' or 'val', got {split!r}")
+# Fixed, so the held-out validation images never depend on the user's ``seed``: every run
+# that asks for the same ``val_size`` tunes on the same images.
+VAL_SEED = 20261201
+
+
+def _check_split(split: str) -> str:
+    """Return ``split`` if it is one of "train" / "val" / "test", else raise ValueError."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'test' or 'val', got {split!r}")
+    return split
 
 
 def _crop_pad(size: int) -> int:
@@ -279,8 +282,16 @@ def load_dataset(
     subset: int | None = None,
     seed: int = 0,
     image_size: int | None = None,
+    val_size: int = 0,
 ) -> DatasetInfo:
     """Load the data set named by ``spec`` (``"NAME"`` or ``"NAME:PATH"``) and return a DatasetInfo.
+
+    ``split`` is ``"train"``, ``"val"`` or ``"test"``. With ``val_size=N > 0`` a class-balanced
+    set of ``N // num_classes`` images per class is held out of the training files (chosen
+    with the fixed :data:`VAL_SEED`, whatever ``seed`` is): ``"val"`` returns exactly those,
+    unaugmented, and ``"train"`` returns the rest, so hyper-parameters can be tuned without
+    touching the test split. Without ``val_size``, ``"val"`` is an error except for
+    ``imagefolder``, whose ``val/`` folder it reads.
 
     ``augment=None`` means "on for the train split": random crop with zero padding (4 px at
     32 px) for every in-memory set, plus a horizontal flip for colour sets (CIFAR, colour
@@ -290,7 +301,14 @@ def load_dataset(
     """
     name, _, arg = spec.partition(":")
     name = name.strip().lower().replace("_", "-")
-    split = _split_name(split)
+    split = _check_split(split)
+    if val_size < 0:
+        raise ValueError(f"val_size must be >= 0, got {val_size}")
+    if split == "val" and not val_size and name != "imagefolder":
+        raise ValueError(f"{name}: split='val' is carved from the training split; pass val_size > 0 "
+                         "(the test split is split='test')")
+    # With val_size the validation images come from the training files, without augmentation.
+    source = "train" if split == "val" and val_size else ("test" if split == "val" else split)
     aug = (split == "train") if augment is None else bool(augment)
     path = Path(os.path.expanduser(arg)) if arg else None
     if name == "fashion-mnist" and path is None:
@@ -299,29 +317,45 @@ def load_dataset(
         raise ValueError(f"unknown data set {spec!r}; valid names: {', '.join(DATASET_NAMES)} (as NAME or NAME:PATH)")
     if name != "digits" and path is None:
         raise ValueError(f"{name} needs a path: pass --data {name}:PATH")
+    folder = "val" if name == "imagefolder" and split == "val" and not val_size else source
     loaders: dict[str, Callable[[], DatasetInfo]] = {
-        "digits": lambda: _load_digits(split, aug, image_size),
-        "cifar10": lambda: _load_cifar("cifar10", path, split, aug, image_size),  # type: ignore[arg-type]
-        "cifar100": lambda: _load_cifar("cifar100", path, split, aug, image_size),  # type: ignore[arg-type]
-        "fashion-mnist": lambda: _load_idx_set("fashion-mnist", path, split, aug, image_size),  # type: ignore[arg-type]
-        "mnist": lambda: _load_idx_set("mnist", path, split, aug, image_size),  # type: ignore[arg-type]
-        "imagefolder": lambda: _load_imagefolder(path, split, aug, image_size),  # type: ignore[arg-type]
-        "npz": lambda: _load_npz(path, split, aug, image_size),  # type: ignore[arg-type]
+        "digits": lambda: _load_digits(source, aug, image_size),
+        "cifar10": lambda: _load_cifar("cifar10", path, source, aug, image_size),  # type: ignore[arg-type]
+        "cifar100": lambda: _load_cifar("cifar100", path, source, aug, image_size),  # type: ignore[arg-type]
+        "fashion-mnist": lambda: _load_idx_set("fashion-mnist", path, source, aug, image_size),  # type: ignore[arg-type]
+        "mnist": lambda: _load_idx_set("mnist", path, source, aug, image_size),  # type: ignore[arg-type]
+        "imagefolder": lambda: _load_imagefolder(path, folder, aug, image_size),  # type: ignore[arg-type]
+        "npz": lambda: _load_npz(path, source, aug, image_size),  # type: ignore[arg-type]
     }
     info = loaders[name]()
+    if val_size and split != "test":
+        held_out = balanced_subset_indices(_targets(info.dataset), val_size, info.num_classes, VAL_SEED)
+        keep = held_out if split == "val" else np.setdiff1d(np.arange(len(info)), held_out)
+        info = _restrict(info, keep, split)
     if subset is not None:
         info = _take_subset(info, subset, seed)
     logger.debug("loaded %s/%s: %d examples, %d classes", info.name, split, len(info.dataset), info.num_classes)  # type: ignore[arg-type]
     return info
 
 
+def _targets(ds: Dataset) -> np.ndarray:
+    """Class labels of a loaded data set (TensorImageDataset, ImageFolder or a Subset of one)."""
+    if isinstance(ds, Subset):
+        return np.asarray(_targets(ds.dataset))[np.asarray(ds.indices)]
+    return np.asarray(ds.targets.cpu() if isinstance(ds.targets, torch.Tensor) else ds.targets)  # type: ignore[attr-defined]
+
+
+def _restrict(info: DatasetInfo, idx: np.ndarray, split: str | None = None) -> DatasetInfo:
+    """Return ``info`` holding only the examples ``idx`` (relabelled ``split`` when given)."""
+    ds = info.dataset
+    sub: Dataset = ds.with_indices(idx) if isinstance(ds, TensorImageDataset) else Subset(ds, idx.tolist())
+    return DatasetInfo(sub, info.num_classes, info.in_chans, info.image_size, info.name, split or info.split,
+                       info.mean, info.std)
+
+
 def _take_subset(info: DatasetInfo, n: int, seed: int) -> DatasetInfo:
     """Return ``info`` restricted to a class-balanced subset of ``n`` examples."""
-    ds = info.dataset
-    targets = ds.targets
-    idx = balanced_subset_indices(targets, n, info.num_classes, seed)
-    sub: Dataset = ds.with_indices(idx) if isinstance(ds, TensorImageDataset) else Subset(ds, idx.tolist())
-    return DatasetInfo(sub, info.num_classes, info.in_chans, info.image_size, info.name, info.split, info.mean, info.std)
+    return _restrict(info, balanced_subset_indices(_targets(info.dataset), n, info.num_classes, seed))
 
 
 def _seed_worker(worker_id: int) -> None:
