@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from prunekit.recover.bn import recalibrate_bn
 from prunekit.recover.callbacks import Callback
 from prunekit.recover.checkpoint import atomic_torch_save, load_checkpoint
 from prunekit.recover.config import TrainConfig, TrainResult, build_optimizer, build_scheduler, lr_factor
@@ -35,6 +36,7 @@ __all__ = [
     "is_main_process",
     "kd_kl",
     "load_checkpoint",
+    "recalibrate_bn",
     "lr_factor",
     "train",
     "unwrap_model",
