@@ -255,6 +255,8 @@ def trp(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None =
     left_out = [n for n, _ in layers if n not in trained]
     small, plan = decompose(work, example_inputs, mode=opts.mode, round_to=budget.round_to,
                             ignore=tuple(ignore) + tuple(left_out), **rule)
+    record = plan.meta["decompose"]
+    record["left_alone"].update({n: "a linear layer (TRP trains convs; include_linear=True adds it)" for n in left_out})
     finetuned: list[dict[str, Any]] = []
     if opts.finetune_epochs > 0:
         ft = dataclasses.replace(cfg, epochs=opts.finetune_epochs)
@@ -268,7 +270,7 @@ def trp(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None =
         departures.append("convention fine-tune schedule (SGD 0.01 cosine, wd 5e-4), not the paper's from-scratch one")
     if left_out:
         departures.append(f"linear layers left alone: {', '.join(left_out)}")
-    skipped = [n for n, why in plan.meta["decompose"]["left_alone"].items() if "would not reduce" in why]
+    skipped = [n for n, why in record["left_alone"].items() if "would not reduce" in why]
     if skipped:
         departures.append(f"left whole (factorising would not reduce FLOPs): {', '.join(skipped)}")
     if target is not None:
@@ -276,7 +278,7 @@ def trp(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None =
     info = {
         "method": "trp", "mode": opts.mode, "options": dataclasses.asdict(opts), "trained_layers": trained,
         "rank_trajectory": callback.trajectory, "last_projection_ranks": dict(callback.ranks),
-        "decompose": plan.meta["decompose"],
+        "decompose": record,
         "flops": {"before": flops[0], "after": flops[1], "fraction": flops[1] / flops[0],
                   "expected": target[1] if target is not None and target[0] == "flops" else None},
         "params": {"before": params[0], "after": params[1], "fraction": params[1] / params[0]},
