@@ -56,6 +56,22 @@ def output_rows(layer: nn.Module, y: Tensor) -> Tensor:
     return y.movedim(d, -1).reshape(-1, y.shape[d])
 
 
+class Capture:
+    """Forward hooks that keep one module's input (``what="in"``) or output (``"out"``) of its
+    latest call in ``value`` (detached); :meth:`close` removes the hook."""
+
+    def __init__(self, layer: nn.Module, what: str) -> None:
+        self.value: Tensor | None = None
+        if what == "in":
+            self.handle = layer.register_forward_pre_hook(lambda m, a: setattr(self, "value", a[0].detach()))
+        else:
+            self.handle = layer.register_forward_hook(lambda m, a, o: setattr(self, "value", o.detach()))
+
+    def close(self) -> None:
+        """Remove the hook."""
+        self.handle.remove()
+
+
 @dataclass
 class Moments:
     """Running sums for least squares: ``xx = sum x~ x~^T`` and ``xy = sum x~ y^T`` with

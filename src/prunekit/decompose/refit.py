@@ -20,24 +20,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from prunekit.features import Batch, Moments, call_on_device, output_rows, reconstructable, unfold_rows
+from prunekit.features import Batch, Capture, Moments, call_on_device, output_rows, reconstructable, unfold_rows
 from prunekit.recover.reconstruct import solve_least_squares
 from prunekit.runtime import model_mode
 
 __all__ = ["refit_second_factors"]
-
-
-class _Keep:
-    """A forward hook keeping a module's input or output of the latest call."""
-
-    def __init__(self, module: nn.Module, what: str) -> None:
-        self.value: Tensor | None = None
-        if what == "in":
-            self.handle = module.register_forward_pre_hook(lambda m, a: setattr(self, "value", a[0].detach()))
-        else:
-            self.handle = module.register_forward_hook(lambda m, a, o: setattr(self, "value", o.detach()))
 
 
 def refit_second_factors(decomposed: nn.Module, original: nn.Module, names: Sequence[str],
@@ -52,7 +41,7 @@ def refit_second_factors(decomposed: nn.Module, original: nn.Module, names: Sequ
             second = decomposed.get_submodule(name)[1]
             if not reconstructable(second):
                 continue
-            mid, target = _Keep(second, "in"), _Keep(original.get_submodule(name), "out")
+            mid, target = Capture(second, "in"), Capture(original.get_submodule(name), "out")
             mom: Moments | None = None
             try:
                 for x, _ in batches:
@@ -64,8 +53,8 @@ def refit_second_factors(decomposed: nn.Module, original: nn.Module, names: Sequ
                         mom = Moments.empty(z.shape[1], y.shape[1])
                     mom.add(z, y)
             finally:
-                mid.handle.remove()
-                target.handle.remove()
+                mid.close()
+                target.close()
             assert mom is not None and mom.xy is not None
             w, b = solve_least_squares(mom.xx, mom.xy, intercept=second.bias is not None)
             second.weight.copy_(w.reshape(second.weight.shape).to(second.weight))
