@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from prunekit.features import Batch, Capture, Moments, call_on_device, output_rows, reconstructable, unfold_rows
+from prunekit.features import Batch, layer_moments, reconstructable
 from prunekit.recover.reconstruct import solve_least_squares
 from prunekit.runtime import model_mode
 
@@ -41,21 +41,8 @@ def refit_second_factors(decomposed: nn.Module, original: nn.Module, names: Sequ
             second = decomposed.get_submodule(name)[1]
             if not reconstructable(second):
                 continue
-            mid, target = Capture(second, "in"), Capture(original.get_submodule(name), "out")
-            mom: Moments | None = None
-            try:
-                for x, _ in batches:
-                    call_on_device(decomposed, x)
-                    call_on_device(original, x)
-                    assert mid.value is not None and target.value is not None
-                    z, y = unfold_rows(second, mid.value), output_rows(second, target.value)
-                    if mom is None:
-                        mom = Moments.empty(z.shape[1], y.shape[1])
-                    mom.add(z, y)
-            finally:
-                mid.close()
-                target.close()
-            assert mom is not None and mom.xy is not None
+            mom = layer_moments(decomposed, second, original, original.get_submodule(name), batches)
+            assert mom.xy is not None
             w, b = solve_least_squares(mom.xx, mom.xy, intercept=second.bias is not None)
             second.weight.copy_(w.reshape(second.weight.shape).to(second.weight))
             if second.bias is not None:

@@ -32,7 +32,7 @@ from prunekit.features import (
     Capture,
     Moments,
     call_on_device,
-    output_rows,
+    layer_moments,
     reconstructable,
     unfold_rows,
 )
@@ -150,28 +150,16 @@ def _reconstruct_layer(pruned: nn.Module, original: nn.Module, plan: PruningPlan
                        name: str, bn: nn.Module | None, positions: int | None, seed: int) -> None:
     player, olayer = pruned.get_submodule(name), original.get_submodule(name)
     keep_out = _kept(plan, name, 0)
-    cap_in, cap_out = Capture(player, "in"), Capture(olayer, "out")
     gen = torch.Generator().manual_seed(seed)
-    mom: Moments | None = None
-    try:
-        with torch.no_grad():
-            for x, _ in batches:
-                call_on_device(pruned, x)
-                call_on_device(original, x)
-                assert cap_in.value is not None and cap_out.value is not None
-                xr, yr = unfold_rows(player, cap_in.value), output_rows(olayer, cap_out.value)
-                if keep_out is not None:
-                    yr = yr[:, keep_out]
-                pick = _sample(len(xr), positions, gen, len(xr) // cap_in.value.shape[0])
-                if pick is not None:
-                    xr, yr = xr[pick], yr[pick]
-                if mom is None:
-                    mom = Moments.empty(xr.shape[1], yr.shape[1])
-                mom.add(xr, yr)
-    finally:
-        cap_in.close()
-        cap_out.close()
-    assert mom is not None and mom.xy is not None
+
+    def select(xr: Tensor, yr: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        if keep_out is not None:
+            yr = yr[:, keep_out]
+        pick = _sample(len(xr), positions, gen, len(xr) // inputs.shape[0])
+        return (xr[pick], yr[pick]) if pick is not None else (xr, yr)
+
+    mom = layer_moments(pruned, player, original, olayer, batches, select)
+    assert mom.xy is not None
     w, b = solve_least_squares(mom.xx, mom.xy, intercept=player.bias is not None or bn is not None)
     _write(player, bn, w, b)
 
