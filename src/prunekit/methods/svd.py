@@ -52,7 +52,9 @@ def svd(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None =
         rule = {"energy": energy} if energy is not None else {"threshold": threshold}
     else:
         raise PruningError("method 'svd': give target_flops / target_params, energy= or threshold=")
-    data = take_batches(loader, batches, "svd") if refit or (allocation != "weights" and sensitivity is None) else None
+    data = None
+    if refit or (allocation != "weights" and loader is not None):
+        data = take_batches(loader, batches, "svd")  # refit without data raises here, naming the method
     small, plan = decompose(model, example_inputs, mode=mode, round_to=budget.round_to, ignore=budget.ignore or (),
                             allocation=allocation, sensitivity=sensitivity, batches=batches,
                             refit_loader=data if refit else None, calib_loader=data, **rule)
