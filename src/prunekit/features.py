@@ -3,6 +3,7 @@ calibration batches, and a layer's input as rows of receptive fields (with their
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,22 @@ def output_rows(layer: nn.Module, y: Tensor) -> Tensor:
     return y.movedim(d, -1).reshape(-1, y.shape[d])
 
 
+class Capture:
+    """Forward hooks that keep one module's input (``what="in"``) or output (``"out"``) of its
+    latest call in ``value`` (detached); :meth:`close` removes the hook."""
+
+    def __init__(self, layer: nn.Module, what: str) -> None:
+        self.value: Tensor | None = None
+        if what == "in":
+            self.handle = layer.register_forward_pre_hook(lambda m, a: setattr(self, "value", a[0].detach()))
+        else:
+            self.handle = layer.register_forward_hook(lambda m, a, o: setattr(self, "value", o.detach()))
+
+    def close(self) -> None:
+        """Remove the hook."""
+        self.handle.remove()
+
+
 @dataclass
 class Moments:
     """Running sums for least squares: ``xx = sum x~ x~^T`` and ``xy = sum x~ y^T`` with
@@ -78,3 +95,37 @@ class Moments:
         if y is not None and self.xy is not None:
             self.xy += (xt.T @ y.double()).cpu()
         self.count += len(x)
+
+
+RowSelect = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+"""``select(input_rows, output_rows, layer_input) -> (input_rows, output_rows)``: which rows of
+one batch :func:`layer_moments` adds (e.g. kept output channels, sampled positions)."""
+
+
+def layer_moments(model: nn.Module, layer: nn.Module, target_model: nn.Module, target_layer: nn.Module,
+                  batches: Iterable[Batch], select: RowSelect | None = None) -> Moments:
+    """The least-squares sums of ``layer``'s input in ``model`` (as rows of receptive fields,
+    :func:`unfold_rows`) against ``target_layer``'s output in ``target_model`` (as rows,
+    :func:`output_rows`), over ``batches``: both models are called on every batch, without
+    gradients. ``select`` may slice or sample each batch's rows. Returns the :class:`Moments`;
+    the hooks are removed afterwards."""
+    cap_in, cap_out = Capture(layer, "in"), Capture(target_layer, "out")
+    mom: Moments | None = None
+    try:
+        with torch.no_grad():
+            for x, _ in batches:
+                call_on_device(model, x)
+                call_on_device(target_model, x)
+                assert cap_in.value is not None and cap_out.value is not None
+                xr, yr = unfold_rows(layer, cap_in.value), output_rows(target_layer, cap_out.value)
+                if select is not None:
+                    xr, yr = select(xr, yr, cap_in.value)
+                if mom is None:
+                    mom = Moments.empty(xr.shape[1], yr.shape[1])
+                mom.add(xr, yr)
+    finally:
+        cap_in.close()
+        cap_out.close()
+    if mom is None:
+        raise ValueError("layer_moments needs at least one batch")
+    return mom

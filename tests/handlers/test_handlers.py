@@ -308,6 +308,24 @@ def test_factorise_full_rank_exact_low_rank_is_svd(handler: LayerHandler) -> Non
 
 
 @pytest.mark.parametrize("handler", HANDLERS, ids=lambda h: type(h).__name__)
+def test_rank_matrix_is_what_factorise_truncates(handler: LayerHandler) -> None:
+    """The rank matrix has the weight's entries, writes back to the weight, and its rank-2 SVD
+    truncation written back is the weight numpy's reshape gives (the factorisation's oracle)."""
+    for sample in _samples(handler):
+        for kind in ("channel", "spatial"):
+            m = _module(sample, handler).double()
+            matrix = handler.rank_matrix(m, kind)
+            assert (matrix is not None) == (kind in sample.factorisable), (m, kind)
+            if matrix is None:
+                continue
+            assert matrix.ndim == 2 and matrix.numel() == m.weight.numel()
+            assert torch.equal(handler.weight_from_rank_matrix(m, matrix, kind), m.weight)
+            u, s, vt = torch.linalg.svd(matrix.detach(), full_matrices=False)
+            low = handler.weight_from_rank_matrix(m, (u[:, :2] * s[:2]) @ vt[:2], kind)
+            torch.testing.assert_close(low, _rank_r_weight(m.weight, 2, kind), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("handler", HANDLERS, ids=lambda h: type(h).__name__)
 def test_fix_attrs_after_hand_slicing(handler: LayerHandler) -> None:
     for sample in _samples(handler):
         m, x = _module(sample, handler), sample.input()

@@ -319,3 +319,48 @@ def test_ucp_attention_trains_through_callbacks() -> None:
     assert any(not torch.equal(a, p) for a, p in zip(att_before, att.blocks.parameters()))
     with pytest.raises(PruningError, match="tensor inputs"):
         train_attention(model, att, [({"x": batches[0]}, None)], steps=1, lr=0.05, l1=0.1)
+
+
+class GradEdit(Callback):
+    """Records the gradient the backward pass left and adds ``c * W`` to it before the step."""
+
+    def __init__(self, c: float) -> None:
+        self.c = c
+        self.seen: list[tuple[int, Tensor]] = []
+
+    def on_before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        self.seen.append((step, model.weight.grad.detach().clone()))
+        model.weight.grad.add_(model.weight.detach(), alpha=self.c)
+
+
+def test_on_before_step_edits_the_gradient_after_backward_and_before_clip_and_step() -> None:
+    x, y = _batch()
+    lin = _linear()
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    g_w, g_b = _ce_grads(lin, x, y)
+    c, lr = 0.7, 0.5
+    cb = GradEdit(c)
+    cfg = TrainConfig(epochs=1, lr=lr, momentum=0.0, weight_decay=0.0, schedule="constant", tensorboard=False)
+    train(lin, [(x, y)], cfg, progress=False, callbacks=[cb])
+    assert [s for s, _ in cb.seen] == [1]
+    torch.testing.assert_close(cb.seen[0][1], g_w, rtol=0, atol=1e-6)  # it sees backward's gradient
+    torch.testing.assert_close(lin.weight.detach(), w0 - lr * (g_w + c * w0), rtol=0, atol=1e-6)  # the step uses its edit
+    torch.testing.assert_close(lin.bias.detach(), b0 - lr * g_b, rtol=0, atol=1e-6)
+    # With clipping, the norm is taken of the edited gradient: the edit happens first.
+    lin = _linear()
+    clip = 0.1
+    train(lin, [(x, y)], dataclasses.replace(cfg, grad_clip=clip), progress=False, callbacks=[GradEdit(c)])
+    edited = g_w + c * w0
+    coef = clip / (torch.sqrt(edited.square().sum() + g_b.square().sum()) + 1e-6)
+    torch.testing.assert_close(lin.weight.detach(), w0 - lr * coef * edited, rtol=0, atol=1e-6)
+
+
+def test_on_before_step_comes_between_extra_loss_and_on_step() -> None:
+    class Order(Recorder):
+        def on_before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+            self.events.append(("before_step", step, model.weight.grad is not None))
+
+    x, y = _batch(4)
+    rec = Order()
+    train(_linear(), [(x, y)], TrainConfig(epochs=1, lr=0.1, tensorboard=False), progress=False, callbacks=[rec])
+    assert rec.events[1:5] == [("batch", 1, True), ("extra", (4, 2)), ("before_step", 1, True), ("step", 1)]

@@ -134,6 +134,18 @@ class LayerHandler:
         full rank), or None if the layer cannot be factorised. None by default."""
         return None
 
+    def rank_matrix(self, module: nn.Module, kind: str = "channel") -> Tensor | None:
+        """The 2-D matrix whose SVD :meth:`factorise` with this ``kind`` truncates (a reshaped
+        view of the weight: its rank is the rank of the factorisation), or None if the layer
+        has no such factorisation. None by default."""
+        return None
+
+    def weight_from_rank_matrix(self, module: nn.Module, matrix: Tensor, kind: str = "channel") -> Tensor:
+        """The inverse reshape of :meth:`rank_matrix`: ``matrix`` (of its shape) as a tensor of
+        the weight's shape, so a low-rank approximation or a gradient computed on the matrix
+        can be written back. Only where :meth:`rank_matrix` is not None."""
+        raise NotImplementedError(f"{type(self).__name__} has no rank matrix for {type(module).__name__}")
+
     def unfolds(self, module: nn.Module) -> bool:
         """Whether the output is ``weight.flatten(1) @ row + bias`` for every row of
         :meth:`unfold_input`: the layers least squares can rewrite. False by default."""

@@ -86,41 +86,62 @@ class ConvHandler(LayerHandler):
             dims = {"weight": out_dim, "bias": 0} if dim_kind == "out" else {"weight": in_dim}
         self._slice_by_dims(module, dims, keep)  # type: ignore[arg-type]
 
-    def factorise(self, module: nn.Module, rank: int, *, kind: str = "channel") -> nn.Module | None:
-        """Two convs computing the layer through a rank-``rank`` bottleneck (exact at full
-        rank); None for grouped, depthwise and transposed convs.
-
-        ``"channel"``: the ``N x C x k...`` weight as an ``N x (C k...)`` matrix ``W = U S V^T``
-        gives a ``k...`` conv ``C -> r`` (weights ``sqrt(S) V^T``, same stride/padding/dilation,
-        no bias) then a 1x1 conv ``r -> N`` (weights ``U sqrt(S)``, the original bias).
-
-        ``"spatial"`` (2-D kernels with both sides > 1; Tai et al. 2016, the vertical/horizontal
-        scheme TRP uses): the weight as the ``(C kh) x (N kw)`` matrix
-        ``M[(c, i), (n, j)] = W[n, c, i, j]`` gives a ``kh x 1`` conv ``C -> r`` (from
-        ``U sqrt(S)``) then a ``1 x kw`` conv ``r -> N`` (from ``sqrt(S) V^T``), with stride,
-        padding and dilation split between the height and the width."""
+    def rank_matrix(self, module: nn.Module, kind: str = "channel") -> Tensor | None:
+        """``"channel"``: the ``N x C x k...`` weight as the ``N x (C k...)`` matrix;
+        ``"spatial"`` (2-D kernels with both sides > 1): the ``(C kh) x (N kw)`` matrix
+        ``M[(c, i), (n, j)] = W[n, c, i, j]``. None for grouped, depthwise and transposed convs
+        (and for ``"spatial"`` on other kernels)."""
         if kind not in ("channel", "spatial"):
             raise ValueError(f"kind={kind!r}: 'channel' or 'spatial'")
         if module.transposed or module.groups != 1:
             return None
         w = module.weight
         n, c, *kernel = w.shape
-        spatial = len(kernel)
-        if kind == "spatial" and (spatial != 2 or min(kernel) < 2):
+        if kind == "channel":
+            return w.reshape(n, -1)
+        if len(kernel) != 2 or min(kernel) < 2:
             return None
+        kh, kw = kernel
+        return w.permute(1, 2, 0, 3).reshape(c * kh, n * kw)
+
+    def weight_from_rank_matrix(self, module: nn.Module, matrix: Tensor, kind: str = "channel") -> Tensor:
+        """``matrix`` (shaped like :meth:`rank_matrix`) back in the weight's ``N x C x k...`` layout."""
+        n, c, *kernel = module.weight.shape
+        if kind == "channel":
+            return matrix.reshape(module.weight.shape)
+        kh, kw = kernel
+        return matrix.reshape(c, kh, n, kw).permute(2, 0, 1, 3)
+
+    def factorise(self, module: nn.Module, rank: int, *, kind: str = "channel") -> nn.Module | None:
+        """Two convs computing the layer through a rank-``rank`` bottleneck (exact at full
+        rank) from the SVD of :meth:`rank_matrix`; None where it is None (grouped, depthwise
+        and transposed convs).
+
+        ``"channel"``: ``W = U S V^T`` of the ``N x (C k...)`` matrix gives a ``k...`` conv
+        ``C -> r`` (weights ``sqrt(S) V^T``, same stride/padding/dilation, no bias) then a 1x1
+        conv ``r -> N`` (weights ``U sqrt(S)``, the original bias).
+
+        ``"spatial"`` (Tai et al. 2016, the vertical/horizontal scheme TRP uses): the
+        ``(C kh) x (N kw)`` matrix gives a ``kh x 1`` conv ``C -> r`` (from ``U sqrt(S)``) then
+        a ``1 x kw`` conv ``r -> N`` (from ``sqrt(S) V^T``), with stride, padding and dilation
+        split between the height and the width."""
+        matrix = self.rank_matrix(module, kind)
+        if matrix is None:
+            return None
+        w = module.weight
+        n, c, *kernel = w.shape
+        spatial = len(kernel)
         conv_cls = _CONVS[spatial - 1]
         make = {"device": w.device, "dtype": w.dtype, "padding_mode": module.padding_mode}
+        left, right = svd_factors(matrix, rank)
+        r = right.shape[0]
         if kind == "channel":
-            left, right = svd_factors(w.reshape(n, -1), rank)
-            r = right.shape[0]
             first = conv_cls(c, r, module.kernel_size, stride=module.stride, padding=module.padding,
                              dilation=module.dilation, bias=False, **make)
             second = conv_cls(r, n, 1, bias=module.bias is not None, **make)
             first_w, second_w = right.reshape(r, c, *kernel), left.reshape(n, r, *([1] * spatial))
         else:
             kh, kw = kernel
-            left, right = svd_factors(w.permute(1, 2, 0, 3).reshape(c * kh, n * kw), rank)
-            r = right.shape[0]
             pad = module.padding
             pad_h, pad_w = (pad, pad) if isinstance(pad, str) else ((pad[0], 0), (0, pad[1]))
             first = conv_cls(c, r, (kh, 1), stride=(module.stride[0], 1), padding=pad_h,

@@ -47,15 +47,23 @@ class LinearHandler(LayerHandler):
             raise ValueError(f"dim_kind={dim_kind!r}: 'out' or 'in'")
         self._slice_by_dims(module, dims, keep)
 
+    def rank_matrix(self, module: nn.Module, kind: str = "channel") -> Tensor | None:
+        """``weight`` itself (``out x in``) for ``"channel"``; None for ``"spatial"``."""
+        if kind not in ("channel", "spatial"):
+            raise ValueError(f"kind={kind!r}: 'channel' or 'spatial'")
+        return module.weight if kind == "channel" else None
+
+    def weight_from_rank_matrix(self, module: nn.Module, matrix: Tensor, kind: str = "channel") -> Tensor:
+        """``matrix`` unchanged (the weight is its own rank matrix)."""
+        return matrix.reshape(module.weight.shape)
+
     def factorise(self, module: nn.Module, rank: int, *, kind: str = "channel") -> nn.Module | None:
         """``Linear(in, r, bias=False)`` then ``Linear(r, out)`` (with the original bias) from
         the SVD of ``weight`` (``out x in``): ``W = [U sqrt(S)] [sqrt(S) V^T]``. Only kind
         ``"channel"`` applies (``"spatial"`` gives None)."""
-        if kind == "spatial":
+        w = self.rank_matrix(module, kind)
+        if w is None:
             return None
-        if kind != "channel":
-            raise ValueError(f"kind={kind!r}: 'channel' or 'spatial'")
-        w = module.weight
         left, right = svd_factors(w, rank)
         r = right.shape[0]
         first = nn.Linear(w.shape[1], r, bias=False, device=w.device, dtype=w.dtype)

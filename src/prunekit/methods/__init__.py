@@ -55,7 +55,7 @@ def register(name: str) -> Callable[[Method], Method]:
 
 
 def _load_all() -> None:
-    from prunekit.methods import cap, channel_pruning, criterion, functionality, iterative, ucp  # noqa: F401
+    from prunekit.methods import cap, channel_pruning, criterion, functionality, iterative, svd, trp, ucp  # noqa: F401
 
 
 def get(name: str) -> Method:

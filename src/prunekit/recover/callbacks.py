@@ -2,8 +2,8 @@
 
 A callback is an object whose methods the loop calls at fixed points: once before training
 (where it may add parameters to the optimizer), before every batch's forward pass, for an
-extra loss term after the forward, after every optimizer step, after every epoch, and once at
-the end. Its ``state_dict`` goes into the run's checkpoint, so a resumed run restores
+extra loss term after the forward, between the backward pass and the optimizer step (to edit
+gradients), after every optimizer step, after every epoch, and once at the end. Its ``state_dict`` goes into the run's checkpoint, so a resumed run restores
 schedules that callbacks keep (temperatures, penalty weights) exactly. :class:`Callback` has
 no-op defaults; subclass it and override only what you need.
 """
@@ -24,7 +24,8 @@ class Callback:
     Call order in :func:`prunekit.recover.train`, for each callback in the order given:
     ``on_train_start`` (after the optimizer is built, before the LR scheduler is built and
     before a checkpoint is restored), then on resume ``load_state_dict``; per batch
-    ``on_batch_start`` -> forward -> ``extra_loss`` -> backward/step -> ``on_step``; per epoch
+    ``on_batch_start`` -> forward -> ``extra_loss`` -> backward -> ``on_before_step`` -> gradient
+    clipping -> optimizer step -> ``on_step``; per epoch
     ``on_epoch_end`` (before the checkpoint is written); ``on_train_end`` once after the last
     epoch (not when training raises). ``model`` is always the unwrapped module (never the
     DistributedDataParallel wrapper).
@@ -60,6 +61,18 @@ class Callback:
         as ``train_extra_loss`` (when some callback returned a term).
         """
         return None
+
+    def on_before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Called after the backward pass and before gradient clipping and the optimizer step;
+        returns nothing.
+
+        The place to change ``.grad`` in place with terms that have no loss to differentiate
+        (e.g. a nuclear-norm sub-gradient): what is there when this returns is what the
+        optimizer uses. Gradients are unscaled (under fp16 mixed precision the loop unscales
+        them first when some callback overrides this method) and, under DDP, already averaged
+        across ranks. ``step`` is the 1-based number of the step about to be taken (the value
+        :meth:`on_step` then receives).
+        """
 
     def on_step(self, model: nn.Module, step: int) -> None:
         """Called after every optimizer step with the 1-based global step count; returns nothing.

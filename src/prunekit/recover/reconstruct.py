@@ -29,9 +29,10 @@ from torch import Tensor, nn
 
 from prunekit.features import (
     Batch,
+    Capture,
     Moments,
     call_on_device,
-    output_rows,
+    layer_moments,
     reconstructable,
     unfold_rows,
 )
@@ -98,21 +99,6 @@ def _following_bn(model: nn.Module, layer_names: list[str], batch: Batch) -> dic
     return found
 
 
-class _Capture:
-    """Forward hooks that keep one layer's input or output of the latest call."""
-
-    def __init__(self, layer: nn.Module, what: str) -> None:
-        self.value: Tensor | None = None
-        if what == "in":
-            self.handle = layer.register_forward_pre_hook(lambda m, a: setattr(self, "value", a[0].detach()))
-        else:
-            self.handle = layer.register_forward_hook(lambda m, a, o: setattr(self, "value", o.detach()))
-
-    def close(self) -> None:
-        """Remove the hook."""
-        self.handle.remove()
-
-
 def _sample(rows: int, positions: int | None, gen: torch.Generator, per_sample: int) -> Tensor | None:
     """Row indices: ``positions`` random positions from each sample's ``per_sample`` rows."""
     if positions is None or positions >= per_sample:
@@ -164,28 +150,16 @@ def _reconstruct_layer(pruned: nn.Module, original: nn.Module, plan: PruningPlan
                        name: str, bn: nn.Module | None, positions: int | None, seed: int) -> None:
     player, olayer = pruned.get_submodule(name), original.get_submodule(name)
     keep_out = _kept(plan, name, 0)
-    cap_in, cap_out = _Capture(player, "in"), _Capture(olayer, "out")
     gen = torch.Generator().manual_seed(seed)
-    mom: Moments | None = None
-    try:
-        with torch.no_grad():
-            for x, _ in batches:
-                call_on_device(pruned, x)
-                call_on_device(original, x)
-                assert cap_in.value is not None and cap_out.value is not None
-                xr, yr = unfold_rows(player, cap_in.value), output_rows(olayer, cap_out.value)
-                if keep_out is not None:
-                    yr = yr[:, keep_out]
-                pick = _sample(len(xr), positions, gen, len(xr) // cap_in.value.shape[0])
-                if pick is not None:
-                    xr, yr = xr[pick], yr[pick]
-                if mom is None:
-                    mom = Moments.empty(xr.shape[1], yr.shape[1])
-                mom.add(xr, yr)
-    finally:
-        cap_in.close()
-        cap_out.close()
-    assert mom is not None and mom.xy is not None
+
+    def select(xr: Tensor, yr: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        if keep_out is not None:
+            yr = yr[:, keep_out]
+        pick = _sample(len(xr), positions, gen, len(xr) // inputs.shape[0])
+        return (xr[pick], yr[pick]) if pick is not None else (xr, yr)
+
+    mom = layer_moments(pruned, player, original, olayer, batches, select)
+    assert mom.xy is not None
     w, b = solve_least_squares(mom.xx, mom.xy, intercept=player.bias is not None or bn is not None)
     _write(player, bn, w, b)
 
@@ -194,7 +168,7 @@ def _reconstruct_oneshot(pruned: nn.Module, original: nn.Module, plan: PruningPl
                          names: list[str], bns: dict[str, nn.Module], positions: int | None, seed: int) -> None:
     """CaP-style compensation: one pass over the original model for E[x~ x~^T] of every layer;
     the targets are ``W x + b`` of the original layer, so ``E[x~ y^T] = E[x~ x~^T] [W b]^T``."""
-    caps = {n: _Capture(original.get_submodule(n), "in") for n in names}
+    caps = {n: Capture(original.get_submodule(n), "in") for n in names}
     moms: dict[str, Moments] = {}
     gen = torch.Generator().manual_seed(seed)
     try:

@@ -139,6 +139,8 @@ def _train_one_epoch(
             obj.set_epoch(epoch)  # DistributedSampler reshuffles by seed + epoch
     # loss*n, correct, n, extra*n, steps that had an extra term (so every rank agrees on the key)
     sums = torch.zeros(5, dtype=torch.float64, device=device)
+    # Only callbacks that override on_before_step make the loop unscale gradients before the step.
+    before_step = [cb for cb in callbacks if type(cb).on_before_step is not Callback.on_before_step]
     batches = loader if cfg.max_steps_per_epoch is None else islice(loader, cfg.max_steps_per_epoch)
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not show_progress, dynamic_ncols=True)
     start = shown = time.perf_counter()
@@ -169,8 +171,12 @@ def _train_one_epoch(
             objective = loss if extra is None else loss + extra
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(objective).backward()
-            if cfg.grad_clip is not None:
+            if cfg.grad_clip is not None or before_step:
+                # Clipping and gradient-editing callbacks work on true gradients, not scaled ones.
                 scaler.unscale_(optimizer)
+            for cb in before_step:
+                cb.on_before_step(model, optimizer, global_step + 1)
+            if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(_optimizer_params(optimizer), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
@@ -243,7 +249,9 @@ def train(
     given: ``on_train_start`` after the optimizer is built and before the LR scheduler is
     built or a checkpoint restored (so param groups they add follow the schedule and get their
     saved optimizer state), ``on_batch_start`` before each forward, ``extra_loss`` after it
-    (the terms of all callbacks are added to the loss), ``on_step`` after each optimizer step,
+    (the terms of all callbacks are added to the loss), ``on_before_step`` after the backward
+    pass and before gradient clipping and the optimizer step (gradients unscaled under mixed
+    precision), ``on_step`` after each optimizer step,
     ``on_epoch_end`` on each epoch's record and ``on_train_end`` after the last epoch.
     ``hooks`` (called as ``hook(model, global_step)`` after every optimizer step) and
     ``loss_fn_extra`` (``loss_fn_extra(model)`` added to each step's loss) are run as
