@@ -117,7 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (the data sets are in memory)")
     p.add_argument("--latency-min-run-time", type=float, default=1.0, help="seconds of timed calls per batch size")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="where the trained models go, one sub-folder per data set (default REPO/runs/baselines)")
+                   help="where the trained models go, one sub-folder per data set (default REPO/benchmarks/baselines, "
+                        "committed; training checkpoints stay in REPO/runs/baselines)")
     p.add_argument("--results", default=str(RESULTS_DIR / "train_baselines.json"), help="results JSON (the .md goes next to it)")
     p.add_argument("--report-only", action="store_true", help="rebuild the .md from the results JSON, train nothing")
     p.add_argument("--progress", action="store_true", help="show tqdm progress bars")
@@ -197,12 +198,14 @@ def run_one(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
     train_loader = make_loader(train_info, batch_size=args.batch_size, shuffle=True, seed=args.seed,
                                num_workers=args.workers, drop_last=False)
     test_loader = make_loader(test_info, batch_size=256, shuffle=False, seed=args.seed, num_workers=args.workers)
-    out_dir = Path(args.out).expanduser() / name if args.out else REPO_ROOT / "runs" / "baselines" / name
+    # Checkpoints go to runs/ (ignored by git); the trained model to --out (committed by default).
+    run_dir = REPO_ROOT / "runs" / "baselines" / name
+    out_dir = Path(args.out).expanduser() / name if args.out else REPO_ROOT / "benchmarks" / "baselines" / name
     log.info("%s: %d train / %d test images, %dx%dx%d, %d epochs -> %s", name, len(train_info), len(test_info),
              c, s, s, epochs, out_dir)
 
     t0 = time.perf_counter()
-    result = train(model, train_loader, cfg, run_dir=out_dir, resume=args.resume, progress=args.progress)
+    result = train(model, train_loader, cfg, run_dir=run_dir, resume=args.resume, progress=args.progress)
     rec["train_wall_s"] = result.wall_time_s
     rec["train_images_per_s"] = result.images_per_s
     rec["final_train_loss"] = result.final.get("train_loss")
