@@ -18,6 +18,8 @@ from torch import Tensor
 def compact(lab: Tensor) -> Tensor:
     """Return ``lab`` with every dim along which it is constant narrowed to size 1."""
     a = lab.numpy()  # numpy: these are small arrays, where torch's per-op overhead dominates
+    if a.ndim == 0 or a.size == 0:  # 0-d and empty labels are already compact (min() of nothing fails)
+        return lab if lab.is_contiguous() else lab.contiguous()
     varying = [d for d, n in enumerate(a.shape) if n > 1]
     if len(varying) == 1:  # the common case, e.g. (1, C, 1, 1)
         if a.min() != a.max():
