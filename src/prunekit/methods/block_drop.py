@@ -45,7 +45,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 import prunekit as pk
 from prunekit.allocate.budget import make_budget
@@ -57,7 +56,7 @@ from prunekit.graph import DependencyGraph, ResidualBlock, module_names
 from prunekit.measure import count_flops, count_params
 from prunekit.methods import MethodResult, budget_config, register, take_batches
 from prunekit.plan import Drop, PruningPlan, compose
-from prunekit.runtime import call_model, infer_device, model_mode, to_device
+from prunekit.runtime import output_tensors
 from prunekit.surgery import apply_plan
 
 log = logging.getLogger(__name__)
@@ -135,23 +134,17 @@ def _dropped(model: nn.Module, cands: Iterable[Candidate]) -> nn.Module:
     return apply_plan(model, PruningPlan(tuple(s for c in cands for s in c.steps)))
 
 
-def _outputs(model: nn.Module, inputs: Any) -> list[Tensor]:
-    with model_mode(model, "eval"), torch.no_grad():
-        out = call_model(model, to_device(inputs, infer_device(model, inputs)))
-    return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
-
-
 def _check(model: nn.Module, example_inputs: Any, cand: Candidate) -> str | None:
     """None when dropping ``cand`` computes ``model`` with the branch output zeroed (eval
     mode), else what went wrong."""
     try:
-        dropped = _outputs(_dropped(model, [cand]), example_inputs)
+        dropped = output_tensors(_dropped(model, [cand]), example_inputs)
     except Exception as exc:  # noqa: BLE001 - a branch that cannot go is reported, not raised
         return f"the dropped network fails: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     exit_mod = model.get_submodule(cand.exit)
     handle = exit_mod.register_forward_hook(lambda m, a, out: torch.zeros_like(out))
     try:
-        zeroed = _outputs(model, example_inputs)
+        zeroed = output_tensors(model, example_inputs)
     finally:
         handle.remove()
     if len(dropped) != len(zeroed) or any(a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -160,7 +153,7 @@ def _check(model: nn.Module, example_inputs: Any, cand: Candidate) -> str | None
     return None
 
 
-def _probe_outputs(model: nn.Module, probe: str | None, batches: list[Any]) -> list[Tensor]:
+def _probeoutput_tensors(model: nn.Module, probe: str | None, batches: list[Any]) -> list[Tensor]:
     """The input of module ``probe`` (the model output when None), per batch."""
     seen: list[Tensor] = []
     handle = None
@@ -169,7 +162,7 @@ def _probe_outputs(model: nn.Module, probe: str | None, batches: list[Any]) -> l
             lambda m, args: seen.append(args[0].detach().double()))
     try:
         for x in batches:
-            out = _outputs(model, x)
+            out = output_tensors(model, x)
             if probe is None:
                 seen.append(out[0].detach().double())
     finally:
@@ -189,7 +182,7 @@ def score_blocks(model: nn.Module, cands: list[Candidate], criterion: str, *, ba
         handles = [model.get_submodule(c.exit).register_forward_hook(_norm_hook(sums, i)) for i, c in enumerate(cands)]
         try:
             for x in batches or []:
-                out = _outputs(model, x)
+                out = output_tensors(model, x)
                 count += int(out[0].shape[0]) if out and out[0].ndim else 1
         finally:
             for h in handles:
@@ -200,9 +193,9 @@ def score_blocks(model: nn.Module, cands: list[Candidate], criterion: str, *, ba
         refs: dict[str | None, list[Tensor]] = {}
         for c in cands:
             if c.probe not in refs:
-                refs[c.probe] = _probe_outputs(model, c.probe, batches or [])
+                refs[c.probe] = _probeoutput_tensors(model, c.probe, batches or [])
             ref = refs[c.probe]
-            new = _probe_outputs(_dropped(model, [c]), c.probe, batches or [])
+            new = _probeoutput_tensors(_dropped(model, [c]), c.probe, batches or [])
             err = sum(float(((a - b) ** 2).sum()) for a, b in zip(new, ref))
             scores.append(err / max(sum(float((b ** 2).sum()) for b in ref), 1e-30))
         return scores

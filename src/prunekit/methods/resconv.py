@@ -64,8 +64,8 @@ from torch import Tensor, nn
 import prunekit as pk
 from prunekit.allocate.budget import make_budget
 from prunekit.allocate.units import budget_report, check_target_kind, smallest_prefix
-from prunekit.errors import PruningError
 from prunekit.config import PruneConfig
+from prunekit.errors import PruningError
 from prunekit.graph import DependencyGraph, module_names
 from prunekit.handlers import handler_for
 from prunekit.measure import count_flops, count_params
@@ -74,7 +74,7 @@ from prunekit.plan import Drop, PruningPlan, Step
 from prunekit.recover.callbacks import Callback
 from prunekit.recover.config import TrainConfig
 from prunekit.recover.train import train
-from prunekit.runtime import call_model, model_mode
+from prunekit.runtime import output_tensors
 from prunekit.surgery import apply_plan
 from prunekit.surgery.factories import ResidualConv, build, describe
 from prunekit.surgery.replace import replace_step
@@ -407,13 +407,6 @@ def resconv(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | No
 resconv.trains = True  # type: ignore[attr-defined]
 
 
-def _outputs(model: nn.Module, example_inputs: Any) -> list[Tensor]:
-    from torch.utils._pytree import tree_flatten
-
-    with model_mode(model, "eval"), torch.no_grad():
-        return [t for t in tree_flatten(call_model(model, example_inputs))[0] if isinstance(t, Tensor)]
-
-
 def _close(a: list[Tensor], b: list[Tensor], rtol: float = 1e-4) -> bool:
     return len(a) == len(b) and all(
         x.shape == y.shape and bool(((x - y).abs().max() <= rtol * (1 + y.abs().max())).item()) for x, y in zip(a, b))
@@ -426,7 +419,7 @@ def _check_wrapping(model: nn.Module, wrapped: nn.Module, sites: list[Site], exa
     for b in blocks:
         b.shortcut = False
     try:
-        same = _close(_outputs(wrapped, example_inputs), _outputs(model, example_inputs))
+        same = _close(output_tensors(wrapped, example_inputs), output_tensors(model, example_inputs))
     finally:
         for b in blocks:
             b.shortcut = True
@@ -442,6 +435,6 @@ def _check_fusion(wrapped: nn.Module, small: nn.Module, removed: set[str], examp
     with torch.no_grad():
         for name in removed:
             ref.get_submodule(name).scale.zero_()
-    if not _close(_outputs(small, example_inputs), _outputs(ref, example_inputs)):
+    if not _close(output_tensors(small, example_inputs), output_tensors(ref, example_inputs)):
         raise PruningError("resconv: the fused network does not compute the trained one (a layer kind whose "
                            "fusion is not exact)")
