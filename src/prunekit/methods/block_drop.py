@@ -201,8 +201,9 @@ def score_blocks(model: nn.Module, cands: list[Candidate], criterion: str, *, ba
         return scores
     if criterion == "val_loss":
         assert evaluate is not None
-        base = float(evaluate(model))
-        return [float(evaluate(_dropped(model, [c]))) - base for c in cands]
+        with torch.no_grad():
+            base = float(evaluate(model))
+            return [float(evaluate(_dropped(model, [c]))) - base for c in cands]
     raise PruningError(f"block_drop: unknown criterion {criterion!r} (known: {', '.join(CRITERIA)})")
 
 

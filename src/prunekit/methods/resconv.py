@@ -298,8 +298,12 @@ def choose_removed(model: nn.Module, example_inputs: Any, wrapped: nn.Module, si
     budget = make_budget(model, example_inputs, cfg)
     assert budget is not None
 
+    measured: dict[int, float] = {}
+
     def kept(k: int) -> float:
-        return budget.measure(finalize(wrapped, sites, order[:k])[0]) / budget.base
+        if k not in measured:
+            measured[k] = budget.measure(finalize(wrapped, sites, order[:k])[0]) / budget.base
+        return measured[k]
 
     k = smallest_prefix(lambda j: kept(j) <= budget.target, len(sites))
     if k is None:
