@@ -49,7 +49,7 @@ from torch import Tensor, nn
 import prunekit as pk
 from prunekit.allocate.budget import make_budget
 from prunekit.allocate.units import budget_report, check_target_kind, greedy_removal
-from prunekit.config import TARGETS
+from prunekit.config import TARGETS, make_config
 from prunekit.errors import PruningError
 from prunekit.features import as_batch
 from prunekit.graph import DependencyGraph, ResidualBlock, module_names
@@ -296,9 +296,12 @@ def block_drop(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] |
         info["budget"] = budget_report(budget.kind, budget.target, budget.measure(small) / budget.base)
     if then_channels is not None:
         opts = _channel_options(then_channels, depth_kept)
+        if ignore and "ignore" not in opts:
+            opts["ignore"] = list(ignore)  # the modules kept whole keep their channels too
         small, channel_plan = pk.prune(small, example_inputs, return_plan=True, **opts)
+        shown = make_config(None, **opts).to_dict()  # JSON-able (callables by name, modules by type)
         plan = compose(plan, channel_plan).with_meta(method="block_drop", dropped_blocks=plan.meta["dropped_blocks"],
-                                                      then_channels=opts)
+                                                      then_channels={k: shown[k] for k in opts})
         small.eval()
     info.update({
         "candidates": [_key(c) for c in cands], "skipped": skipped,

@@ -395,8 +395,9 @@ def resconv(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | No
     info: dict[str, Any] = {
         "sites": [dataclasses.asdict(s) for s in sites], "skipped": skipped, "factors": learned,
         "removed": removed, "fused": [s.conv for s in sites if s.conv not in set(removed)], "selection": rule,
-        # The threshold the removal amounts to: the smallest |s| kept (every removed one is below it).
-        "effective_threshold": kept_abs[0] if kept_abs else math.inf,
+        # The threshold the removal amounts to: the smallest |s| kept (every removed one is
+        # at or below it); None when every layer went.
+        "effective_threshold": kept_abs[0] if kept_abs else None,
         "options": dataclasses.asdict(opts),
         "flops_kept": count_flops(small, example_inputs) / max(1, count_flops(model, example_inputs)),
         "params_kept": count_params(small) / max(1, count_params(model)),
