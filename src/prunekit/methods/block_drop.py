@@ -52,7 +52,7 @@ from prunekit.allocate.units import budget_report, check_target_kind, greedy_rem
 from prunekit.config import TARGETS, make_config
 from prunekit.errors import PruningError
 from prunekit.features import as_batch
-from prunekit.graph import DependencyGraph, ResidualBlock, module_names
+from prunekit.graph import DependencyGraph, ResidualBlock, module_names, under
 from prunekit.measure import count_flops, count_params
 from prunekit.methods import MethodResult, budget_config, register, take_batches
 from prunekit.plan import Drop, PruningPlan, compose
@@ -80,16 +80,12 @@ class Candidate:
     probe: str | None
 
 
-def _under(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
 def _drop_steps(graph: DependencyGraph, block: ResidualBlock, times: Counter, ignore: tuple[str, ...]) -> \
         tuple[tuple[Drop, ...], str] | str:
     """``(steps, exit module)`` dropping ``block``'s branch, or the reason it cannot go."""
     if not block.identity_shortcut:
         return "projection shortcut (the branch cannot go without changing the shape)"
-    if any(_under(m, ignore) for m in block.branch_modules) or (block.name and _under(block.name, ignore)):
+    if any(under(m, ignore) for m in block.branch_modules) or (block.name and under(block.name, ignore)):
         return "ignored"
     ops = graph.ops("eval")
     calls = graph.state.calls["eval"]
@@ -114,7 +110,7 @@ def candidates(model: nn.Module, example_inputs: Any, graph: DependencyGraph,
     found: list[Candidate] = []
     skipped: dict[str, str] = {}
     for i, b in enumerate(blocks):
-        key = f"{b.name or '<root>'}@{b.add_op}"
+        key = _key(b)
         got = _drop_steps(graph, b, times, ignore)
         if isinstance(got, str):
             skipped[key] = got
@@ -312,7 +308,7 @@ def block_drop(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] |
     return MethodResult(small, plan, info)
 
 
-def _key(c: Candidate) -> str:
-    """How a candidate is named in ``info``: its block module and add op."""
-    return f"{c.name or '<root>'}@{c.add_op}"
+def _key(block: Candidate | ResidualBlock) -> str:
+    """How a block is named in ``info``: its module (``<root>`` for the model) and add op."""
+    return f"{block.name or '<root>'}@{block.add_op}"
 

@@ -66,7 +66,7 @@ from prunekit.allocate.budget import make_budget
 from prunekit.allocate.units import budget_report, check_target_kind, smallest_prefix
 from prunekit.config import PruneConfig
 from prunekit.errors import PruningError
-from prunekit.graph import DependencyGraph, module_names
+from prunekit.graph import DependencyGraph, module_names, under
 from prunekit.handlers import handler_for
 from prunekit.measure import count_flops, count_params
 from prunekit.methods import MethodResult, budget_config, register
@@ -113,10 +113,6 @@ class Site:
     norm: str | None
 
 
-def _under(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-
 def find_sites(model: nn.Module, graph: DependencyGraph, ignore: tuple[str, ...] = ()) -> tuple[list[Site], dict[str, str]]:
     """The convs of ``model`` that can become ResConv blocks, in execution order, and the
     reason every other filter layer (conv, linear) cannot, by name. A site's layer is called
@@ -145,7 +141,7 @@ def find_sites(model: nn.Module, graph: DependencyGraph, ignore: tuple[str, ...]
         handler = handler_for(mod)
         if handler is None or not handler.has_filters:
             continue
-        if _under(c.name, ignore):
+        if under(c.name, ignore):
             skipped[c.name] = "ignored"
         elif handler.identity_weight(mod) is None:
             skipped[c.name] = ("takes no identity shortcut (its output is shaped unlike its input, or no kernel "
@@ -170,7 +166,7 @@ def _norm_after(conv_call: Any, leaves: list[Any], times: Counter, readers: dict
     d = takers[0]
     norm = modules[d.name]
     handler = handler_for(norm)
-    if handler is None or handler.eval_affine(norm) is None or times[d.name] != 1 or _under(d.name, ignore):
+    if handler is None or handler.eval_affine(norm) is None or times[d.name] != 1 or under(d.name, ignore):
         return None
     if not all(d.first_op <= i <= d.last_op for i in readers.get(v, [])):
         return None
