@@ -187,6 +187,8 @@ def test_bad_inputs_and_blocks_that_cannot_go() -> None:
         methods.get("block_drop")(model, X, loader=_inputs(), criterion="l2")
     with pytest.raises(PruningError, match="target_latency is not supported"):
         methods.get("block_drop")(model, X, loader=_inputs(), target_latency=0.5)
+    with pytest.raises(PruningError, match="then_channels must be a ratio or a dict"):
+        methods.get("block_drop")(model, X, loader=_inputs(), then_channels="half")
     with pytest.raises(PruningError, match="needs calibration data"):
         methods.get("block_drop")(model, X)
     with pytest.raises(PruningError, match="not the one producing the add's operand"):

@@ -210,9 +210,10 @@ def _norm_hook(sums: list[float], i: int) -> Callable[..., None]:
     return hook
 
 
-def _channel_options(then: Any, depth_kept: dict[str, float]) -> dict[str, Any]:
+def _channel_options(then: Any, depth_kept: dict[str, float], check_only: bool = False) -> dict[str, Any]:
     """:func:`prunekit.prune` options for the channel step: a ratio, or a dict whose targets
-    (fractions of the original) become fractions of the depth-pruned network."""
+    (fractions of the original) become fractions of the depth-pruned network, which kept
+    ``depth_kept`` of the original; ``check_only`` checks the form and kinds alone."""
     if isinstance(then, (int, float)) and not isinstance(then, bool):
         return {"ratio": float(then)}
     if not isinstance(then, dict):
@@ -225,7 +226,7 @@ def _channel_options(then: Any, depth_kept: dict[str, float]) -> dict[str, Any]:
             if kind not in depth_kept:
                 raise PruningError(f"block_drop: then_channels {key} is not supported (use target_flops/target_params)")
             rel = opts[key] / depth_kept[kind]
-            if not 0 < rel < 1:
+            if not 0 < rel < 1 and not check_only:
                 raise PruningError(f"block_drop: then_channels {key}={opts[key]} is not below what dropping blocks "
                                    f"kept ({depth_kept[kind]:.3f} of the original); nothing left for channels")
             opts[key] = rel
@@ -251,6 +252,8 @@ def block_drop(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] |
         raise PruningError(f"block_drop: unknown criterion {criterion!r} (known: {', '.join(CRITERIA)})")
     cfg = budget_config(kwargs, "block_drop")
     check_target_kind(cfg.target, "block_drop")
+    if then_channels is not None:
+        _channel_options(then_channels, {"flops": 1.0, "params": 1.0}, check_only=True)  # fail before any work
     calib: list[Any] = []
     if criterion in ("norm", "recon"):
         calib = [as_batch(b)[0] for b in take_batches(loader, batches, "block_drop")]
