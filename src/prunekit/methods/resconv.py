@@ -12,10 +12,10 @@ full text), and how this module does it:
      checkpoint and in the optimizer. A batch norm that reads only the conv's output moves
      into the branch (``y = x + s * BN(Conv(x))``; its old place becomes an identity), as
      the fusion below needs; the activation that followed stays where it was, after the add:
-     ``act(x + s * BN(Conv(x)))``. That is the only placement under which a block fuses into
-     one conv exactly (the branch must be affine; ``act(x + s * act(BN(Conv x)))`` is not
-     one conv), the RepVGG placement the paper cites for its fusion. The factor starts at
-     ``init_scale`` (1).
+     ``act(x + s * BN(Conv(x)))``. Our sources do not show the paper's block figure; this is
+     the only placement under which a block fuses into one conv exactly, which the paper
+     claims (the branch must be affine: ``x + s * act(BN(Conv x))`` is not one conv), and the
+     one RepVGG uses for the same fusion. The factor starts at ``init_scale`` (1).
   2. **Train with L1 on the factors.** The network trains with ``l1 * sum |s|`` added to
      the loss (sub-gradient ``l1 * sign(s)``), through :func:`prunekit.recover.train` with a
      :class:`~prunekit.recover.callbacks.Callback` (checkpoints and exact resume included).
@@ -41,8 +41,11 @@ Departures from the paper:
     paper's values.
   * The paper trains the ResConv network (from scratch, we believe); here the conversion is
     applied to a given, usually trained network and fine-tuned (the training-method
-    convention: SGD, lr 0.01, cosine, weight decay 5e-4, which the factors get too). Adding
-    the shortcut changes the trained network's function until training adapts it.
+    convention: SGD, lr 0.01, cosine, weight decay 5e-4, which the factors get too, on top of
+    the L1 term). Adding the shortcut changes the trained network's function until training
+    adapts it.
+  * A removed layer's activation stays (``act(x)``: exactly the network with ``s = 0``),
+    although after a ReLU it is a no-op that could go as well (not done: kept exact).
   * Layers that change the shape (strided or widening convs, the stem) cannot take an
     identity shortcut and stay plain (the paper converts "convolutional layers"; which ones
     is not in our sources). The target options are ours.
