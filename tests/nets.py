@@ -195,3 +195,73 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.weight.data.copy_(torch.randn(m.num_features, generator=g))
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     return model
+
+
+class PlainConvs(nn.Module):
+    """A plain (VGG-like) CNN with same-shape convs of several kinds, the ResConv sites: conv-BN
+    (c1), grouped conv-BN (c2), dilated conv with a bias and no BN (c3), 1x1 conv-BN after a
+    strided conv (c4); the stem, the strided conv and the classifier change the shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 8)
+        self.c1 = cbr(8, 8)
+        self.c2 = cbr(8, 8, groups=2)
+        self.c3 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.ReLU())
+        self.down = cbr(8, 8, s=2)
+        self.c4 = cbr(8, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.c3(self.c2(self.c1(self.stem(x))))
+        return self.fc(self.c4(self.down(x)).mean((2, 3)))
+
+
+class BasicBlock(nn.Module):
+    """torchvision's basic block layout: one ReLU module used inside the branch and after the add."""
+
+    def __init__(self, c: int, k: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, k, padding=k // 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(c, c, k, padding=k // 2, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def branch(self, x):
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+
+    def forward(self, x):
+        return self.relu(self.branch(x) + x)
+
+
+class TinyResNet(nn.Module):
+    """Four identity-shortcut blocks of four different costs in two stages (8 channels at
+    16x16, 12 at 8x8), joined by a strided conv (no shortcut)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 8)
+        self.layer1 = nn.Sequential(BasicBlock(8), BasicBlock(8, k=1))
+        self.down = cbr(8, 12, s=2)
+        self.layer2 = nn.Sequential(BasicBlock(12), BasicBlock(12, k=1))
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.layer2(self.down(self.layer1(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def warmed(net: nn.Module, shape: tuple[int, ...] = (16, 3, 16, 16), seed: int = 0) -> nn.Module:
+    """``net`` with random weights and BatchNorm statistics gathered on random inputs (so
+    folding a BN is not the identity), in eval mode."""
+    torch.manual_seed(seed)
+    net.train()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+        for _ in range(3):
+            net(torch.randn(*shape))
+    return net.eval()

@@ -116,6 +116,16 @@ def first_tensor(obj: Any) -> torch.Tensor | None:
     return None
 
 
+def output_tensors(model: nn.Module, example_inputs: Any) -> list[torch.Tensor]:
+    """The tensors ``model`` returns on ``example_inputs`` (moved to its device), flattened
+    in order, computed in eval mode without gradients (every module's flag restored)."""
+    from torch.utils._pytree import tree_flatten
+
+    with model_mode(model, "eval"), torch.no_grad():
+        out = call_model(model, to_device(example_inputs, infer_device(model, example_inputs)))
+    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+
+
 @contextlib.contextmanager
 def model_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
     """Put ``model`` in 'eval' or 'train' mode, restoring every module's flag afterwards.

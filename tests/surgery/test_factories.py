@@ -20,6 +20,13 @@ SAMPLES = {  # a factory without a sample fails below: add one when registering 
     "zero": {},
     "sequential": {"modules": [{"factory": "linear", "args": {"in_features": 5, "out_features": 2, "bias": False}},
                                {"factory": "identity", "args": {}}]},
+    "residual_conv": {"conv": {"factory": "conv", "args": {"dims": 2, "in_channels": 6, "out_channels": 6,
+                                                           "kernel_size": [3, 3], "stride": [1, 1], "padding": [1, 1],
+                                                           "dilation": [1, 1], "groups": 1, "bias": False,
+                                                           "padding_mode": "zeros"}},
+                      "norm": {"factory": "batch_norm", "args": {"dims": 2, "num_features": 6, "eps": 1e-5,
+                                                                 "momentum": 0.1, "affine": True,
+                                                                 "track_running_stats": True}}},
 }
 
 
@@ -37,6 +44,10 @@ def test_built_modules_run_and_bad_arguments_are_named() -> None:
     x = torch.randn(2, 4, 8, 8)
     assert build("conv", SAMPLES["conv"])(x).shape == (2, 6, 4, 8)
     assert torch.equal(build("zero", {})(x), torch.zeros_like(x))
+    block = build("residual_conv", SAMPLES["residual_conv"]).eval()  # x + s * BN(conv(x)), s = 1 at build
+    y = torch.randn(2, 6, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(block(y), y + block.norm(block.conv(y)))
     with pytest.raises(PruningError, match="factory 'linear' rejects its arguments"):
         build("linear", {"in_features": 3})
     with pytest.raises(PruningError, match="no factory describes"):

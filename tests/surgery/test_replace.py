@@ -179,3 +179,25 @@ def test_check_structure_reports_a_changed_output() -> None:
     wrong = apply_plan(model, PruningPlan((Replace("2", "linear", {"in_features": 6, "out_features": 3}),)))
     msg = check_structure(model, wrong, torch.randn(2, 4))
     assert msg is not None and "output 0 is (2, 3)" in msg
+
+
+def test_check_structure_skips_replaced_modules_that_later_steps_change() -> None:
+    """A Replace whose module a later step drops, or whose tensors a later slice shrinks, is
+    not compared with its factory (its tensors are no longer the factory's); one no later
+    step touches still is."""
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = torch.randn(2, 3, 8, 8)
+    replace = replace_step("branch.0", svd_pair(model.branch[0], 3))
+    dropped_plan = PruningPlan((replace, Drop("branch.0", "identity")))
+    assert check_structure(model, apply_plan(model, dropped_plan), x, dropped_plan) is None
+    factorised = apply_plan(model, PruningPlan((replace,)))
+    small, channel = pk.prune(factorised, x, ratio=0.5, return_plan=True, ignore=["stem"])
+    sliced_plan = compose(PruningPlan((replace,)), channel)
+    assert any(name.startswith("branch.0.") for name in channel.keep)  # the slice reaches the replaced pair
+    assert check_structure(model, small, x, sliced_plan) is None
+    # Untouched by later steps, a Replace whose module is not what its factory builds is reported.
+    wrong = PruningPlan((Replace("branch.0", "conv", {"dims": 2, "in_channels": 8, "out_channels": 8,
+                                                      "kernel_size": [1, 1]}), Drop("branch.1", "identity")))
+    msg = check_structure(model, apply_plan(model, dropped_plan), x, wrong)
+    assert msg is not None and "Replace 'branch.0'" in msg

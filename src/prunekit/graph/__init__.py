@@ -17,12 +17,12 @@ from prunekit.graph.rules import RULES, register_rule
 from prunekit.graph.meta import MetaStandIns, meta_tensors
 from prunekit.graph.residual import ResidualBlock, find_blocks
 from prunekit.graph.shapes import record_shapes
-from prunekit.graph.tracer import Member, OpRecord, TraceState, Tracer
+from prunekit.graph.tracer import Member, OpRecord, TraceState, Tracer, under
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ChannelGroup", "DependencyGraph", "GroupMember", "OpRecord", "RULES", "ResidualBlock", "blocks", "record_shapes",
-           "register_rule", "trace", "module_names"]
+           "register_rule", "trace", "module_names", "under"]
 
 
 @dataclass

@@ -11,6 +11,7 @@ atoms that cannot be pruned, always with a reason that names the op and module.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import numpy as np
@@ -199,7 +200,7 @@ class Tracer:
         st.sources.append(Source(start, start + n, name, active))
         st.uf.grow(st.n_atoms)
         atoms = torch.arange(start, start + n, dtype=torch.long)
-        if active and self.ignored_prefixes and _under(name, self.ignored_prefixes):
+        if active and self.ignored_prefixes and under(name, self.ignored_prefixes):
             self.block(atoms, f"module '{name}' is in ignore")
         return atoms
 
@@ -509,5 +510,7 @@ def _strip_tensors(obj: Any) -> Any:
     return None
 
 
-def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+def under(name: str, prefixes: Iterable[str]) -> bool:
+    """Whether module ``name`` is one of ``prefixes`` or inside one (``layer1.0.conv1`` is
+    under ``layer1``, not under ``layer``)."""
     return any(name == p or name.startswith(p + ".") for p in prefixes)

@@ -161,6 +161,20 @@ class LayerHandler:
         has no such pair."""
         return None
 
+    def identity_weight(self, module: nn.Module) -> Tensor | None:
+        """A tensor shaped like ``module.weight`` with which the layer (bias zero) returns its
+        input unchanged, or None when no weight can (the layer changes the shape, or no tap of
+        its kernel reads exactly the output's own position). What fusing a shortcut into the
+        layer adds to its weight (ResConv, RepVGG). None by default."""
+        return None
+
+    def eval_affine(self, module: nn.Module) -> tuple[Tensor, Tensor] | None:
+        """``(scale, shift)``, one entry per channel, when the layer in eval mode computes
+        ``x * scale + shift`` along its channel dim (a batch norm with running statistics):
+        what folds into the layer before it. None when it does not (the default: also norms
+        that use the statistics of their input)."""
+        return None
+
     def resized(self, module: nn.Module, in_fraction: float, out_fraction: float) -> nn.Module | None:
         """A fresh, untrained layer configured like ``module`` with its input/output widths
         scaled by the fractions (rounded, at least one channel per group): what a latency

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -175,6 +176,30 @@ class ConvHandler(LayerHandler):
     def widths(self, module: nn.Module) -> tuple[int, int] | None:
         """``(in_channels, out_channels)``."""
         return module.in_channels, module.out_channels
+
+    def identity_weight(self, module: nn.Module) -> Tensor | None:
+        """The kernel that copies input channel ``o`` to output channel ``o`` through its
+        centre tap: a 1 at ``[o, o % (C / groups), centre...]`` (any grouping keeps channel
+        ``o`` in its own group when ``in_channels == out_channels``). None for transposed
+        convs, unequal widths, a stride other than 1, or a kernel without a centre tap
+        aligned with the output position: an even size, or padding other than
+        ``dilation * (k - 1) / 2`` in some dim (the output would shift or change size)."""
+        if module.transposed or module.in_channels != module.out_channels or any(s != 1 for s in module.stride):
+            return None
+        k, d = module.kernel_size, module.dilation
+        if any(n % 2 == 0 for n in k):
+            return None
+        pad = module.padding
+        if pad == "valid":
+            pad = (0,) * len(k)
+        if pad != "same" and any(p != di * (n - 1) // 2 for p, di, n in zip(pad, d, k)):
+            return None
+        w = module.weight
+        eye = torch.zeros_like(w)
+        per_group = w.shape[1]
+        out = torch.arange(w.shape[0], device=w.device)
+        eye[(out, out % per_group, *(torch.full_like(out, n // 2) for n in k))] = 1
+        return eye
 
     def resized(self, module: nn.Module, in_fraction: float, out_fraction: float) -> nn.Module | None:
         """The same conv class and configuration with scaled widths, kept multiples of

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from prunekit.handlers import LayerHandler, Put, register_handler
@@ -57,6 +58,20 @@ class NormHandler(LayerHandler):
                 put(module, "num_channels", w.shape[0])
         elif w is not None and len(module.normalized_shape) == 1:
             put(module, "normalized_shape", (w.shape[0],))
+
+    def eval_affine(self, module: nn.Module) -> tuple[Tensor, Tensor] | None:
+        """``(gamma / sqrt(var + eps), beta - mean * gamma / sqrt(var + eps))`` of a batch norm
+        that normalises by its running statistics in eval mode (``track_running_stats``);
+        None for other norms, which use their input's own statistics."""
+        if not isinstance(module, _BATCH) or module.running_mean is None or module.running_var is None:
+            return None
+        scale = torch.rsqrt(module.running_var + module.eps)
+        if module.weight is not None:
+            scale = scale * module.weight
+        shift = -module.running_mean * scale
+        if module.bias is not None:
+            shift = shift + module.bias
+        return scale, shift
 
     def slice(self, module: nn.Module, dim_kind: str, keep: Tensor) -> None:
         """Keep channels (the same for ``"out"`` and ``"in"``) of the affine tensors and running

@@ -55,7 +55,8 @@ def register(name: str) -> Callable[[Method], Method]:
 
 
 def _load_all() -> None:
-    from prunekit.methods import cap, channel_pruning, criterion, functionality, iterative, svd, trp, ucp  # noqa: F401
+    from prunekit.methods import (block_drop, cap, channel_pruning, criterion, functionality, iterative,  # noqa: F401
+                                  resconv, svd, trp, ucp)
 
 
 def get(name: str) -> Method:

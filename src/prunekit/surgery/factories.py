@@ -53,6 +53,29 @@ class Zero(nn.Module):
         return torch.zeros_like(x)
 
 
+class ResidualConv(nn.Module):
+    """``x + scale * norm(conv(x))``: a layer with a shortcut around it and a trainable scalar
+    ``scale`` on the layer (ResConv, Xu et al. 2020). ``norm`` is optional (None: the branch is
+    the conv alone). Built for training; :func:`prunekit.methods.resconv.fuse` turns it back
+    into one conv. ``shortcut = False`` (a plain attribute, not saved) computes
+    ``norm(conv(x))`` alone, the wrapped layers' own function, which is how a wrapping is
+    checked."""
+
+    def __init__(self, conv: nn.Module, norm: nn.Module | None = None, scale: float = 1.0) -> None:
+        super().__init__()
+        self.conv = conv
+        self.norm = norm
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+        self.shortcut = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x + scale * norm(conv(x))`` (``norm(conv(x))`` when ``shortcut`` is off)."""
+        y = self.conv(x)
+        if self.norm is not None:
+            y = self.norm(y)
+        return x + self.scale * y if self.shortcut else y
+
+
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BNS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
@@ -97,6 +120,13 @@ def sequential(*, modules: list[dict[str, Any]]) -> nn.Module:
     return nn.Sequential(*(build(m["factory"], m["args"]) for m in modules))
 
 
+@register_factory("residual_conv")
+def residual_conv(*, conv: dict[str, Any], norm: dict[str, Any] | None = None, scale: float = 1.0) -> nn.Module:
+    """:class:`ResidualConv` around the modules given as ``{"factory": name, "args": {...}}``."""
+    return ResidualConv(build(conv["factory"], conv["args"]),
+                        build(norm["factory"], norm["args"]) if norm is not None else None, scale)
+
+
 def _tup(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
@@ -124,6 +154,10 @@ def describe(module: nn.Module) -> tuple[str, dict[str, Any]]:
         return "identity", {}
     if kind is Zero:
         return "zero", {}
+    if kind is ResidualConv:
+        return "residual_conv", {"conv": dict(zip(("factory", "args"), describe(module.conv))),
+                                 "norm": None if module.norm is None else
+                                 dict(zip(("factory", "args"), describe(module.norm)))}
     if kind is nn.Sequential:
         return "sequential", {"modules": [dict(zip(("factory", "args"), describe(m))) for m in module]}
     raise PruningError(f"no factory describes {kind.__name__}: register one with "

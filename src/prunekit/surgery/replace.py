@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from prunekit.errors import PruningError
-from prunekit.plan import Drop, PruningPlan, Replace, Step
+from prunekit.plan import Drop, PruningPlan, Replace, Slice, Step
 from prunekit.surgery.factories import Zero, build, describe
 
 __all__ = ["apply_structural", "replace_step", "check_structure"]
@@ -83,7 +83,8 @@ def check_structure(original: nn.Module, pruned: nn.Module, example_inputs: Any,
                     plan: PruningPlan | None = None) -> str | None:
     """Check a model whose op sequence changed: it runs in eval and train mode (BatchNorm
     statistics untouched), its outputs have the original's structure, shapes and dtypes,
-    and every module a Replace step put in has the tensors its factory builds. Returns a
+    and every module a Replace step put in has the tensors its factory builds (unless a
+    later step slices, replaces or drops it, or a module around or inside it). Returns a
     message naming the first problem, or None when all holds."""
     from prunekit.runtime import call, model_mode
 
@@ -105,8 +106,8 @@ def check_structure(original: nn.Module, pruned: nn.Module, example_inputs: Any,
                 return (f"{mode} mode: output {i} is {tuple(y.shape)} {y.dtype}, "
                         f"the original's is {tuple(x.shape)} {x.dtype}")
     if plan is not None:
-        for step in plan.steps:
-            if isinstance(step, Replace):
+        for i, step in enumerate(plan.steps):
+            if isinstance(step, Replace) and not _changed_later(step.module, plan.steps[i + 1:]):
                 want = {k: tuple(v.shape) for k, v in build(step.factory, step.args).state_dict().items()}
                 try:
                     got_mod = pruned.get_submodule(step.module)
@@ -116,3 +117,18 @@ def check_structure(original: nn.Module, pruned: nn.Module, example_inputs: Any,
                 if got != want:
                     return f"Replace '{step.module}': tensors {got} differ from factory '{step.factory}' ({want})"
     return None
+
+
+def _changed_later(module: str, later: tuple[Step, ...] | list[Step]) -> bool:
+    """Whether a step of ``later`` slices a tensor of ``module`` (or of a submodule), or
+    replaces or drops ``module``, a module it sits in or one inside it: its tensors are then
+    no longer the ones its factory builds."""
+    def related(other: str) -> bool:
+        return other == module or other.startswith(module + ".") or module.startswith(other + ".") or not other
+
+    for s in later:
+        if isinstance(s, (Replace, Drop)) and related(s.module):
+            return True
+        if isinstance(s, Slice) and any(t.startswith(module + ".") for t in s.keep):
+            return True
+    return False
