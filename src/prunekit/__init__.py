@@ -24,6 +24,7 @@ _EXPORTS = {
     "DependencyGraph": "prunekit.graph",
     "PruningPlan": "prunekit.plan",
     "PruningError": "prunekit.errors",
+    "PruningShortfallWarning": "prunekit.errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from prunekit.allocate.budget import Budget, make_budget, removal_for_budget
 from prunekit.allocate.cost import CostModel
 from prunekit.config import PruneConfig, criterion_name, make_config
 from prunekit.criteria import score_groups
-from prunekit.errors import PruningError
+from prunekit.errors import PruningError, PruningShortfallWarning
 from prunekit.graph import DependencyGraph, module_names, trace
 from prunekit.plan import PruningPlan
 from prunekit.runtime import call_model, model_mode
@@ -50,6 +51,7 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
     scores = score_groups(model, graph.groups, cfg.criterion, fallbacks=fallbacks, **dict(cfg.criterion_kwargs or {}))
     measure = _BudgetMeasure.build(model, graph, budget) if budget is not None else None
     groups = list(graph.groups)
+    prunable0 = sum(g.n_prunable for g in groups)  # before repairs: what the ratio asks of
     repairs: list[str] = []
     options = dict(ratios=ratios, global_ranking=cfg.global_ranking, round_to=cfg.round_to,
                    min_channels=cfg.min_channels)
@@ -71,7 +73,7 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
             meta["criterion_fallbacks"] = dict(fallbacks)
         plan_, expected = channel_plan(model, graph, removed, meta)
         if plan_.is_empty:
-            return plan_, model
+            return _with_shortfall(plan_, cfg, budget, graph, prunable0), model
         journal = Journal()
         candidate = apply_plan(model, plan_, inplace=inplace, journal=journal)
         try:
@@ -83,7 +85,7 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
                 journal.rollback()
             raise
         if mismatch is None:
-            return plan_, candidate
+            return _with_shortfall(plan_, cfg, budget, graph, prunable0), candidate
         if inplace:
             journal.rollback()
         reason = (f"pruning it breaks op '{mismatch.op.name}' in module '{mismatch.op.module}' "
@@ -97,6 +99,42 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
             repairs.append(f"{g.name}: {reason}")
             log.info("keeping group %s: %s", g.name, reason)
     raise PruningError(f"gave up after {cfg.max_repairs} repairs; last: {repairs[-1] if repairs else '?'}")
+
+
+# A prune that keeps more than this (absolute) above a budget's target, or removes less than
+# half the channels a ratio asks for, is reported: the user asked for something it did not do.
+_BUDGET_SLACK = 0.02
+_RATIO_FRACTION = 0.5
+
+
+def _with_shortfall(plan: PruningPlan, cfg: PruneConfig, budget: Budget | None, graph: DependencyGraph,
+                    prunable: int) -> PruningPlan:
+    """``plan`` with ``meta["shortfall"]`` (and a :class:`PruningShortfallWarning`) when it
+    removes nothing, or far less than ``cfg`` asks; ``plan`` unchanged otherwise."""
+    meta = plan.meta
+    removed = int(meta.get("channels_removed", 0))
+    why = ""
+    if budget is not None:
+        kept = meta.get(f"{budget.kind}_kept", 1.0 if removed == 0 else None)
+        if budget.target < 1.0 and kept is not None and kept > budget.target + _BUDGET_SLACK:
+            why = f"keeps {kept:.3f} of the {budget.kind} against target_{budget.kind}={budget.target:g}"
+    elif cfg.ratio > 0 or cfg.ratios:
+        asked = cfg.ratio * prunable
+        if removed == 0 or removed < _RATIO_FRACTION * asked:
+            why = f"removed {removed} channels where ratio={cfg.ratio:g} asks for about {asked:.0f}"
+    if not why:
+        return plan
+    causes = []
+    if prunable == 0:
+        causes.append("no channel of the model is prunable (graph.unprunable() says why)")
+    elif graph.n_channels and prunable < graph.n_channels:
+        causes.append(f"{graph.n_channels - prunable} of {graph.n_channels} channels cannot be pruned "
+                      "(graph.unprunable() says why)")
+    if meta.get("repairs"):
+        causes.append(f"{len(meta['repairs'])} group(s) kept whole after validation failures (plan.meta['repairs'])")
+    text = why + (": " + "; ".join(causes) if causes else "")
+    warnings.warn(f"prune: {text}", PruningShortfallWarning, stacklevel=4)
+    return plan.with_meta(shortfall=text)
 
 
 def _check_inputs(model: nn.Module, example_inputs: Any) -> None:
