@@ -55,7 +55,17 @@ def register(name: str) -> Callable[[Method], Method]:
 
 
 def _load_all() -> None:
-    from prunekit.methods import cap, channel_pruning, criterion, functionality, iterative, ucp  # noqa: F401
+    from prunekit.methods import (  # noqa: F401
+        cap,
+        channel_pruning,
+        criterion,
+        dais,
+        functionality,
+        iterative,
+        scp,
+        slimming,
+        ucp,
+    )
 
 
 def get(name: str) -> Method:
