@@ -352,8 +352,11 @@ def prune_with_gates(model: nn.Module, example_inputs: Any, gates: GateSet, grap
     gates.detach()
     import prunekit as pk
 
-    return pk.prune(model, example_inputs, graph=graph, criterion=lambda m, g, **c: scores[g.index],
-                    return_plan=True, **prune_options)
+    def gates(m: nn.Module, g: Any, **ctx: Any) -> np.ndarray:
+        """The learned gate values (the plan's criterion label)."""
+        return scores[g.index]
+
+    return pk.prune(model, example_inputs, graph=graph, criterion=gates, return_plan=True, **prune_options)
 
 
 from prunekit.gates import scp as _scp  # noqa: E402,F401  (registers the ``scp`` kind; it subclasses Gate)

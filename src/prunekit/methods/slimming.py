@@ -165,8 +165,12 @@ def slimming(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | N
                    callbacks=[_ScaleL1(scales, sparsity), trajectory])
     work.model.eval()
     scores, fallbacks = slimming_scores(work.model, groups)
-    small, plan = pk.prune(work.model, example_inputs, config=work.config, graph=work.graph,
-                           criterion=lambda m, g, **c: scores.get(g.index, np.zeros(g.size)), return_plan=True)
+    def bn_gamma(m: nn.Module, g: Any, **ctx: Any) -> np.ndarray:
+        """|gamma| after the sparsity training, on one scale for all groups (the plan's criterion label)."""
+        return scores.get(g.index, np.zeros(g.size))
+
+    small, plan = pk.prune(work.model, example_inputs, config=work.config, graph=work.graph, criterion=bn_gamma,
+                           return_plan=True)
     tuned = None
     if finetune_epochs:
         sub = Path(run_dir) / "finetune" if run_dir is not None else None
