@@ -43,7 +43,13 @@ available, see ``PAPERS.md`` #11; the exact formulas are unverified):
     ``sigmoid(init)`` (0.73), and trains ``epochs`` epochs with the default fine-tuning
     schedule; no retraining after the search (the issue's design: the result is trained).
   * Under ``torchrun`` the indicator gradients are averaged over the ranks by hand (the
-    indicator step runs outside DistributedDataParallel).
+    indicator step runs outside DistributedDataParallel); not tested with two processes.
+
+Measured (small CNN on scikit-learn's digits, trained to 98.6%, 10 epochs, 200 held-out
+images as ``val_loader``, default options): 99.4% test accuracy at 49.6% of the FLOPs with no
+fine-tuning (the same budget by L2 norm: 33% before and 98.3% after 10 fine-tune epochs);
+all indicators ended within 0.01 of 0 or 1 and their expected FLOPs (50.3%) within 0.7 points
+of the pruned model's.
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ Departures from the paper:
     every convolution.
   * The paper trains from scratch with the penalty; here the given (usually trained)
     network is trained ``epochs`` epochs with the default fine-tuning schedule.
+
+Measured (small CNN on scikit-learn's digits, trained to 98.6%, 50% FLOPs): 10 epochs at the
+paper's ``sparsity`` 1e-4 and no fine-tuning leave the scales far from sparse, 18% test
+accuracy after removal; 5 epochs at 1e-3 plus 5 fine-tune epochs, 98.6%.
 """
 
 from __future__ import annotations
