@@ -226,7 +226,7 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
 
     ``ratio`` is the fraction of channels removed from every prunable group (ranked within
     the group by ``criterion``), unless ``global_ranking`` ranks normalised scores across
-    groups. A budget replaces ``ratio``: ``target_flops``, ``target_params`` or
+    groups (``global_ranking="raw"``: the scores themselves, when they share one scale). A budget replaces ``ratio``: ``target_flops``, ``target_params`` or
     ``target_latency`` (the fraction kept, e.g. 0.5) is met by bisecting the ratio; latency is
     estimated from a per-layer table measured on the model's device
     (:func:`prunekit.measure.latency_table.build_latency_table`; pass ``latency_table`` to

@@ -42,7 +42,7 @@ class PruneConfig:
     ``criterion`` (a registered name or a callable ``(model, group, **criterion_kwargs) ->
     scores``); ``ratios`` maps module names to their own ratio; ``ignore`` lists modules (names
     or objects) whose output channels stay; ``global_ranking`` ranks normalised scores across
-    groups; channel counts stay multiples of ``round_to`` and every group keeps at least
+    groups (``"raw"``: the scores as they are, for scores on one scale, e.g. learned gates); channel counts stay multiples of ``round_to`` and every group keeps at least
     ``min_channels``; at most ``max_repairs`` groups are kept after failed validation runs. One
     of ``target_flops`` / ``target_params`` / ``target_latency`` (the fraction kept) replaces
     ``ratio``; ``latency_table`` reuses a measured table for ``target_latency``.
@@ -58,7 +58,7 @@ class PruneConfig:
     criterion_kwargs: Mapping[str, Any] | None = None
     ignore: tuple[nn.Module | str, ...] | None = None
     ratios: Mapping[str, float] | None = None
-    global_ranking: bool = False
+    global_ranking: bool | str = False
     round_to: int = 1
     min_channels: int = 1
     max_repairs: int = 32
@@ -83,8 +83,8 @@ class PruneConfig:
         put("ignore", _ignore(self.ignore))
         ratios = _mapping(self.ratios, "ratios")
         put("ratios", {k: check_ratio(v, f"ratios[{k!r}]") for k, v in ratios.items()} if ratios else None)
-        if not isinstance(self.global_ranking, bool):
-            raise PruningError(f"global_ranking={self.global_ranking!r}: must be True or False")
+        if not (isinstance(self.global_ranking, bool) or self.global_ranking == "raw"):
+            raise PruningError(f"global_ranking={self.global_ranking!r}: must be True, False or 'raw'")
         put("round_to", _count(self.round_to, "round_to", 1, "channel counts are multiples of it"))
         put("min_channels", _count(self.min_channels, "min_channels", 1, "a group cannot lose all its channels"))
         put("max_repairs", _count(self.max_repairs, "max_repairs", 0, "the number of groups validation may keep"))

@@ -9,7 +9,7 @@ from typing import Any
 
 from prunekit.persist import atomic_write
 
-__all__ = ["plot_accuracy_vs_flops"]
+__all__ = ["plot_accuracy_vs_flops", "plot_gate_trajectory"]
 
 
 def plot_accuracy_vs_flops(points: Sequence[dict[str, Any]], path: str | os.PathLike[str], *,
@@ -43,6 +43,48 @@ def plot_accuracy_vs_flops(points: Sequence[dict[str, Any]], path: str | os.Path
     lo = min(ys) if ys else 0.0
     ax.set_ylim(max(0.0, lo - 5.0), 100.5)
     ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write(path, buf.getvalue())
+    return str(path)
+
+
+def plot_gate_trajectory(trajectory: Sequence[dict[str, Any]], path: str | os.PathLike[str], *,
+                         title: str = "keep fraction per group") -> str:
+    """Draw a training method's per-epoch trajectory and write the PNG to ``path`` atomically.
+
+    Each entry has ``epoch`` and ``keep`` (group name -> kept fraction) and either
+    ``expected`` with ``target`` (the expected budgeted fraction of soft masks against the
+    budget) or ``flops_above_threshold`` (Network Slimming). Left: one line per group; right:
+    the expected fraction against the target. Returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10.0, 4.0), dpi=110)
+    FigureCanvasAgg(fig)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    epochs = [t["epoch"] for t in trajectory]
+    names = list(trajectory[0]["keep"]) if trajectory else []
+    for name in names:
+        left.plot(epochs, [t["keep"].get(name, float("nan")) for t in trajectory], lw=1, alpha=0.8)
+    left.set_xlabel("epoch")
+    left.set_ylabel("kept fraction (mean gate value)")
+    left.set_ylim(-0.02, 1.02)
+    left.set_title(f"{title} ({len(names)} groups)")
+    left.grid(True, alpha=0.3)
+    if trajectory and "expected" in trajectory[0]:
+        right.plot(epochs, [t["expected"] for t in trajectory], marker="o", label="expected")
+        right.axhline(trajectory[0]["target"], color="tab:red", ls="--", label="target")
+        right.set_ylabel("expected fraction of the budgeted quantity")
+    elif trajectory:
+        right.plot(epochs, [t.get("flops_above_threshold") for t in trajectory], marker="o",
+                   label="FLOPs left after removing |gamma| < threshold")
+        right.set_ylabel("fraction of FLOPs")
+    right.set_xlabel("epoch")
+    right.set_ylim(0, 1.05)
+    right.grid(True, alpha=0.3)
+    right.legend(loc="best", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

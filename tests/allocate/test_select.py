@@ -49,3 +49,18 @@ def test_global_ranking_uses_normalised_scores() -> None:
 def test_check_ratio_rejects(bad) -> None:
     with pytest.raises(PruningError, match="opt"):
         check_ratio(bad, "opt")
+
+
+def test_raw_global_ranking_compares_the_scores_themselves() -> None:
+    """Hand computation: raw scores 0.1, 0.2 (group 0) and 5, 0.3, 7, 6 (group 1). One channel
+    to go: raw, 0.1 (group 0); normalised by the group means (0.15 and 3.075), group 1's 0.3
+    (0.1 of its mean) goes before group 0's 0.1 (0.67). Three to go: 0.1, then 0.2 is refused
+    (group 0 may lose at most 90% of 2 channels, i.e. 1), then 0.3 and 5."""
+    gs = [group(0, 2), group(1, 4)]
+    scores = [np.array([0.1, 0.2]), np.array([5.0, 0.3, 7.0, 6.0])]
+    out = select(gs, scores, ratio=0.5, global_ranking="raw")
+    assert out[0].tolist() == [0] and out[1].tolist() == [0, 1]
+    normalised = select(gs, scores, ratio=0.5, global_ranking=True)
+    assert normalised[1].tolist() == [0, 1] and normalised[0].tolist() == [0]
+    assert select(gs, scores, ratio=1 / 6, global_ranking="raw")[0].tolist() == [0]
+    assert select(gs, scores, ratio=1 / 6, global_ranking=True)[1].tolist() == [1]

@@ -74,3 +74,52 @@ def test_data_driven_pruning_needs_data(argv, needle, tmp_path, capsys) -> None:
                "--out", str(tmp_path / "o"), "--no-latency"])
     assert rc == 2
     assert needle in capsys.readouterr().err
+
+
+TRAINING = ["--model", "small_cnn", "--in-chans", "1", "--data", "digits", "--target-flops", "0.5", "--subset", "100",
+            "--batch-size", "50", "--no-latency", "--no-progress"]
+
+
+def test_prune_with_a_training_method(tmp_path) -> None:
+    """`--method scp --epochs 1 --val-size 40`: trained on digits, the report holds the
+    method's info (trajectory, budget), the plot is written and the checkpoints are gone."""
+    out = tmp_path / "scp"
+    rc = main(["prune", *TRAINING, "--method", "scp", "--epochs", "1", "--val-size", "40", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "scp" and report["recipe"]["finetune_epochs"] == 1
+    info = report["method_info"]
+    assert [t["epoch"] for t in info["trajectory"]] == [1]
+    assert "val_top1" in info["train"]["history"][0]  # --val-size gave a held-out loader
+    kept = report["after"]["flops"] / report["before"]["flops"]
+    assert 0.49 <= kept <= 0.5 and abs(info["budget"]["measured_flops"] - kept) < 1e-9
+    assert (out / "gates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / ".scp.training").exists()
+    assert "scp" in (out / "report.md").read_text()
+
+
+def test_a_killed_training_method_resumes_from_the_hidden_run_directory(tmp_path, monkeypatch, capsys) -> None:
+    """A run killed in its second epoch leaves .OUT.training; --resume finishes it with the
+    same weights as a run that was never killed; --resume without it is refused."""
+    from prunekit.methods import _training
+
+    assert main(["prune", *TRAINING, "--method", "dais", "--epochs", "2", "--out", str(tmp_path / "whole")]) == 0
+    assert main(["prune", *TRAINING, "--method", "dais", "--resume", "--out", str(tmp_path / "none")]) == 2
+    assert "--resume: no checkpoint.pt in" in capsys.readouterr().err
+    original = _training.Trajectory.on_epoch_end
+
+    def killed(self, model, epoch, record):  # dies after epoch 1's checkpoint, during epoch 2's
+        if epoch == 2:
+            raise KeyboardInterrupt
+        original(self, model, epoch, record)
+
+    monkeypatch.setattr(_training.Trajectory, "on_epoch_end", killed)
+    assert main(["prune", *TRAINING, "--method", "dais", "--epochs", "2", "--out", str(tmp_path / "cut")]) == 130
+    assert (tmp_path / ".cut.training" / "checkpoint.pt").is_file() and not (tmp_path / "cut" / "plan.json").exists()
+    monkeypatch.setattr(_training.Trajectory, "on_epoch_end", original)
+    assert main(["prune", *TRAINING, "--method", "dais", "--epochs", "2", "--resume", "--out", str(tmp_path / "cut")]) == 0
+    a, b = pk.load(tmp_path / "whole").state_dict(), pk.load(tmp_path / "cut").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    report = json.loads((tmp_path / "cut" / "report.json").read_text())
+    assert report["method_info"]["train"]["resumed_from_epoch"] == 1
+    assert "every other batch" in report["method_info"]["indicator_data"]

@@ -73,14 +73,16 @@ def _lowest(group: ChannelGroup, scores: np.ndarray, n: int, min_channels: int) 
 
 
 def select(groups: list[ChannelGroup], scores: list[np.ndarray], *, ratio: float,
-           ratios: Mapping[str, float] | None = None, global_ranking: bool = False, round_to: int = 1,
+           ratios: Mapping[str, float] | None = None, global_ranking: bool | str = False, round_to: int = 1,
            min_channels: int = 1, max_group_ratio: float = 0.9) -> list[np.ndarray]:
     """Pick the channels to remove, per group (sorted local indices).
 
     * uniform (default): ``floor(ratio * size)`` lowest-scored prunable channels of every group
       (``ratios`` overrides the ratio for groups produced by the named modules);
     * ``global_ranking``: scores are divided by their group mean and ranked across groups;
-      ``ratio`` of all channels go, no group losing more than ``max_group_ratio``.
+      ``ratio`` of all channels go, no group losing more than ``max_group_ratio``;
+    * ``global_ranking="raw"``: the same on the scores as they are, for scores already on one
+      scale across groups (learned gates, log-odds, BN scales: a global threshold).
     ``round_to`` keeps channel counts multiples of it; every group keeps ``min_channels``.
     """
     if round_to < 1:
@@ -98,7 +100,7 @@ def select(groups: list[ChannelGroup], scores: list[np.ndarray], *, ratio: float
     for gi, (g, s) in enumerate(zip(groups, scores)):
         if g.n_prunable == 0:
             continue
-        norm = s / (np.mean(s[g.prunable]) + 1e-12)
+        norm = s if global_ranking == "raw" else s / (np.mean(s[g.prunable]) + 1e-12)
         for c in np.flatnonzero(g.prunable):
             entries.append((norm[c], gi, c))
     entries.sort()

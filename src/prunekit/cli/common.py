@@ -116,6 +116,12 @@ TRAIN_OPTIONS: OptionTable = [
     ("--amp", "amp", None, "mixed precision (bf16, else fp16) on CUDA"),
     ("--channels-last", "channels_last", None, "channels-last memory format on CUDA"),
     ("--grad-clip", "grad_clip", float, "clip the gradient norm to this value")]
+FINETUNE_OPTIONS: OptionTable = [
+    ("--epochs", "finetune_epochs", int, "fine-tuning epochs (prune: the training epochs of a method that prunes "
+     "while training: slimming, scp, dais)"),
+    ("--lr", "finetune_lr", float, "peak learning rate of the fine-tuning (prune: of a method's training)")]
+"""``--epochs``/``--lr`` of the commands that fine-tune a trained model (``finetune``, and ``prune``
+with a training method, whose training is that fine-tune): the recipe's fine-tuning keys."""
 SHAPE_OPTIONS: OptionTable = [
     ("--input-shape", "input_shape", str,
      "example input shape, batch first, e.g. 1,3,32,32 (default: from the data or saved model)")]
@@ -225,6 +231,14 @@ def add_trust_code_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-code", action="store_true",
                    help="let a run directory's plan.json name a Python file (path/to/file.py:build) that is "
                    "imported and run to build the model; only for runs from a source you trust")
+
+
+def add_val_size_option(p: argparse.ArgumentParser, what: str) -> None:
+    """Add ``--val-size N``: images held out of the training split as the 'val' split
+    (class-balanced, a fixed choice; the training split then excludes them); ``what`` says
+    what the command does with them."""
+    p.add_argument("--val-size", type=int, default=0,
+                   help=f"images held out of the training split as 'val' (class-balanced, fixed choice){what}")
 
 
 def check_resume(out: str) -> None:
@@ -434,8 +448,74 @@ def prune_with_recipe(model: Any, x: Any, r: Recipe) -> tuple[Any, Any]:
         if r.method:  # a method chooses its criterion; iterative takes the recipe's as an argument
             extra = {"criterion": r.criterion} if r.method == "iterative" else {}
             res = methods.get(r.method)(model, x, loader=loader, batches=r.calib_batches, config=cfg, **extra)
-            return res.model, dataclasses.replace(res.plan, meta={**res.plan.meta, "method": r.method})
+            return res.model, _method_plan(res, r)
         ctx = {"loader": loader, "batches": r.calib_batches} if loader is not None else None
         return pk.prune(model, x, cfg, criterion_kwargs=ctx, return_plan=True)
     except (ValueError, KeyError) as exc:  # PruningError is a ValueError
         raise CliError(str(exc.args[0] if exc.args else exc)) from None
+
+
+def _method_plan(res: Any, r: Recipe) -> Any:
+    """The method's plan with the method's name in its metadata."""
+    return dataclasses.replace(res.plan, meta={**res.plan.meta, "method": r.method})
+
+
+def method_trains(name: str | None) -> bool:
+    """Whether the method ``name`` prunes while training (its function has ``trains = True``);
+    False without a method; an unknown name is a :class:`CliError` listing the methods."""
+    if not name:
+        return False
+    from prunekit import methods
+
+    try:
+        return bool(getattr(methods.get(name), "trains", False))
+    except KeyError as exc:
+        raise CliError(f"--method {name}: {exc.args[0]}") from None
+
+
+def training_dir(out: str) -> Path:
+    """Where a training method's checkpoints live while it runs: the hidden sibling
+    ``.NAME.training`` of ``--out``, which survives a kill (``--resume`` continues from it)
+    and is removed once the run is written."""
+    path = Path(out).expanduser()
+    return path.parent / f".{path.name}.training"
+
+
+def prune_while_training(model: Any, r: Recipe, args: argparse.Namespace, spec: str, plan0: Any) -> tuple[Any, Any, Any, tuple[int, ...]]:
+    """Run the training method ``r.method`` (see :func:`method_trains`): the training split
+    with augmentation (less ``--val-size`` held-out images, passed as ``val_loader`` when
+    given), ``finetune_epochs`` epochs (``--epochs``) of :func:`train_config` with
+    ``finetune=True``, checkpoints in :func:`training_dir` (``--resume`` continues them).
+    Returns ``(pruned model, plan, the method's info, example input shape)``; bad options are
+    a :class:`CliError`."""
+    import torch
+
+    from prunekit import methods
+    from prunekit.zoo import make_loader
+
+    if not r.data:
+        raise CliError(f"--method {r.method} trains the network: pass --data SPEC (digits, cifar10:PATH, ...)")
+    val_size = int(getattr(args, "val_size", 0) or 0)
+    if val_size < 0:
+        raise CliError(f"--val-size {val_size}: must be >= 0")
+    work = training_dir(args.out)
+    if getattr(args, "resume", False):
+        check_resume(str(work))
+    train_info = load_data(r, "train", r.subset, val_size=val_size)
+    check_in_chans(r, train_info, plan0, f"saved in --model {r.model}" if plan0 is not None else "from --in-chans")
+    val_loader = None
+    if val_size:
+        val_info = load_data(r, "val", val_size=val_size)
+        val_loader = make_loader(val_info, batch_size=r.batch_size, shuffle=True, seed=r.seed + 1, num_workers=r.workers)
+    loader = make_loader(train_info, batch_size=r.batch_size, shuffle=True, seed=r.seed, num_workers=r.workers)
+    shape = example_shape(r, model, spec, plan0, train_info)
+    device = default_device()
+    try:
+        res = methods.get(r.method)(model.to(device).eval(), torch.randn(*shape, device=device), loader=loader,
+                                    val_loader=val_loader, epochs=r.finetune_epochs,
+                                    train_config=train_config(r, finetune=True), run_dir=work,
+                                    resume=bool(getattr(args, "resume", False)),
+                                    progress=not getattr(args, "no_progress", False), config=prune_options(r))
+    except (ValueError, KeyError) as exc:  # PruningError is a ValueError
+        raise CliError(str(exc.args[0] if exc.args else exc)) from None
+    return res.model.cpu(), _method_plan(res, r), res.info, shape

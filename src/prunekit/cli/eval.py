@@ -15,6 +15,7 @@ from prunekit.cli.common import (
     accuracy,
     add_recipe_options,
     add_trust_code_option,
+    add_val_size_option,
     check_in_chans,
     default_device,
     example_shape,
@@ -64,8 +65,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--model", required=True, help=MODEL_HELP + ", or a directory saved by prunekit")
     p.add_argument("--weights", default=None, help="state-dict file (.pt/.safetensors) for a --model spec")
     p.add_argument("--split", default="test", choices=("train", "test", "val"), help="data split (default test); 'val' is --val-size images held out of train")
-    p.add_argument("--val-size", type=int, default=0,
-                   help="images held out of the training split as 'val' (class-balanced, fixed choice)")
+    add_val_size_option(p, "")
     p.add_argument("--recipe", default=None, help="YAML recipe (for data, sizes); flags override it")
     add_recipe_options(p, DATA_OPTIONS + [o for o in TRAIN_OPTIONS if o[1] == "seed"] + SHAPE_OPTIONS)
     p.add_argument("--latency-batch", type=int, default=64, help="the larger batch size for latency/throughput (default 64)")

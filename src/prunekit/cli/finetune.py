@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prunekit.cli.common import (
     DATA_OPTIONS,
+    FINETUNE_OPTIONS,
     SHAPE_OPTIONS,
     TRAIN_OPTIONS,
     CliError,
@@ -94,8 +95,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    "train output) or a model spec with --teacher-weights (default: no distillation)")
     p.add_argument("--teacher-weights", default=None, help="state-dict file (.pt/.safetensors) for a --teacher spec")
     add_run_options(p)
-    ft = [("--epochs", "finetune_epochs", int, "fine-tuning epochs"), ("--lr", "finetune_lr", float, "peak learning rate")]
-    add_recipe_options(p, DATA_OPTIONS + ft + [o for o in TRAIN_OPTIONS if o[1] not in ("epochs", "lr")] + KD_OPTIONS + SHAPE_OPTIONS)
+    add_recipe_options(p, DATA_OPTIONS + FINETUNE_OPTIONS + [o for o in TRAIN_OPTIONS if o[1] not in ("epochs", "lr")]
+                       + KD_OPTIONS + SHAPE_OPTIONS)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly; refused when OUT "
                    "has no readable checkpoint.pt (nothing is trained or written)")
     add_trust_code_option(p)

@@ -10,19 +10,26 @@ import argparse
 import time
 
 from prunekit.cli.common import (
+    DATA_OPTIONS,
+    FINETUNE_OPTIONS,
+    TRAIN_OPTIONS,
     CliError,
     OptionTable,
     add_model_options,
     add_recipe_options,
     add_trust_code_option,
+    add_val_size_option,
     example_shape,
     load_model,
+    method_trains,
     output_dir,
     print_summary,
     profile_report,
+    prune_while_training,
     prune_with_recipe,
     resolve_recipe,
     run_meta,
+    training_dir,
     write_run,
 )
 
@@ -34,7 +41,8 @@ PRUNE_OPTIONS: OptionTable = [
     ("--target-latency", "target_latency", float,
      "fraction of the latency to keep, from a per-layer latency table measured on this machine"),
     ("--method", "method", str, "a published method instead of plain criterion pruning: channel_pruning "
-     "(LASSO + least squares), cap (compensation, no fine-tuning), ucp, functionality, iterative"),
+     "(LASSO + least squares), cap (compensation, no fine-tuning), ucp, functionality, iterative; or one that "
+     "prunes while training (slimming, scp, dais: trained on --data for --epochs, checkpointed every epoch)"),
     ("--data", "data", str, "data set whose training split calibrates data-driven criteria and methods "
      "(digits, cifar10:PATH, fashion-mnist:PATH, ...)"),
     ("--calib-batches", "calib_batches", int, "calibration batches (training split) for data-driven "
@@ -58,29 +66,70 @@ def run(args: argparse.Namespace) -> int:
     r = resolve_recipe(args)
     if not r.model:
         raise CliError("no model: pass --model SPEC or set model: in the recipe")
+    torch.manual_seed(r.seed)  # a model built from a spec starts from the same weights every run (and resume)
     model, plan0 = load_model(r.model, num_classes=r.num_classes, in_chans=r.in_chans, trust_code=args.trust_code)
     if plan0 is not None and not plan0.is_empty:
         raise CliError(f"--model {r.model}: already pruned; prune the unpruned model it came from instead")
     spec = plan0.meta.get("model_spec", r.model) if plan0 is not None else r.model
     meta0 = plan0.meta if plan0 is not None else {}
     nc, ic = r.num_classes or meta0.get("num_classes"), r.in_chans or meta0.get("in_chans")
-    shape = example_shape(r, model, spec, plan0)
-    x = torch.randn(*shape)
+    trains = method_trains(r.method)
+    info = None
     t0 = time.perf_counter()
-    small, plan = prune_with_recipe(model.eval(), x, r)
+    if trains:  # the data decide the example shape unless --input-shape does
+        small, plan, info, shape = prune_while_training(model, r, args, spec, plan0)
+    else:
+        shape = example_shape(r, model, spec, plan0)
+        small, plan = prune_with_recipe(model.eval(), torch.randn(*shape), r)
     seconds = time.perf_counter() - t0
     out = output_dir(args.out)  # only once the input is known to be good
     before, after = profile_report(model, shape, args), profile_report(small, shape, args)
+    report = {"command": "prune", "model": spec, "input_shape": list(shape), "ratio": plan.meta.get("ratio"),
+              "target_flops": r.target_flops, "criterion": r.criterion, "method": r.method, "data": r.data,
+              "prune_seconds": seconds, "before": before, "after": after, "plan": plan.meta}
+    notes = []
+    if info is not None:
+        report["method_info"] = info
+        notes = training_notes(info)
     with atomic_directory(out) as run:  # the whole run replaces --out at once (see prunekit.persist)
         write_model(small, plan, run, model_spec=spec, extra=run_meta(shape, nc, ic))
-        write_run(run, r, {"command": "prune", "model": spec, "input_shape": list(shape), "ratio": plan.meta.get("ratio"),
-                           "target_flops": r.target_flops, "criterion": r.criterion, "method": r.method, "data": r.data,
-                           "prune_seconds": seconds, "before": before, "after": after, "plan": plan.meta}, command="prune")
+        write_run(run, r, report, notes=notes, command="prune")
+        if info is not None and info.get("trajectory"):
+            from prunekit.plot import plot_gate_trajectory
+
+            plot_gate_trajectory(info["trajectory"], run / "gates.png", title=f"{r.method}: keep fraction per group")
+    if trains:
+        import shutil
+
+        shutil.rmtree(training_dir(args.out), ignore_errors=True)  # the run is written: its checkpoints are done
     print_summary([("before", before, {}), ("after", after, {})])
     print(f"pruned {plan.meta.get('groups_pruned', 0)}/{plan.meta.get('groups', 0)} groups (ratio "
           f"{plan.meta.get('ratio', 0):.3f}) in {seconds:.2f} s; saved to {out}/ (model.safetensors, plan.json, "
           f"report.json, report.md, recipe.yaml)")
     return 0
+
+
+def training_notes(info: dict) -> list[str]:
+    """Report lines of a training method: epochs, the budget reached and expected, the groups
+    scored otherwise than the method's name says, the indicators' binarisation."""
+    b = info.get("budget", {})
+    lines = [f"Trained {info.get('train', {}).get('epochs')} epoch(s) with `{info.get('method')}`"
+             + (f" (resumed from epoch {info['train']['resumed_from_epoch']})"
+                if info.get("train", {}).get("resumed_from_epoch") else "") + "."]
+    if b:
+        line = f"Budget: {b.get('kind')} target {b.get('target'):.4g}, selected {b.get('selected'):.4g}"
+        if "expected_end" in b:
+            line += f", expected at the end of training {b['expected_end']:.4g}"
+        lines.append(line + f"; measured FLOPs {b.get('measured_flops'):.4g} of the original.")
+    for key in ("logit_groups", "criterion_fallbacks"):
+        if info.get(key):
+            lines.append(f"{key.replace('_', ' ')}: {', '.join(map(str, info[key]))}")
+    if "binary_fraction" in info:
+        lines.append(f"Indicators within 0.01 of 0 or 1 at the end: {100 * info['binary_fraction']:.1f}% "
+                     f"(data: {info.get('indicator_data')}).")
+    if info.get("trajectory"):
+        lines.append("Keep fraction per group over training: gates.png; per epoch in report.json (method_info.trajectory).")
+    return lines
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -99,5 +148,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of this (default 1)")
     p.add_argument("--out", required=True, help="output directory (created; existing files are replaced atomically)")
     add_recipe_options(p, PRUNE_OPTIONS)
+    # Training methods (slimming, scp, dais): the options of a fine-tune, which their training is.
+    add_recipe_options(p, FINETUNE_OPTIONS + [o for o in TRAIN_OPTIONS if o[1] not in ("epochs", "lr")]
+                       + [o for o in DATA_OPTIONS if o[1] in ("image_size", "subset", "workers")])
+    add_val_size_option(p, "; a training method trains its indicators or reports on them (dais: without it, on "
+                        "every other training batch)")
+    p.add_argument("--resume", action="store_true", help="continue a training method's run killed before it was "
+                   "written (its checkpoints are kept in .OUT.training beside --out until then)")
+    p.add_argument("--no-progress", action="store_true", help="hide the training progress bars")
     add_trust_code_option(p)
     p.set_defaults(func=run)

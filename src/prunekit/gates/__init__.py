@@ -14,9 +14,13 @@ Gate values then become the scores of the ordinary allocator (:func:`prune_with_
 so budgets, ``round_to``, ``min_channels`` and ``ignore`` hold as for any criterion.
 
 Gate kinds are registry plug-ins (:func:`register_gate`): ``scale`` (a plain multiplier
-starting at 1, the original function exactly) and ``logit`` (``sigmoid(logit / T)`` with a
-temperature buffer that schedules can anneal). Input-dependent kinds (squeeze-excitation
-style) override :meth:`Gate.multiplier` and are not foldable.
+starting at 1, the original function exactly), ``logit`` (``sigmoid(logit / T)`` with a
+temperature buffer that schedules can anneal) and ``scp`` (a relaxed-Bernoulli mask driven
+by the probability that a BatchNorm -> ReLU pair passes the channel, :mod:`prunekit.gates.scp`).
+Stochastic kinds keep their expectation apart (:meth:`Gate.expected_values`): it is what
+:meth:`GateSet.mask` gives the cost model and what :meth:`GateSet.fold` folds.
+Input-dependent kinds (squeeze-excitation style) override :meth:`Gate.multiplier` and are
+not foldable.
 
 >>> import torch, torchvision, prunekit as pk
 >>> from prunekit.gates import attach_gates
@@ -77,9 +81,20 @@ class Gate(nn.Module):
         shape ``(size,)`` (same for every sample) or ``(batch, size)``."""
         return self.values()
 
+    def expected_values(self) -> Tensor:
+        """The expectation of :meth:`values` over the gate's own randomness, shape ``(size,)``:
+        the values themselves for deterministic kinds (the default); a stochastic kind (a
+        sampled mask) returns its mean, which the cost model and :meth:`GateSet.fold` use."""
+        return self.values()
+
     def importance(self) -> np.ndarray:
         """Channel scores for allocation (higher = keep)."""
         return self.values().detach().double().cpu().numpy()
+
+    def set_identity(self) -> None:
+        """Make the gate multiply by exactly 1 (after :meth:`GateSet.fold` moved its values
+        into the layers). Kinds that cannot raise :class:`PruningError` (the default)."""
+        raise PruningError(f"gate kind {type(self).__name__} cannot be set to 1 after folding")
 
 
 @register_gate("scale")
@@ -98,6 +113,11 @@ class ScaleGate(Gate):
         """|multiplier| (a negative scale keeps a channel as much as a positive one)."""
         return self.weight.detach().abs().double().cpu().numpy()
 
+    @torch.no_grad()
+    def set_identity(self) -> None:
+        """Multipliers back to 1."""
+        self.weight.fill_(1.0)
+
 
 @register_gate("logit")
 class LogitGate(Gate):
@@ -113,6 +133,16 @@ class LogitGate(Gate):
     def values(self) -> Tensor:
         """The soft mask."""
         return torch.sigmoid(self.logit / self.temperature)
+
+    def importance(self) -> np.ndarray:
+        """``logit / temperature``: ranks the channels as the mask does, without the ties a
+        saturated sigmoid makes once the temperature is annealed towards 0."""
+        return (self.logit.detach().double() / self.temperature.double()).cpu().numpy()
+
+    @torch.no_grad()
+    def set_identity(self) -> None:
+        """``logit = inf``: sigmoid(inf) = 1 at any temperature."""
+        self.logit.fill_(float("inf"))
 
 
 class _Site:
@@ -161,38 +191,56 @@ class GateSet(nn.Module):
         """The gate of group ``group_index`` (KeyError if it has none)."""
         return self.gates[str(group_index)]  # type: ignore[return-value]
 
+    def sites(self, group_index: int) -> list[tuple[str, nn.Module, Tensor]]:
+        """Where group ``group_index``'s gate multiplies: ``(module name, module, index)`` per
+        site, ``index[i]`` the gate entry of the module's output position ``i`` along its
+        channel dim (the gate's size for positions of other groups)."""
+        return [(s.name, s.module, s.index) for s in self._sites if s.group == group_index]
+
     def scores(self, groups: list[Any]) -> list[np.ndarray | None]:
         """Importance per channel for every group of ``groups`` (None for a group without a gate)."""
         return [self.gates[str(g.index)].importance() if str(g.index) in self.gates else None  # type: ignore[operator]
                 for g in groups]
 
     def mask(self, groups: list[Any]) -> Tensor:
-        """The gate values of every channel of ``groups`` concatenated (1 for ungated
-        groups): the keep mask the cost model (:class:`prunekit.allocate.cost.CostModel`)
-        takes, differentiable in the gates. Input-dependent kinds are not supported here."""
+        """The expected gate values (:meth:`Gate.expected_values`) of every channel of
+        ``groups`` concatenated (1 for ungated groups), as float64 on the CPU: the keep mask
+        the cost model (:class:`prunekit.allocate.cost.CostModel`, a CPU model) takes,
+        differentiable in the gates. Input-dependent kinds are not supported here."""
         parts = []
         for g in groups:
             key = str(g.index)
-            parts.append(self.gates[key].values() if key in self.gates else torch.ones(g.size))  # type: ignore[operator]
-        return torch.cat([p.to(torch.float64) for p in parts])
+            parts.append(self.gates[key].expected_values() if key in self.gates  # type: ignore[operator]
+                         else torch.ones(g.size))
+        # .to() is differentiable, so gates on a GPU still get the cost's gradient.
+        return torch.cat([p.to("cpu", torch.float64) for p in parts])
 
     @torch.no_grad()
     def fold(self) -> None:
         """Multiply every gate's values into the layers it scales (the output slices of a
         producer's weight and bias, a norm's affine weight and bias), so that the model
-        computes the same function once the gates are detached; then set the gates to 1 if
-        they are ``scale`` gates. Raises PruningError for input-dependent gates or a site
-        without an affine weight."""
+        computes the same function once the gates are detached; then set every gate to 1
+        (:meth:`Gate.set_identity`). Stochastic gates fold their expectation
+        (:meth:`Gate.expected_values`). Raises PruningError for input-dependent gates or a
+        site without an affine weight."""
+        # Every gate's values are taken before any layer changes: a kind whose values are
+        # computed from the layers it scales (``scp`` reads its BatchNorm) must not see a
+        # half-folded model.
+        folded: dict[int, Tensor] = {}
         for site in self._sites:
             gate = self.gate(site.group)
             if not gate.foldable:
                 raise PruningError(f"gate of group {site.group}: kind {type(gate).__name__} depends on the input "
                                    "and cannot be folded; detach without folding")
+            if site.group not in folded:
+                folded[site.group] = gate.expected_values().detach()
+        for site in self._sites:
             out_dim = site.weight_dims[0]
             weight = getattr(site.module, "weight", None)
             if out_dim is None or not isinstance(weight, Tensor):
                 raise PruningError(f"gate at '{site.name}': the module has no weight to fold the gate into")
-            vals = torch.cat([gate.values().detach(), torch.ones(1)]).index_select(0, site.index)
+            vals = folded[site.group]
+            vals = torch.cat([vals, vals.new_ones(1)]).index_select(0, site.index.to(vals.device))
             shape = [1] * weight.ndim
             shape[out_dim] = -1
             weight.mul_(vals.view(shape).to(weight))
@@ -200,10 +248,7 @@ class GateSet(nn.Module):
             if isinstance(bias, Tensor):
                 bias.mul_(vals.to(bias))
         for gate in self.gates.values():
-            if isinstance(gate, ScaleGate):
-                gate.weight.fill_(1.0)
-            elif isinstance(gate, LogitGate):
-                gate.logit.fill_(float("inf"))  # sigmoid(inf) = 1: the folded model stays exact while attached
+            gate.set_identity()  # type: ignore[operator]  # the folded model stays exact while attached
 
     def detach(self) -> None:
         """Remove the hooks and the ``prunekit_gate_*`` submodules: the original module tree."""
@@ -307,5 +352,11 @@ def prune_with_gates(model: nn.Module, example_inputs: Any, gates: GateSet, grap
     gates.detach()
     import prunekit as pk
 
-    return pk.prune(model, example_inputs, graph=graph, criterion=lambda m, g, **c: scores[g.index],
-                    return_plan=True, **prune_options)
+    def gates(m: nn.Module, g: Any, **ctx: Any) -> np.ndarray:
+        """The learned gate values (the plan's criterion label)."""
+        return scores[g.index]
+
+    return pk.prune(model, example_inputs, graph=graph, criterion=gates, return_plan=True, **prune_options)
+
+
+from prunekit.gates import scp as _scp  # noqa: E402,F401  (registers the ``scp`` kind; it subclasses Gate)

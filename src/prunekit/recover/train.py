@@ -43,7 +43,7 @@ from prunekit.recover.evaluate import evaluate
 from prunekit.recover.losses import distillation_loss
 from prunekit.runtime import infer_device as model_device  # the model's device, CPU for one without tensors
 
-__all__ = ["CHECKPOINT_NAME", "LOG_NAME", "TrainConfig", "TrainResult", "evaluate", "train"]
+__all__ = ["CHECKPOINT_NAME", "LOG_NAME", "TrainConfig", "TrainResult", "evaluate", "steps_per_epoch", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _steps_per_epoch(loader: Iterable, cfg: TrainConfig) -> int:
+def steps_per_epoch(loader: Iterable, cfg: TrainConfig) -> int:
     """Optimizer steps per epoch: ``len(loader)`` capped by ``max_steps_per_epoch``."""
     try:
         n = len(loader)  # type: ignore[arg-type]
@@ -293,7 +293,7 @@ def train(
     if teacher is not None:
         teacher = unwrap_model(teacher).to(device).eval()
     autocast, scaler = _amp_setup(device, cfg)
-    steps = _steps_per_epoch(train_loader, cfg)
+    steps = steps_per_epoch(train_loader, cfg)
     optimizer = build_optimizer(model, cfg)
     stateful = list(callbacks or ())
     every = stateful + [_HookCallback(h) for h in hooks or ()]
