@@ -64,6 +64,19 @@ def test_prune_with_a_method_and_calibration_data(tmp_path) -> None:
     assert plan.meta["method"] == "cap"
 
 
+@pytest.mark.parametrize("method", ["cap", "svd", "block_drop"])
+def test_a_spec_model_takes_its_channels_and_input_size_from_the_data(method, tmp_path, capsys) -> None:
+    """No --in-chans / --input-shape: the model is built for the 1-channel 16 px digits it is calibrated on."""
+    out = tmp_path / method
+    rc = main(["prune", "--model", "small_cnn", "--data", "digits", "--method", method, "--target-flops", "0.7",
+               "--calib-batches", "2", "--out", str(out), "--no-latency"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["input_shape"] == [1, 1, 16, 16]
+    assert report["after"]["flops"] < report["before"]["flops"]
+    assert ("replaced" in capsys.readouterr().out) == (method == "svd")  # the summary says what the plan did
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--method", "cap"], "--method cap needs calibration data"),
     (["--criterion", "taylor"], "--criterion taylor needs calibration data"),

@@ -143,7 +143,7 @@ def test_l1_pulls_the_factors_down_and_records_their_trajectory() -> None:
     runs = {l1: methods.get("resconv")(model, X, loader=_batches(), train_config=cfg, l1=l1) for l1 in (0.0, 2.0)}
     mean = {l1: sum(abs(v) for v in r.info["factors"].values()) / 4 for l1, r in runs.items()}
     assert mean[2.0] < mean[0.0] - 0.1  # 6 steps of lr 0.05 * 2.0 pull each |s| down by up to 0.6
-    traj = runs[2.0].info["trajectory"]
+    traj = runs[2.0].info["factor_trajectory"]
     assert len(traj) == 2 and traj[-1] == runs[2.0].info["factors"]
 
 
@@ -186,7 +186,7 @@ def test_resume_continues_the_training_exactly(tmp_path) -> None:
     resumed = methods.get("resconv")(model, X, loader=_batches(), train_config=cfg, run_dir=tmp_path / "b",
                                      resume=True)
     assert resumed.info["factors"] == whole.info["factors"]
-    assert resumed.info["trajectory"] == whole.info["trajectory"]
+    assert resumed.info["factor_trajectory"] == whole.info["factor_trajectory"]
 
 
 def test_resnet18_budget_ignore_save_and_load(tmp_path) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
+from typing import Any
 
 from prunekit.cli.common import (
     DATA_OPTIONS,
@@ -20,6 +22,7 @@ from prunekit.cli.common import (
     add_trust_code_option,
     add_val_size_option,
     example_shape,
+    load_data,
     load_model,
     method_trains,
     output_dir,
@@ -68,19 +71,24 @@ def run(args: argparse.Namespace) -> int:
     if not r.model:
         raise CliError("no model: pass --model SPEC or set model: in the recipe")
     torch.manual_seed(r.seed)  # a model built from a spec starts from the same weights every run (and resume)
-    model, plan0 = load_model(r.model, num_classes=r.num_classes, in_chans=r.in_chans, trust_code=args.trust_code)
+    nc0, ic0, data_info = r.num_classes, r.in_chans, None
+    if r.data and (nc0 is None or ic0 is None) and not Path(r.model).expanduser().is_dir():
+        data_info = load_data(r, "train")  # a model built from a spec fits the data it is calibrated/trained on
+        nc0, ic0 = nc0 or data_info.num_classes, ic0 or data_info.in_chans
+        torch.manual_seed(r.seed)
+    model, plan0 = load_model(r.model, num_classes=nc0, in_chans=ic0, trust_code=args.trust_code)
     if plan0 is not None and not plan0.is_empty:
         raise CliError(f"--model {r.model}: already pruned; prune the unpruned model it came from instead")
     spec = plan0.meta.get("model_spec", r.model) if plan0 is not None else r.model
     meta0 = plan0.meta if plan0 is not None else {}
-    nc, ic = r.num_classes or meta0.get("num_classes"), r.in_chans or meta0.get("in_chans")
+    nc, ic = nc0 or meta0.get("num_classes"), ic0 or meta0.get("in_chans")
     trains = method_trains(r.method)
     info = None
     t0 = time.perf_counter()
     if trains:  # the data decide the example shape unless --input-shape does
         small, plan, info, shape = prune_while_training(model, r, args, spec, plan0)
     else:
-        shape = example_shape(r, model, spec, plan0)
+        shape = example_shape(r, model, spec, plan0, data_info)
         small, plan = prune_with_recipe(model.eval(), torch.randn(*shape), r)
     seconds = time.perf_counter() - t0
     out = output_dir(args.out)  # only once the input is known to be good
@@ -104,10 +112,26 @@ def run(args: argparse.Namespace) -> int:
 
         shutil.rmtree(training_dir(args.out), ignore_errors=True)  # the run is written: its checkpoints are done
     print_summary([("before", before, {}), ("after", after, {})])
-    print(f"pruned {plan.meta.get('groups_pruned', 0)}/{plan.meta.get('groups', 0)} groups (ratio "
-          f"{plan.meta.get('ratio', 0):.3f}) in {seconds:.2f} s; saved to {out}/ (model.safetensors, plan.json, "
+    print(f"{plan_summary(plan)} in {seconds:.2f} s; saved to {out}/ (model.safetensors, plan.json, "
           f"report.json, report.md, recipe.yaml)")
     return 0
+
+
+def plan_summary(plan: Any) -> str:
+    """One line on what a plan did: groups pruned (channel steps) and layers replaced or dropped."""
+    from prunekit.plan import Drop, Replace
+
+    parts = []
+    if plan.meta.get("groups_pruned") or not any(isinstance(st, (Replace, Drop)) for st in plan.steps):
+        parts.append(f"pruned {plan.meta.get('groups_pruned', 0)}/{plan.meta.get('groups', 0)} groups "
+                     f"(ratio {plan.meta.get('ratio', 0):.3f})")
+    replaced = sum(isinstance(st, Replace) for st in plan.steps)
+    dropped = sum(isinstance(st, Drop) for st in plan.steps)
+    if replaced:
+        parts.append(f"replaced {replaced} layer{'s' if replaced > 1 else ''}")
+    if dropped:
+        parts.append(f"dropped {dropped} module{'s' if dropped > 1 else ''}")
+    return ", ".join(parts)
 
 
 def training_notes(info: dict) -> list[str]:
@@ -118,10 +142,13 @@ def training_notes(info: dict) -> list[str]:
              + (f" (resumed from epoch {info['train']['resumed_from_epoch']})"
                 if info.get("train", {}).get("resumed_from_epoch") else "") + "."]
     if b:
-        line = f"Budget: {b.get('kind')} target {b.get('target'):.4g}, selected {b.get('selected'):.4g}"
+        def num(v: Any) -> str:
+            return f"{v:.4g}" if isinstance(v, (int, float)) else "n/a"
+
+        line = f"Budget: {b.get('kind')} target {num(b.get('target'))}, selected {num(b.get('selected'))}"
         if "expected_end" in b:
-            line += f", expected at the end of training {b['expected_end']:.4g}"
-        lines.append(line + f"; measured FLOPs {b.get('measured_flops'):.4g} of the original.")
+            line += f", expected at the end of training {num(b['expected_end'])}"
+        lines.append(line + f"; measured FLOPs {num(b.get('measured_flops'))} of the original.")
     for key in ("logit_groups", "criterion_fallbacks"):
         if info.get(key):
             lines.append(f"{key.replace('_', ' ')}: {', '.join(map(str, info[key]))}")

@@ -347,7 +347,7 @@ def default_train_config(epochs: int) -> TrainConfig:
 def resconv(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None = None,
             val_loader: Iterable[Any] | None = None, epochs: int | None = None, train_config: TrainConfig | None = None,
             run_dir: str | None = None, resume: bool = False, l1: float = 1e-3, threshold: float = 1e-2,
-            init_scale: float = 1.0, batches: int | None = None, **kwargs: Any) -> MethodResult:
+            init_scale: float = 1.0, batches: int | None = None, progress: bool = False, **kwargs: Any) -> MethodResult:
     """Convert the eligible convs to ResConv blocks, train with L1 on their factors, remove
     the layers whose factor is small and fuse the rest back into plain convs.
 
@@ -383,7 +383,7 @@ def resconv(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | No
 
     wrapped, sites, skipped = convert(model, example_inputs, ignore=ignore, init_scale=opts.init_scale)  # 1
     result = train(wrapped, loader if loader is not None else [], tcfg, val_loader=val_loader,  # 2
-                   run_dir=run_dir, resume=resume, progress=False,
+                   run_dir=run_dir, resume=resume, progress=progress,
                    callbacks=[FactorL1([s.conv for s in sites], opts.l1)])
     wrapped.eval()
     removed, rule, reached = choose_removed(model, example_inputs, wrapped, sites, cfg, opts.threshold, by_ratio)  # 3
@@ -400,7 +400,7 @@ def resconv(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | No
         "options": dataclasses.asdict(opts),
         "flops_kept": count_flops(small, example_inputs) / max(1, count_flops(model, example_inputs)),
         "params_kept": count_params(small) / max(1, count_params(model)),
-        "trajectory": [h.get("resconv_factors") for h in result.history],
+        "factor_trajectory": [h.get("resconv_factors") for h in result.history],
         "train": result.final, "epochs": tcfg.epochs,
     }
     if reached is not None:

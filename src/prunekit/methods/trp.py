@@ -206,7 +206,7 @@ _OWN = {f.name for f in dataclasses.fields(TRPConfig)}
 def trp(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None = None,
         val_loader: Iterable[Any] | None = None, epochs: int | None = None, train_config: TrainConfig | None = None,
         run_dir: str | Path | None = None, resume: bool = False, options: TRPConfig | None = None,
-        batches: int = 8, **kwargs: Any) -> MethodResult:
+        batches: int = 8, progress: bool = False, **kwargs: Any) -> MethodResult:
     """Train ``model`` (a copy) with TRP for ``epochs`` epochs of ``loader``, decompose it and
     optionally fine-tune it (module docstring); returns the factorised model, its plan (Replace
     steps relative to the original architecture) and ``info``.
@@ -243,7 +243,7 @@ def trp(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None =
                            nuclear_weight=opts.nuclear_weight, project=opts.project)
     run = Path(run_dir) if run_dir is not None else None
     history = train(work, loader, cfg, val_loader=val_loader, run_dir=run / "trp" if run else None, resume=resume,
-                    progress=False, callbacks=[callback]).history
+                    progress=progress, callbacks=[callback]).history
     work.eval()
     rule: dict[str, Any]
     if target is not None:
@@ -261,7 +261,7 @@ def trp(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None =
     if opts.finetune_epochs > 0:
         ft = dataclasses.replace(cfg, epochs=opts.finetune_epochs)
         finetuned = train(small, loader, ft, val_loader=val_loader, run_dir=run / "finetune" if run else None,
-                          resume=resume, progress=False).history
+                          resume=resume, progress=progress).history
     small.eval()
     flops = (count_flops(model, example_inputs), count_flops(small, example_inputs))
     params = (count_params(model), count_params(small))
