@@ -120,7 +120,8 @@ def _with_shortfall(plan: PruningPlan, cfg: PruneConfig, budget: Budget | None, 
             why = f"keeps {kept:.3f} of the {budget.kind} against target_{budget.kind}={budget.target:g}"
     elif cfg.ratio > 0 or cfg.ratios:
         asked = cfg.ratio * prunable
-        if removed == 0 or removed < _RATIO_FRACTION * asked:
+        # A few channels' rounding is no shortfall: below 8 asked, only "nothing at all" is.
+        if (removed == 0 and (asked >= 1 or cfg.ratios)) or (asked >= 8 and removed < _RATIO_FRACTION * asked):
             why = f"removed {removed} channels where ratio={cfg.ratio:g} asks for about {asked:.0f}"
     if not why:
         return plan
@@ -133,7 +134,7 @@ def _with_shortfall(plan: PruningPlan, cfg: PruneConfig, budget: Budget | None, 
     if meta.get("repairs"):
         causes.append(f"{len(meta['repairs'])} group(s) kept whole after validation failures (plan.meta['repairs'])")
     text = why + (": " + "; ".join(causes) if causes else "")
-    warnings.warn(f"prune: {text}", PruningShortfallWarning, stacklevel=4)
+    warnings.warn(f"prune: {text}", PruningShortfallWarning, stacklevel=5)  # the caller of prune()
     return plan.with_meta(shortfall=text)
 
 
