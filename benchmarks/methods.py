@@ -87,7 +87,7 @@ REPO = Path(__file__).resolve().parent.parent
 DATASETS = ("fashion-mnist", "cifar10-partial")
 VAL_SIZE = {"fashion-mnist": 5000, "cifar10-partial": 500}
 FT_EPOCHS = {"fashion-mnist": 1, "cifar10-partial": 10}
-LR_GRID = (0.003, 0.01, 0.03)
+LR_GRID = (0.003, 0.01, 0.03, 0.1)  # 0.1 is the baselines' own LR
 BATCH = 128
 CLASSIFIER = "fc"
 
@@ -416,6 +416,7 @@ def run_one(ds: str, row: str, seed: int, base: nn.Module, data: Data, args: arg
     x = data.x
     rec: dict[str, Any] = {
         "dataset": ds, "row": row, "seed": seed, "status": "ok", "info": info, "prune_s": prune_s,
+        "ft_lr": args.ft_lr[ds],
         "params": count_params(small), "flops": count_flops(small, x), "loadavg_1m": round(os.getloadavg()[0], 2),
         "top1_no_ft": evaluate(small, data.test, topk=(1,))["top1"],
     }
@@ -480,7 +481,8 @@ def report(results: dict[str, Any], path: Path) -> None:
              f"Target: keep {cfg['target_flops']:.0%} of the FLOPs (classifier kept). Calibration: "
              f"{cfg['calib_batches']} batches of 64 unaugmented training images per seed. Fine-tune, the same for "
              f"every row: SGD momentum 0.9, cosine from the LR tuned on validation to 0, weight decay 5e-4, batch "
-             f"{BATCH}, augmentation, {cfg['ft_epochs']} epochs over the training split. Accuracy: full test splits; "
+             f"{BATCH}, augmentation, epochs over the training split: "
+             + ", ".join(f"{v} on {k}" for k, v in cfg["ft_epochs"].items()) + ". Accuracy: full test splits; "
              "mean ± half-width of the 95% t-interval over the seeds. See the script's docstring for every row.", ""]
     for ds in DATASETS:
         base = results.get("baselines", {}).get(ds)
@@ -495,7 +497,8 @@ def report(results: dict[str, Any], path: Path) -> None:
                   f"{results.get('ft_steps', {}).get(ds, '?')} fine-tune steps.", ""]
         rows = []
         for row in ROWS:
-            runs = [r for r in results["runs"].values() if r["dataset"] == ds and r["row"] == row and r["status"] == "ok"]
+            runs = [r for r in results["runs"].values() if r["dataset"] == ds and r["row"] == row and r["status"] == "ok"
+                    and r.get("ft_lr", cfg["ft_lr"].get(ds)) == cfg["ft_lr"].get(ds)]
             fails = [r for r in results["runs"].values() if r["dataset"] == ds and r["row"] == row and r["status"] != "ok"]
             if not runs:
                 if fails:
@@ -558,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
     results.setdefault("runs", {})
     results.setdefault("baselines", {})
+    for rec in results["runs"].values():  # runs recorded before "ft_lr" was: the LR of that time
+        rec.setdefault("ft_lr", results.get("config", {}).get("ft_lr", {}).get(rec["dataset"]))
     datasets = [d for d in args.datasets.split(",") if d]
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]
@@ -591,16 +596,17 @@ def main(argv: list[str] | None = None) -> int:
         results.setdefault("ft_steps", {})[ds] = steps_of(ds, data, args)
     fixed, args.ft_lr = args.ft_lr, {}
     for ds, (base, data) in loaded.items():
-        args.ft_lr[ds] = fixed if fixed is not None else (results["config"]["ft_lr"].get(ds)
-                                                          or tune_lr(ds, base, data, args, results))
+        # Re-derived from the tuning record every run, so a grid that grows re-tunes.
+        args.ft_lr[ds] = fixed if fixed is not None else tune_lr(ds, base, data, args, results)
     results["config"]["ft_lr"] = dict(args.ft_lr)
     write_json(results_path, results)
     for seed in seeds:
         for ds, (base, data) in loaded.items():
             for row in rows:
                 key = f"{ds}/{row}/{seed}"
-                if results["runs"].get(key, {}).get("status") == "ok":
-                    continue
+                done = results["runs"].get(key, {})
+                if done.get("status") == "ok" and done.get("ft_lr") == args.ft_lr[ds]:
+                    continue  # a run fine-tuned at another LR than the tuned one is redone
                 log.info("%s ...", key)
                 try:
                     rec = run_one(ds, row, seed, base, data, args, results)
