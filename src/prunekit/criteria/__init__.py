@@ -313,7 +313,36 @@ def functionality(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarr
     return functionality_scores(model, group, ctx)
 
 
-DATA_CRITERIA = frozenset({"taylor", "taylor_act", "activation", "apoz", "lasso", "cap", "functionality"})
+@register("snip")
+def snip(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
+    """SNIP connection sensitivity (Lee et al. 2019), channel-level: ``|w * dL/dw|`` summed over
+    every weight the channel owns (gradient over the calibration batches). Needs ``loader=``."""
+    from prunekit.criteria.init import init_scores
+
+    return init_scores("snip", model, group, ctx)
+
+
+@register("grasp")
+def grasp(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
+    """GraSP (Wang et al. 2020), channel-level: ``sum(w * Hg)`` over the channel's weights
+    (higher = keep: GraSP removes the largest ``-w * Hg``). Needs ``loader=``."""
+    from prunekit.criteria.init import init_scores
+
+    return init_scores("grasp", model, group, ctx)
+
+
+@register("synflow")
+def synflow(model: nn.Module, group: ChannelGroup, **ctx: Any) -> np.ndarray:
+    """SynFlow (Tanaka et al. 2020), channel-level and one round: ``|w * dR/dw|`` of the
+    absolute-valued model on an all-ones input, summed over the channel's weights. Data-free:
+    only the shape of the first ``loader`` batch is used."""
+    from prunekit.criteria.init import init_scores
+
+    return init_scores("synflow", model, group, ctx)
+
+
+DATA_CRITERIA = frozenset({"taylor", "taylor_act", "activation", "apoz", "lasso", "cap", "functionality",
+                           "snip", "grasp", "synflow"})
 """Criteria that need calibration data (``loader=``)."""
 
 
