@@ -308,6 +308,8 @@ def tp_keep(base: nn.Module, small: nn.Module, x: torch.Tensor) -> PruningPlan:
     sd_base, sd_small = base.state_dict(), small.state_dict()
     kept_pos: dict[tuple[str, int], np.ndarray] = {}
     for g in graph.groups:
+        if g.n_prunable == 0:  # kept whole by both tools (e.g. the classifier's outputs)
+            continue
         norm = next((m for m in g.members if m.role == "norm" and m.tensor.endswith(".weight")), None)
         if norm is None:
             raise RuntimeError(f"group {g.name}: no norm to read TP's kept channels from")
