@@ -43,11 +43,7 @@ def plot_accuracy_vs_flops(points: Sequence[dict[str, Any]], path: str | os.Path
     lo = min(ys) if ys else 0.0
     ax.set_ylim(max(0.0, lo - 5.0), 100.5)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write(path, buf.getvalue())
-    return str(path)
+    return _write_png(fig, path)
 
 
 def plot_gate_trajectory(trajectory: Sequence[dict[str, Any]], path: str | os.PathLike[str], *,
@@ -85,6 +81,11 @@ def plot_gate_trajectory(trajectory: Sequence[dict[str, Any]], path: str | os.Pa
     right.set_ylim(0, 1.05)
     right.grid(True, alpha=0.3)
     right.legend(loc="best", fontsize=8)
+    return _write_png(fig, path)
+
+
+def _write_png(fig: Any, path: str | os.PathLike[str]) -> str:
+    """Lay out ``fig``, write it as a PNG to ``path`` atomically and return the path."""
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
