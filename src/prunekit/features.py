@@ -30,6 +30,17 @@ def call_on_device(model: nn.Module, x: Any) -> Any:
     return call_model(model, to_device(x, infer_device(model, x)))
 
 
+def call_with_hooks(model: nn.Module, x: Any, handles: list[Any]) -> Any:
+    """Call ``model`` on ``x`` (on its device, without gradients) once and remove the hook
+    ``handles`` afterwards, also when the call fails. Returns the output."""
+    try:
+        with torch.no_grad():
+            return call_on_device(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def reconstructable(m: nn.Module) -> bool:
     """Layers whose handler unfolds their input (linear; ungrouped 1-D/2-D conv with zero
     padding): the ones least squares can rewrite."""

@@ -16,7 +16,7 @@ from prunekit.graph import DependencyGraph, OpRecord
 from prunekit.plan import AttrFix, PruningPlan, Slice
 from prunekit.surgery.validate import Mismatch, Shapes
 
-__all__ = ["blame", "channel_plan", "expected_shapes", "removed_atoms"]
+__all__ = ["blame", "channel_plan", "expected_shapes", "removed_atoms", "removed_channels"]
 
 
 def channel_plan(model: nn.Module, graph: DependencyGraph, removed: list[np.ndarray],
@@ -31,6 +31,26 @@ def channel_plan(model: nn.Module, graph: DependencyGraph, removed: list[np.ndar
     expected = expected_shapes(graph, gone)
     fixes = attribute_fixes(model, graph, expected)
     return PruningPlan((base, *fixes), dict(meta or {})), expected
+
+
+def removed_channels(graph: DependencyGraph, plan: PruningPlan) -> list[np.ndarray]:
+    """The inverse of :func:`channel_plan`: the local channels of each group of ``graph`` that
+    ``plan`` (a channel plan of the traced model) removes, read off the kept indices of the
+    group's members (a channel is removed where a member's slice drops its index)."""
+    keep = plan.keep
+    out = []
+    for g in graph.groups:
+        gone = np.zeros(g.size, dtype=bool)
+        for m in g.members:
+            kept = keep.get(m.tensor, {}).get(m.dim)
+            if kept is None:
+                continue
+            dropped = np.ones(len(m.channel), dtype=bool)
+            dropped[np.asarray(kept, dtype=np.int64)] = False
+            chans = m.channel[dropped]
+            gone[chans[chans >= 0]] = True
+        out.append(np.flatnonzero(gone))
+    return out
 
 
 def blame(graph: DependencyGraph, groups: list[Any], removed: list[np.ndarray], mismatch: Mismatch) -> list[int]:

@@ -75,9 +75,9 @@ def _out_err(m: nn.Module, ref: nn.Module) -> float:
 
 def test_channel_pruning_reconstruction_beats_plain_lasso_removal() -> None:
     model = _net()
-    fixed = methods.get("channel_pruning")(model, X, loader=_batches(), ratio=0.5, ignore=["fc"])
+    fixed = methods.get("channel_pruning")(model, X, loader=_batches(), ratio=0.5, ignore=["fc"], layerwise=False)
     plain = methods.get("channel_pruning")(model, X, loader=_batches(), ratio=0.5, ignore=["fc"],
-                                           reconstruct_layers=False)
+                                           reconstruct_layers=False, layerwise=False)
     assert fixed.plan.keep == plain.plan.keep
     assert _out_err(fixed.model, model) < 0.7 * _out_err(plain.model, model)
 

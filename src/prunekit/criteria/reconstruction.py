@@ -53,7 +53,9 @@ MAX_ROWS = 4096  # sampled receptive fields per consumer layer
 LASSO_ENTRIES = 40_000  # rows x outputs of one group's stacked LASSO problem
 
 
-def _consumers(model: nn.Module, group: ChannelGroup) -> list[tuple[str, nn.Module, np.ndarray]]:
+def consumer_layers(model: nn.Module, group: ChannelGroup) -> list[tuple[str, nn.Module, np.ndarray]]:
+    """(name, module, channel map) of the layers a least-squares fit can rewrite (ungrouped
+    conv / linear) whose input channels are the group's."""
     return [site for site in _weight_members(model, group, "in") if reconstructable(site[1])]
 
 
@@ -61,7 +63,7 @@ def consumer_rows(model: nn.Module, groups: list[ChannelGroup], batches: Iterabl
                   max_rows: int = MAX_ROWS, seed: int = 0) -> dict[str, Tensor]:
     """Sampled input rows (``unfold_rows``) of every consumer layer of ``groups``, at most
     ``max_rows`` per layer spread evenly over the batches; float64 on CPU."""
-    layers = {name: mod for g in groups for name, mod, _ in _consumers(model, g)}
+    layers = {name: mod for g in groups for name, mod, _ in consumer_layers(model, g)}
     batches = list(batches)
     per_batch = max(1, max_rows // max(1, len(batches)))
     rows: dict[str, list[Tensor]] = {n: [] for n in layers}
@@ -104,7 +106,7 @@ def lasso_scores(model: nn.Module, group: ChannelGroup, ctx: dict[str, Any]) -> 
     :func:`lasso_order`)."""
     rows = _rows(model, group, ctx, "lasso")
     cols, target = [], []
-    consumers = _consumers(model, group)
+    consumers = consumer_layers(model, group)
     gen = torch.Generator().manual_seed(int(ctx.get("seed", 0)))
     for name, mod, chan in consumers:
         x = rows.get(name)
@@ -147,7 +149,23 @@ def lasso_order(design: np.ndarray, y: np.ndarray) -> np.ndarray:
     from sklearn.linear_model import lars_path
 
     alphas, _, coefs = lars_path(design, y, method="lasso", positive=True)
-    n = design.shape[1]
+    return _path_scores(alphas, coefs)
+
+
+def lasso_order_gram(gram: np.ndarray, xy: np.ndarray, n_samples: int) -> np.ndarray:
+    """:func:`lasso_order` from the sufficient statistics ``gram = design^T design`` and
+    ``xy = design^T y`` of ``n_samples`` rows (``sklearn.linear_model.lars_path_gram``): the
+    same path without holding the rows, so every sampled row can be used."""
+    from sklearn.linear_model import lars_path_gram
+
+    alphas, _, coefs = lars_path_gram(xy, gram, n_samples=n_samples, method="lasso", positive=True)
+    return _path_scores(alphas, coefs)
+
+
+def _path_scores(alphas: np.ndarray, coefs: np.ndarray) -> np.ndarray:
+    """The scores of :func:`lasso_order` from a LARS path (penalties decreasing, coefficients
+    per channel and breakpoint)."""
+    n = coefs.shape[0]
     lam_max = float(alphas[0]) if len(alphas) and alphas[0] > 0 else 1.0
     # The path is linear between breakpoints: the support on (alphas[i+1], alphas[i]) is that
     # of the midpoint, which also counts a coefficient shrinking to zero at alphas[i+1].
@@ -165,6 +183,39 @@ def lasso_order(design: np.ndarray, y: np.ndarray) -> np.ndarray:
         top = float(tops[start]) / lam_max
         scores[c] = top if on[-1] == mids.shape[1] - 1 else top - 1.0
     return scores
+
+
+def lasso_scores_towards(consumers: list[tuple[Tensor, Tensor | None, Moments, np.ndarray]], size: int) -> np.ndarray:
+    """:func:`lasso_order` scores of a group's ``size`` channels when the consumers' inputs and
+    the targets come from different networks (He et al.'s layer-by-layer selection: inputs
+    from the partially pruned network, targets the original network's outputs).
+
+    ``consumers`` holds, per consumer layer, its weight ``W`` as ``(outputs, inputs * k)``
+    (channel-major, ``k`` columns per input), its bias (or None), the :class:`Moments` of its
+    unfolded inputs against the target outputs, and the group channel of each input (-1: not
+    the group's). Channel ``c``'s contribution is ``Z_c = X_c W_c^T``; the LASSO fits
+    ``Y - b - sum_{d not in group} Z_d`` with ``sum_c beta_c Z_c``, every consumer's rows
+    stacked, from the sums alone: ``Z_c . Z_d = tr(W_c XX_cd W_d^T)``,
+    ``Z_c . (Y - b) = tr(W_c (XY_c - x_c b^T))``."""
+    gram = np.zeros((size, size))
+    xy = np.zeros(size)
+    rows = 0
+    for w, bias, mom, chan in consumers:
+        assert mom.xy is not None
+        k = w.shape[1] // len(chan)
+        wb = w.double().reshape(len(w), len(chan), k)
+        xx = mom.xx[:-1, :-1].reshape(len(chan), k, len(chan), k)
+        target = mom.xy[:-1] if bias is None else mom.xy[:-1] - mom.xx[:-1, -1:] * bias.double()[None, :]
+        g_pos = torch.einsum("oak,akbl,obl->ab", wb, xx, wb).numpy()  # per input position
+        b_pos = torch.einsum("oak,ako->a", wb, target.reshape(len(chan), k, -1)).numpy()
+        inside = chan >= 0
+        b_pos = b_pos - g_pos[:, ~inside].sum(1)  # inputs of other groups are part of the target
+        idx = chan[inside]
+        np.add.at(gram, (idx[:, None], idx[None, :]), g_pos[np.ix_(inside, inside)])
+        np.add.at(xy, idx, b_pos[inside])
+        rows += mom.count * len(w)
+    scale = np.abs(np.diag(gram)).max() or 1.0
+    return lasso_order_gram(gram / scale, xy / scale, max(1, rows))
 
 
 def _channel_columns(chan: np.ndarray, k: int) -> dict[int, Tensor]:
@@ -230,7 +281,7 @@ def cap_scores(model: nn.Module, group: ChannelGroup, ctx: dict[str, Any]) -> np
     ``k`` lowest scores are the greedy choice of ``k`` for every ``k``."""
     rows = _rows(model, group, ctx, "cap")
     problems = []
-    for name, mod, chan in _consumers(model, group):
+    for name, mod, chan in consumer_layers(model, group):
         x = rows.get(name)
         if x is None:
             continue

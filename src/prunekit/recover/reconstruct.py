@@ -32,6 +32,7 @@ from prunekit.features import (
     Capture,
     Moments,
     call_on_device,
+    call_with_hooks,
     layer_moments,
     reconstructable,
     unfold_rows,
@@ -42,7 +43,7 @@ from prunekit.runtime import model_mode
 
 log = logging.getLogger(__name__)
 
-__all__ = ["reconstruct", "solve_least_squares"]
+__all__ = ["pair_moments", "reconstruct", "solve_least_squares"]
 
 
 def solve_least_squares(xx: Tensor, xy: Tensor, *, intercept: bool = True, ridge: float = 1e-6) -> tuple[Tensor, Tensor]:
@@ -90,12 +91,7 @@ def _following_bn(model: nn.Module, layer_names: list[str], batch: Batch) -> dic
         handler = handler_for(m)
         if handler is not None and handler.is_norm and hasattr(m, "running_mean"):
             handles.append(m.register_forward_pre_hook(note))
-    try:
-        with torch.no_grad():
-            call_on_device(model, batch[0])
-    finally:
-        for h in handles:
-            h.remove()
+    call_with_hooks(model, batch[0], handles)
     return found
 
 
@@ -146,8 +142,11 @@ def _write(layer: nn.Module, bn: nn.Module | None, w: Tensor, b: Tensor) -> None
             bn.running_mean.sub_(b.to(bn.running_mean))
 
 
-def _reconstruct_layer(pruned: nn.Module, original: nn.Module, plan: PruningPlan, batches: list[Batch],
-                       name: str, bn: nn.Module | None, positions: int | None, seed: int) -> None:
+def pair_moments(pruned: nn.Module, original: nn.Module, plan: PruningPlan, batches: list[Batch], name: str,
+                 positions: int | None = 16, seed: int = 0) -> Moments:
+    """Least-squares sums of layer ``name``'s input in ``pruned`` against the same layer's
+    output in ``original``, restricted to the output channels ``plan`` keeps, over ``positions``
+    random output positions per sample (None: all) of every batch. Returns the :class:`Moments`."""
     player, olayer = pruned.get_submodule(name), original.get_submodule(name)
     keep_out = _kept(plan, name, 0)
     gen = torch.Generator().manual_seed(seed)
@@ -158,7 +157,13 @@ def _reconstruct_layer(pruned: nn.Module, original: nn.Module, plan: PruningPlan
         pick = _sample(len(xr), positions, gen, len(xr) // inputs.shape[0])
         return (xr[pick], yr[pick]) if pick is not None else (xr, yr)
 
-    mom = layer_moments(pruned, player, original, olayer, batches, select)
+    return layer_moments(pruned, player, original, olayer, batches, select)
+
+
+def _reconstruct_layer(pruned: nn.Module, original: nn.Module, plan: PruningPlan, batches: list[Batch],
+                       name: str, bn: nn.Module | None, positions: int | None, seed: int) -> None:
+    player = pruned.get_submodule(name)
+    mom = pair_moments(pruned, original, plan, batches, name, positions, seed)
     assert mom.xy is not None
     w, b = solve_least_squares(mom.xx, mom.xy, intercept=player.bias is not None or bn is not None)
     _write(player, bn, w, b)
