@@ -15,6 +15,7 @@ from prunekit._perf import engine_call
 from prunekit.allocate import select
 from prunekit.allocate.budget import Budget, make_budget, removal_for_budget
 from prunekit.allocate.cost import CostModel
+from prunekit.allocate.knapsack import knapsack_removal
 from prunekit.config import PruneConfig, criterion_name, make_config
 from prunekit.criteria import score_groups
 from prunekit.errors import PruningError, PruningShortfallWarning
@@ -56,14 +57,23 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
     options = dict(ratios=ratios, global_ranking=cfg.global_ranking, round_to=cfg.round_to,
                    min_channels=cfg.min_channels)
     for _ in range(cfg.max_repairs + 1):
-        if budget is not None:
+        if budget is not None and cfg.allocation == "knapsack":
+            if measure.cost is None:
+                raise PruningError("allocation='knapsack' needs the cost model, which does not describe this model "
+                                   "(see the log); use allocation='ratio'")
+            removed = knapsack_removal(groups, scores, measure.cost, budget.kind, budget.target,
+                                       raw=cfg.global_ranking == "raw", round_to=cfg.round_to,
+                                       min_channels=cfg.min_channels)
+            ratio = float(sum(len(r) for r in removed) / max(1, graph.n_channels))
+        elif budget is not None:
             removed = removal_for_budget(groups, scores, budget, options, measure.value)
             ratio = float(sum(len(r) for r in removed) / max(1, graph.n_channels))
         else:
             removed = select(groups, scores, ratio=ratio, **options)
         meta = {
             "ratio": ratio, "criterion": criterion_name(cfg.criterion),
-            "global_ranking": cfg.global_ranking, "round_to": cfg.round_to, "groups": len(groups),
+            "global_ranking": cfg.global_ranking, "allocation": cfg.allocation, "round_to": cfg.round_to,
+            "groups": len(groups),
             "groups_pruned": int(sum(len(r) > 0 for r in removed)),
             "channels_removed": int(sum(len(r) for r in removed)), "channels": graph.n_channels, "repairs": repairs,
         }

@@ -32,6 +32,7 @@ __all__ = ["PruneConfig", "make_config", "criterion_name", "FIELDS", "TARGETS"]
 
 #: The budget options; at most one may be given, each a fraction kept in (0, 1].
 TARGETS: tuple[str, ...] = ("target_flops", "target_params", "target_latency")
+ALLOCATIONS: tuple[str, ...] = ("ratio", "knapsack")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,11 @@ class PruneConfig:
     groups (``"raw"``: the scores as they are, for scores on one scale, e.g. learned gates); channel counts stay multiples of ``round_to`` and every group keeps at least
     ``min_channels``; at most ``max_repairs`` groups are kept after failed validation runs. One
     of ``target_flops`` / ``target_params`` / ``target_latency`` (the fraction kept) replaces
-    ``ratio``; ``latency_table`` reuses a measured table for ``target_latency``.
+    ``ratio``; ``latency_table`` reuses a measured table for ``target_latency``. ``allocation``
+    decides how a budget is shared among groups: ``"ratio"`` (a ratio, uniform or by the global
+    ranking, bisected to the budget) or ``"knapsack"`` (the channels that save the most of the
+    budgeted quantity per importance lost, read from the cost model: see
+    :mod:`prunekit.allocate.knapsack`; needs a budget).
 
     Values are checked on construction (:class:`PruningError` naming the option) and
     normalised: ``ignore`` becomes a tuple, ``ratios``/``criterion_kwargs`` are copied into
@@ -66,6 +71,7 @@ class PruneConfig:
     target_params: float | None = None
     target_latency: float | None = None
     latency_table: Any = None
+    allocation: str = "ratio"
 
     def __post_init__(self) -> None:
         # Imported here: prunekit.allocate imports torch, and recipes and the CLI parser,
@@ -95,6 +101,10 @@ class PruneConfig:
             put(key, _fraction_kept(getattr(self, key), key))
         if self.latency_table is not None and self.target_latency is None:
             raise PruningError("latency_table: only used with target_latency")
+        if self.allocation not in ALLOCATIONS:
+            raise PruningError(f"allocation={self.allocation!r}: must be one of {', '.join(ALLOCATIONS)}")
+        if self.allocation == "knapsack" and not given:
+            raise PruningError("allocation='knapsack' needs a budget: target_flops, target_params or target_latency")
 
     @classmethod
     def from_kwargs(cls, **options: Any) -> PruneConfig:

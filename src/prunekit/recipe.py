@@ -49,7 +49,7 @@ class Recipe:
     ``warmup_epochs``, ``label_smoothing``, ``batch_size``, ``eval_batch_size``, ``subset``
     (class-balanced subset), ``augment``, ``seed``, ``workers``, ``tensorboard``, ``amp`` and
     ``channels_last`` (CUDA only), ``grad_clip``. Pruning: ``ratio`` or ``target_flops`` (fraction of
-    FLOPs kept; wins over ``ratio``), ``criterion``, ``global_ranking``, ``round_to``, ``ignore``,
+    FLOPs kept; wins over ``ratio``), ``criterion``, ``global_ranking``, ``allocation`` (``ratio`` or ``knapsack``), ``round_to``, ``ignore``,
     ``ratios`` (per-module ratios), ``min_channels``, ``target_params`` / ``target_latency``
     (fractions kept), ``method`` (a :mod:`prunekit.methods` name, e.g. ``channel_pruning``, ``cap``)
     and ``calib_batches`` (calibration batches of the training split for data-driven criteria/methods);
@@ -94,6 +94,7 @@ class Recipe:
     method: str | None = None
     calib_batches: int = 8
     global_ranking: bool = False
+    allocation: str = "ratio"
     round_to: int = 1
     ignore: list[str] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)
@@ -129,6 +130,8 @@ class Recipe:
                 raise bad(key, "must be in (0, 1] (the fraction kept, e.g. 0.5)")
         if not 0.0 <= self.ratio < 1.0:
             raise bad("ratio", "must be in [0, 1) (the fraction of channels removed)")
+        if self.allocation not in ("ratio", "knapsack"):
+            raise bad("allocation", "must be 'ratio' or 'knapsack'")
         for key in ("epochs", "finetune_epochs", "workers", "seed"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0")

@@ -286,7 +286,9 @@ class CostModel:
 def _interp1(x: Tensor, xs: Sequence[float], ys: Tensor) -> Tensor:
     """``np.interp`` in torch (clamped at the ends), differentiable in ``x``."""
     xs_t = torch.as_tensor(xs, dtype=torch.float64)
-    x = x.clamp(float(xs_t[0]), float(xs_t[-1]))
+    # Clamped in value only: the edge segment's slope stays the gradient, so a full-width
+    # layer (x at the top end) still tells how much narrowing it would save.
+    x = x - (x - x.clamp(float(xs_t[0]), float(xs_t[-1]))).detach()
     i = torch.clamp(torch.searchsorted(xs_t, x.detach().reshape(1), right=True) - 1, 0, len(xs) - 2)[0]
     x0, x1 = xs_t[i], xs_t[i + 1]
     w = (x - x0) / (x1 - x0)

@@ -432,8 +432,8 @@ def prune_options(r: Recipe) -> PruneConfig:
     recipe keys (and so the prune flags, which resolve into the recipe) map to pruning
     options. Calibration data (``criterion_kwargs``) is added when pruning."""
     return PruneConfig(ratio=r.ratio, criterion=r.criterion, ignore=r.ignore, ratios=r.ratios,
-                       global_ranking=r.global_ranking, round_to=r.round_to, min_channels=r.min_channels,
-                       target_flops=r.target_flops, target_params=r.target_params, target_latency=r.target_latency)
+                       global_ranking=r.global_ranking, allocation=r.allocation, round_to=r.round_to,
+                       min_channels=r.min_channels, target_flops=r.target_flops, target_params=r.target_params, target_latency=r.target_latency)
 
 
 def prune_with_recipe(model: Any, x: Any, r: Recipe) -> tuple[Any, Any]:

@@ -173,6 +173,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--ratios", nargs="*", default=None, help="per-module ratios, e.g. layer4=0.7")
     p.add_argument("--global-ranking", action="store_true", default=None,
                    help="rank channels across groups (normalised scores)")
+    p.add_argument("--allocation", choices=("ratio", "knapsack"), default=None,
+                   help="how a --target-* budget is shared among groups: one ratio bisected to it (default) or "
+                        "knapsack (the channels that save the most of it per importance lost)")
     p.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of this (default 1)")
     p.add_argument("--out", required=True, help="output directory (created; existing files are replaced atomically)")
     add_recipe_options(p, PRUNE_OPTIONS)
