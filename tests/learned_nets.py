@@ -38,8 +38,9 @@ def planted(norm: bool = True) -> tuple[nn.Module, list[tuple[torch.Tensor, torc
     has a training-mode loss of 19 against 0.5 in eval mode, its gradient pushing channel 5
     down."""
     torch.manual_seed(0)
+    first = cbr(3, 8)  # drawn before the second layer: the default net's weights as they always were
     second = cbr(8, 6, 1) if norm else nn.Sequential(nn.Conv2d(8, 6, 1, bias=False), nn.ReLU())
-    model = nn.Sequential(cbr(3, 8), second, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
+    model = nn.Sequential(first, second, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
     weights = torch.ones(8)
     weights[DEAD], weights[IMPORTANT] = 0.0, 3.0
     g = torch.Generator().manual_seed(1)

@@ -69,9 +69,24 @@ from the third-party summary in ``PAPERS.md`` #13 and the authors' public code):
     group's first site in forward order (e.g. the stem) and applied at all its sites.
   * One keep rate ``r`` for all layers, derived from the budget; the paper gives ``r`` per
     run (0.5 / 0.3) and the authors' VGG code lowers it for one layer.
-  * The selection layers' FC uses PyTorch's default initialisation (as the authors' FC
-    variant) unless ``init`` sets its bias; the network is the given (usually trained) one,
-    with the default fine-tuning schedule (the authors fine-tune at lr 1e-3 per layer).
+  * The selection FC's bias starts at ``init = 2`` (codes about 0.88 at ``alpha = 1``), its
+    weights at PyTorch's default (as the authors' FC variant, whose bias is PyTorch's
+    default too, codes about 0.5): a trained network then starts near its own function and
+    the keep-rate term pulls the codes down, against the task loss where a channel matters.
+    On the planted net below, ``init=None`` left the dead channel in 11 of 12 all-at-once runs
+    (layer by layer: 12 of 12 right). The FCs are drawn under the training seed.
+  * The network is the given (usually trained) one, trained with the default fine-tuning
+    schedule unless ``train_config`` says otherwise (the authors fine-tune at lr 1e-3 per
+    layer); ``selection_lr`` optionally gives the selection layers their own rate.
+
+Measured (``tests/learned_nets.planted(norm=False)``: 8 channels, a dead one and one worth 3x
+the others, 30% removed, 12 epochs of 4 batches of 16, 12 training seeds): layer by layer the
+dead channel went and the important one stayed in 12 of 12 runs, all at once in 11 of 12. On
+the same net with a training-mode BatchNorm after the layer (``planted()``) only 3 and 4 of 12
+runs were right, most keeping the dead channel: behind such a BN the task loss does not depend on the layer's overall scale, so the
+codes' gradients have mixed signs and a channel nothing reads (gradient 0) ranks in the
+middle; the keep-rate term pulls every code alike. The paper's networks have that BN; the
+signal it needs there is the task's preference among the live channels.
 """
 
 from __future__ import annotations
@@ -112,15 +127,15 @@ class AutoPrunerOptions:
     """AutoPruner's knobs: ``layer_by_layer`` (the paper's one layer at a time, or all at
     once), ``keep_rate`` (``r``; None: the uniform rate that meets the budget), ``reg``
     (``lambda`` of the keep-rate term), ``alpha_start``/``alpha_end`` (the scaled sigmoid's
-    schedule over each layer's steps), ``init`` (bias of the selection FC; None: PyTorch's
-    default), ``momentum`` (of the running code) and ``finetune_epochs`` after removal."""
+    schedule over each layer's steps), ``init`` (bias of the selection FC, 2: first codes
+    about 0.88; None: PyTorch's default, codes about 0.5), ``momentum`` (of the running code) and ``finetune_epochs`` after removal."""
 
     layer_by_layer: bool = True
     keep_rate: float | None = None
     reg: float = 10.0
     alpha_start: float = 1.0
     alpha_end: float = 100.0
-    init: float | None = None
+    init: float | None = 2.0
     momentum: float = 0.1
     selection_lr: float | None = None
     finetune_epochs: int = 1
