@@ -12,7 +12,7 @@ from torch import nn
 import prunekit as pk
 from nets import Residual, cbr, randomize_bn
 from prunekit.gates import attach_gates
-from prunekit.gates.autopruner import ACTIVE, FROZEN, WAITING, AutoPrunerGate
+from prunekit.gates.autopruner import ACTIVE, WAITING, AutoPrunerGate
 
 X = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(3))
 

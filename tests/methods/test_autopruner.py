@@ -19,7 +19,7 @@ from nets import cbr
 from prunekit import methods
 from prunekit.allocate.cost import CostModel
 from prunekit.config import PruneConfig
-from prunekit.gates.autopruner import ACTIVE, FROZEN, WAITING
+from prunekit.gates.autopruner import FROZEN, WAITING
 from prunekit.measure import count_flops
 from prunekit.methods._training import ExpectedCost
 from prunekit.methods.autopruner import (AutoPrunerOptions, _Selection, layer_spans, selection_layers,

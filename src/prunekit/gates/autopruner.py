@@ -18,8 +18,9 @@ gate keeps running means (momentum ``momentum``) of its codes and of their logit
 ``alpha * x``: in eval mode it multiplies by the running code (what
 :meth:`AutoPrunerGate.expected_values` gives the cost model); the running logit is its
 :meth:`AutoPrunerGate.importance` (ranked like the code, without its ties at 0 and 1) and its
-sign the default binary code of :meth:`AutoPrunerGate.freeze` (the method may give another). :attr:`AutoPrunerGate.code` is the code
-of the current training pass (with its graph, for the method's keep-rate loss).
+sign the default binary code of :meth:`AutoPrunerGate.freeze` (the method may give another).
+:attr:`AutoPrunerGate.code` is the code of the current training pass (with its graph, for the
+method's keep-rate loss).
 """
 
 from __future__ import annotations

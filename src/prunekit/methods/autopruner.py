@@ -82,11 +82,12 @@ from the third-party summary in ``PAPERS.md`` #13 and the authors' public code):
 Measured (``tests/learned_nets.planted(norm=False)``: 8 channels, a dead one and one worth 3x
 the others, 30% removed, 12 epochs of 4 batches of 16, 12 training seeds): layer by layer the
 dead channel went and the important one stayed in 12 of 12 runs, all at once in 11 of 12. On
-the same net with a training-mode BatchNorm after the layer (``planted()``) only 3 and 4 of 12
-runs were right, most keeping the dead channel: behind such a BN the task loss does not depend on the layer's overall scale, so the
-codes' gradients have mixed signs and a channel nothing reads (gradient 0) ranks in the
-middle; the keep-rate term pulls every code alike. The paper's networks have that BN; the
-signal it needs there is the task's preference among the live channels.
+the same net with a training-mode BatchNorm after the layer (``planted()``) only 3 and 4 of
+12 runs were right, most keeping the dead channel: behind such a BN the task loss does not
+depend on the layer's overall scale, so the codes' gradients have mixed signs and a channel
+nothing reads (gradient 0) ranks in the middle; the keep-rate term pulls every code alike.
+The paper's networks have that BN; the signal it needs there is the task's preference among
+the live channels.
 """
 
 from __future__ import annotations
@@ -128,7 +129,9 @@ class AutoPrunerOptions:
     once), ``keep_rate`` (``r``; None: the uniform rate that meets the budget), ``reg``
     (``lambda`` of the keep-rate term), ``alpha_start``/``alpha_end`` (the scaled sigmoid's
     schedule over each layer's steps), ``init`` (bias of the selection FC, 2: first codes
-    about 0.88; None: PyTorch's default, codes about 0.5), ``momentum`` (of the running code) and ``finetune_epochs`` after removal."""
+    about 0.88; None: PyTorch's default, codes about 0.5), ``momentum`` (of the running
+    code), ``selection_lr`` (the selection layers' own learning rate; None: the optimizer's)
+    and ``finetune_epochs`` after removal."""
 
     layer_by_layer: bool = True
     keep_rate: float | None = None
@@ -162,8 +165,8 @@ def uniform_keep_rate(term: ExpectedCost, gated: set[int]) -> float:
     (group indices; the others kept whole), puts ``term``'s expected fraction on its target
     (bisection on the cost model; 1 when the whole model is within the target, the smallest
     rate tried when even that is above it)."""
-    parts = [torch.as_tensor(g.prunable, dtype=torch.bool) if g.index in gated else torch.zeros(g.size, dtype=torch.bool)
-             for g in term.cost.groups]
+    parts = [torch.as_tensor(g.prunable, dtype=torch.bool) if g.index in gated
+             else torch.zeros(g.size, dtype=torch.bool) for g in term.cost.groups]
     sel = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
     def fraction(r: float) -> float:
@@ -371,7 +374,8 @@ def autopruner(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] |
             "frozen": selection.frozen, "binary_fraction": binary_fraction(codes),
             "indicator_data": "loader (selection layers trained jointly with the weights)",
             "ungated_groups": list(gates.ungated),
-            "trajectory": trajectory.history, "budget": budget_report(work, term, plan, small, example_inputs, end_mask),
+            "trajectory": trajectory.history,
+            "budget": budget_report(work, term, plan, small, example_inputs, end_mask),
             "train": {"epochs": result.epochs_completed, "resumed_from_epoch": result.resumed_from_epoch,
                       "history": result.history},
             "finetune": tuned}

@@ -88,6 +88,7 @@ class _ExcitationTraining(Callback):
         self.gates, self.l1 = gates, l1
 
     def _se(self) -> list[SeGate]:
+        """The SE gates of the set."""
         return [g for g in self.gates.gates.values() if isinstance(g, SeGate)]
 
     def on_batch_start(self, model: nn.Module, step: int) -> None:
