@@ -4,6 +4,9 @@ per-method tests)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -14,7 +17,8 @@ X = torch.randn(1, 3, 8, 8)
 DEAD, IMPORTANT = 3, 5  # channels of the first layer
 
 
-def planted() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+def planted(norm: bool = True) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]],
+                                        list[tuple[torch.Tensor, torch.Tensor]]]:
     """conv3x3(3, 8) -> BN -> ReLU -> conv1x1(8, 6) -> BN -> ReLU -> pool -> fc(6, 5) built to
     solve its task: the second layer's output 0 is ``sum_c w_c a_c`` of the first layer's
     activations ``a_c`` (``w_5 = 3``, ``w_3 = 0``, the others 1), the labels are the quintiles
@@ -22,9 +26,21 @@ def planted() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]], list[
     channel of the first layer matters, channel 5 the most, and channel 3 is dead: its BN shift
     is -3 (the ReLU passes it with probability 0.13%) and no weight reads it. Four training and
     three held-out batches of 16 random images (three, so that a resumed run must know where
-    it was in them)."""
+    it was in them).
+
+    ``norm=False``: the second layer has no BN (conv1x1 -> ReLU) and the first BN's running
+    statistics are the data's averages, so the network computes in training mode what it
+    computes in eval mode (up to batch noise). For methods whose channel codes are learned
+    from the task gradient in training mode (``autopruner``): behind a training-mode BN the loss
+    does not change with a layer's overall scale (the gradients on the channel scales sum to
+    0 once weighted by them), so a channel nothing reads, whose gradient is 0, ranks in the
+    middle rather than last; and with running statistics unlike the batches' the default net
+    has a training-mode loss of 19 against 0.5 in eval mode, its gradient pushing channel 5
+    down."""
     torch.manual_seed(0)
-    model = nn.Sequential(cbr(3, 8), cbr(8, 6, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
+    first = cbr(3, 8)  # drawn before the second layer: the default net's weights as they always were
+    second = cbr(8, 6, 1) if norm else nn.Sequential(nn.Conv2d(8, 6, 1, bias=False), nn.ReLU())
+    model = nn.Sequential(first, second, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5))
     weights = torch.ones(8)
     weights[DEAD], weights[IMPORTANT] = 0.0, 3.0
     g = torch.Generator().manual_seed(1)
@@ -35,10 +51,13 @@ def planted() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]], list[
         conv.mul_(0.1)
         conv[0, :, 0, 0] = weights
         conv[:, DEAD] = 0
+        if not norm:
+            model[0][1].momentum = None  # running statistics: the cumulative averages over the data
         model.train()
         for x in xs:
             model(x)  # BN statistics of the data
         model.eval()
+        model[0][1].momentum = 0.1
         feature = torch.cat([model[:4](x)[:, 0] for x in xs])
         edges = torch.quantile(feature, torch.tensor([0.2, 0.4, 0.6, 0.8]))
         # Ordinal thresholds: logit_k = sum_{j < k} scale * (f - e_j), so class k wins between e_k and e_k+1.
@@ -58,3 +77,19 @@ def config(epochs: int) -> TrainConfig:
                        tensorboard=False)
 
 
+class Interrupting:
+    """``batches`` as a loader that raises KeyboardInterrupt at its ``stop``-th batch overall
+    (a kill in the middle of an epoch)."""
+
+    def __init__(self, batches: list, stop: int) -> None:
+        self.batches, self.stop, self.served = batches, stop, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        for b in self.batches:
+            self.served += 1
+            if self.served == self.stop:
+                raise KeyboardInterrupt
+            yield b

@@ -111,6 +111,20 @@ def test_prune_with_a_training_method(tmp_path) -> None:
     assert "scp" in (out / "report.md").read_text()
 
 
+def test_prune_with_autopruner(tmp_path) -> None:
+    """`--method autopruner --epochs 1`: selection layers trained layer by layer on digits,
+    pruned to the budget and fine-tuned; the report holds the freeze records."""
+    out = tmp_path / "ap"
+    assert main(["prune", *TRAINING, "--method", "autopruner", "--epochs", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    info = report["method_info"]
+    assert report["method"] == "autopruner" and info["train"]["epochs"] == 1 and info["finetune"]["epochs"] == 1
+    assert set(info["frozen"]) == {r["group"] for r in info["layers"]}
+    kept = report["after"]["flops"] / report["before"]["flops"]
+    assert 0.49 <= kept <= 0.5 and abs(info["budget"]["measured_flops"] - kept) < 1e-9
+    assert not (tmp_path / ".ap.training").exists()
+
+
 def test_a_killed_training_method_resumes_from_the_hidden_run_directory(tmp_path, monkeypatch, capsys) -> None:
     """A run killed in its second epoch leaves .OUT.training; --resume finishes it with the
     same weights as a run that was never killed; --resume without it is refused."""

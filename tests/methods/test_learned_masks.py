@@ -1,28 +1,36 @@
-"""What the methods that prune while training (slimming, scp, dais) share: planted channels,
-the budget, expected against measured FLOPs, kill-and-resume identity, the user's model."""
+"""What the methods that prune while training (slimming, scp, dais, autopruner) share: planted
+channels, the budget, expected against measured FLOPs, kill-and-resume identity, the user's model."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from learned_nets import DEAD, IMPORTANT, X, config, planted
+from learned_nets import DEAD, IMPORTANT, X, Interrupting, config, planted
 from nets import cbr
 from prunekit import methods
 from prunekit.errors import PruningError
 from prunekit.measure import count_flops
 
-LEARNED = ["slimming", "scp", "dais"]
+LEARNED = ["slimming", "scp", "dais", "autopruner"]
 
 
 # Per method: options strong enough to act in a few dozen steps on the tiny net.
 OPTIONS: dict[str, dict[str, Any]] = {"slimming": {"sparsity": 1e-2}, "scp": {"budget_weight": 0.3},
-                                      "dais": {"indicator_lr": 0.1, "init": 1.0}}
+                                      "dais": {"indicator_lr": 0.1, "init": 1.0}, "autopruner": {}}
+# AutoPruner learns its codes from the task gradient in training mode, which a training-mode
+# BatchNorm after the planted layer makes blind to the layer's scale (see planted's docstring):
+# its planted net has no second BN.
+NETS: dict[str, Any] = {"autopruner": lambda: planted(norm=False)}
+
+
+def planted_for(name: str) -> tuple[nn.Module, list, list]:
+    """The planted net (model, training batches, held-out batches) method ``name`` is tested on."""
+    return NETS.get(name, planted)()
 
 
 def run(name: str, model: nn.Module, data: list, held: list, epochs: int, **kw: Any) -> methods.MethodResult:
@@ -33,7 +41,7 @@ def run(name: str, model: nn.Module, data: list, held: list, epochs: int, **kw: 
 
 @pytest.mark.parametrize("name", LEARNED)
 def test_removes_a_planted_dead_channel_and_keeps_an_important_one(name: str) -> None:
-    model, data, held = planted()
+    model, data, held = planted_for(name)
     before = copy.deepcopy(model.state_dict())
     res = run(name, model, data, held, epochs=12)
     kept = set(res.plan.keep["0.0.weight"][0])
@@ -68,31 +76,16 @@ def test_budget_and_expected_against_measured_flops(name: str) -> None:
         assert res.info["trajectory"][-1]["expected_flops"] == pytest.approx(budget["expected_end_flops"])
 
 
-class Interrupting:
-    """``batches`` as a loader that raises KeyboardInterrupt at its ``stop``-th batch overall
-    (a kill in the middle of an epoch)."""
-
-    def __init__(self, batches: list, stop: int) -> None:
-        self.batches, self.stop, self.served = batches, stop, 0
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[Any]:
-        for b in self.batches:
-            self.served += 1
-            if self.served == self.stop:
-                raise KeyboardInterrupt
-            yield b
-
-
 @pytest.mark.parametrize("name,stop,kw", [("slimming", 6, {}), ("slimming", 14, {"finetune_epochs": 2}),
-                                          ("scp", 6, {}), ("dais", 6, {}), ("dais", 6, {"val_loader": None})],
-                         ids=["slimming", "slimming-in-finetune", "scp", "dais", "dais-alternate"])
+                                          ("scp", 6, {}), ("dais", 6, {}), ("dais", 6, {"val_loader": None}),
+                                          ("autopruner", 6, {}), ("autopruner", 14, {"finetune_epochs": 2}),
+                                          ("autopruner", 6, {"layer_by_layer": False})],
+                         ids=["slimming", "slimming-in-finetune", "scp", "dais", "dais-alternate", "autopruner",
+                              "autopruner-in-finetune", "autopruner-all-at-once"])
 def test_kill_and_resume_gives_identical_weights_and_gates(name: str, stop: int, kw: dict, tmp_path) -> None:
     """Two epochs in one go against a run killed in its second epoch (or in the fine-tune's
     second) and resumed from the run directory: same weights, plan and trajectory."""
-    model, data, held = planted()
+    model, data, held = planted_for(name)
     whole = run(name, model, data, held, epochs=2, run_dir=tmp_path / "a", **kw)
     with pytest.raises(KeyboardInterrupt):
         run(name, model, Interrupting(data, stop), held, epochs=2, run_dir=tmp_path / "b", **kw)

@@ -164,24 +164,24 @@ def test_ucp_block_is_the_authors_se_layer() -> None:
 
 
 def test_ucp_blocks_scale_the_conv_output_before_its_bn() -> None:
-    """conv -> SE -> BN, as the authors place the block: with the block attached the BN's
-    input is the conv output times the block's scale."""
+    """conv -> SE -> BN, as the authors place the block: with the ``se`` gates attached at the
+    producers the BN's input is the conv output times the block's scale."""
     from nets import cbr
-    from prunekit.methods.ucp import Attention
+    from prunekit.gates import attach_gates
 
     torch.manual_seed(0)
     model = nn.Sequential(cbr(3, 8), cbr(8, 6), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
-    groups = [g for g in pk.trace(model, X).groups if g.n_prunable > 0]
-    att = Attention(model, groups, 16)
+    gates = attach_gates(model, pk.trace(model, X), kind="se", at="producers", reduction=16)
+    assert [name for name, _, _ in gates.sites(0)] == ["0.0"]  # the conv, not its BN
     seen = []
     handle = model[0][1].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
         model(x)
         raw = torch.nn.functional.conv2d(x, model[0][0].weight, padding=1)
-        scale = att.blocks["0/0"](raw, 1)
+        scale = gates.gate(0).blocks[0](raw, 1)
     handle.remove()
-    att.remove()
+    gates.detach()
     torch.testing.assert_close(seen[0], raw * scale[:, :, None, None])
 
 

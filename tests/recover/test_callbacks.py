@@ -292,33 +292,36 @@ def test_resume_with_another_number_of_callbacks_raises(tmp_path: Path) -> None:
 
 
 def test_ucp_attention_trains_through_callbacks() -> None:
-    """UCP's attention training runs in train(): the blocks (outside the model) learn, network
-    parameters that do not require gradients stay, BatchNorm statistics follow the scaled
+    """UCP's attention training runs in train(): the SE gates' blocks (submodules attached
+    after the network was frozen) learn, network parameters that do not require gradients stay, BatchNorm statistics follow the scaled
     inputs (the network trains in train mode, as in the paper), and target-less batches are
     labelled by the network itself."""
     import prunekit as pk
-    from prunekit.methods.ucp import Attention, train_attention
+    from prunekit.gates import attach_gates
+    from prunekit.methods.ucp import train_attention
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(6, 4))
     example = torch.randn(1, 3, 6, 6)
-    groups = [g for g in pk.trace(model, example).groups if g.n_prunable > 0]
+    graph = pk.trace(model, example)
     model.requires_grad_(False)
-    att = Attention(model, groups, reduction=2)
+    params = {k for k, _ in model.named_parameters()}  # the network's, before the gates join it
     net_before = {k: v.clone() for k, v in model.state_dict().items()}
-    att_before = [p.detach().clone() for p in att.blocks.parameters()]
+    gates = attach_gates(model, graph, kind="se", at="producers", reduction=2)
+    blocks = [p for g in gates.gates.values() for p in g.blocks.parameters()]
+    assert blocks and all(p.requires_grad for p in blocks)
+    att_before = [p.detach().clone() for p in blocks]
     batches = [torch.randn(8, 3, 6, 6) for _ in range(2)]  # inputs only
-    loss = train_attention(model, att, batches, steps=4, lr=0.05, l1=0.1)
-    att.remove()
+    loss = train_attention(model, gates, batches, steps=4, lr=0.05, l1=0.1)
     assert loss is not None and loss > 0
-    params = {k for k, _ in model.named_parameters()}
     after = model.state_dict()
     assert all(torch.equal(net_before[k], after[k]) for k in params)  # frozen weights stay
     assert not torch.equal(net_before["1.running_mean"], after["1.running_mean"])  # BN trains in train mode
-    assert any(not torch.equal(a, p) for a, p in zip(att_before, att.blocks.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(att_before, blocks))
     with pytest.raises(PruningError, match="tensor inputs"):
-        train_attention(model, att, [({"x": batches[0]}, None)], steps=1, lr=0.05, l1=0.1)
+        train_attention(model, gates, [({"x": batches[0]}, None)], steps=1, lr=0.05, l1=0.1)
+    gates.detach()
 
 
 class GradEdit(Callback):

@@ -118,7 +118,7 @@ TRAIN_OPTIONS: OptionTable = [
     ("--grad-clip", "grad_clip", float, "clip the gradient norm to this value")]
 FINETUNE_OPTIONS: OptionTable = [
     ("--epochs", "finetune_epochs", int, "fine-tuning epochs (prune: the training epochs of a method that prunes "
-     "while training: slimming, scp, dais)"),
+     "while training: slimming, scp, dais, autopruner)"),
     ("--lr", "finetune_lr", float, "peak learning rate of the fine-tuning (prune: of a method's training)")]
 """``--epochs``/``--lr`` of the commands that fine-tune a trained model (``finetune``, and ``prune``
 with a training method, whose training is that fine-tune): the recipe's fine-tuning keys."""

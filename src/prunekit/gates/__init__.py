@@ -19,8 +19,14 @@ temperature buffer that schedules can anneal) and ``scp`` (a relaxed-Bernoulli m
 by the probability that a BatchNorm -> ReLU pair passes the channel, :mod:`prunekit.gates.scp`).
 Stochastic kinds keep their expectation apart (:meth:`Gate.expected_values`): it is what
 :meth:`GateSet.mask` gives the cost model and what :meth:`GateSet.fold` folds.
-Input-dependent kinds (squeeze-excitation style) override :meth:`Gate.multiplier` and are
-not foldable.
+Input-dependent kinds (``input_dependent = True``: ``se``, squeeze-excitation,
+:mod:`prunekit.gates.se`; ``autopruner``, :mod:`prunekit.gates.autopruner`) override
+:meth:`Gate.multiplier`, which then receives the site's activation restricted to the group's
+channels, and may return one scale per sample; they are not foldable (or only approximately,
+by their per-site mean: ``fold(approximate=True)``). A gate learns its sites at attachment
+(:meth:`Gate.on_attach`, in forward order), so a kind may keep state per site.
+``attach_gates(..., at="producers")`` puts the gates at every producer's output instead, before
+any normalisation (where squeeze-excitation blocks sit in their papers).
 
 >>> import torch, torchvision, prunekit as pk
 >>> from prunekit.gates import attach_gates
@@ -63,29 +69,47 @@ def gate_kinds(pattern: str = "*") -> list[str]:
 
 class Gate(nn.Module):
     """A gate over ``size`` channels. Subclasses define :meth:`values` (input-independent
-    multipliers) or override :meth:`multiplier` (input-dependent ones, then ``foldable`` is
-    False); :meth:`importance` is what the allocator ranks (default: the values)."""
+    multipliers) or override :meth:`multiplier` (input-dependent ones: then ``input_dependent``
+    is True and ``foldable`` False); :meth:`importance` is what the allocator ranks (default:
+    the values)."""
 
     foldable = True
+    # True: multiplier() reads the activation (the hook then hands it the group's channels only).
+    input_dependent = False
 
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = int(size)
 
+    def on_attach(self, sites: int) -> None:
+        """Called once by :func:`attach_gates` before the gate is moved to the model's device,
+        with the number of places it multiplies (numbered 0.. in forward order, the ``site``
+        of :meth:`multiplier`); kinds with state per site create it here. Default: nothing."""
+
     def values(self) -> Tensor:
         """The per-channel multipliers, shape ``(size,)``."""
         raise NotImplementedError
 
-    def multiplier(self, x: Tensor, dim: int) -> Tensor:
-        """Per-channel multipliers for activation ``x`` whose channels lie along ``dim``:
-        shape ``(size,)`` (same for every sample) or ``(batch, size)``."""
+    def multiplier(self, x: Tensor, dim: int, site: int = 0) -> Tensor:
+        """Per-channel multipliers at site number ``site`` for activation ``x`` whose channels
+        lie along ``dim``: shape ``(size,)`` (same for every sample) or ``(batch, size)``. For
+        an ``input_dependent`` kind, ``x`` holds exactly the gate's channels along ``dim``, in
+        gate order (a channel the site does not carry is 0); otherwise it is the site's whole
+        output. Default: :meth:`values`."""
         return self.values()
 
     def expected_values(self) -> Tensor:
         """The expectation of :meth:`values` over the gate's own randomness, shape ``(size,)``:
         the values themselves for deterministic kinds (the default); a stochastic kind (a
-        sampled mask) returns its mean, which the cost model and :meth:`GateSet.fold` use."""
+        sampled mask) returns its mean, which the cost model and :meth:`GateSet.fold` use; an
+        input-dependent kind returns its per-channel mean over the data it has seen."""
         return self.values()
+
+    def site_expected_values(self, site: int) -> Tensor:
+        """What :meth:`GateSet.fold` multiplies into site number ``site``, shape ``(size,)``:
+        :meth:`expected_values` (the default); a kind with one block per site returns that
+        site's own mean."""
+        return self.expected_values()
 
     def importance(self) -> np.ndarray:
         """Channel scores for allocation (higher = keep)."""
@@ -148,24 +172,44 @@ class LogitGate(Gate):
 class _Site:
     """Where a gate multiplies: module ``name``'s output along the channel dim its handler
     names; ``index[i]`` is the gate entry for output position ``i`` (``size`` for positions
-    of other groups, which get factor 1)."""
+    of other groups, which get factor 1); ``number`` is the site's place among its gate's
+    sites (forward order)."""
 
-    def __init__(self, group: int, name: str, module: nn.Module, index: np.ndarray, handler: Any) -> None:
-        self.group, self.name, self.module, self.handler = group, name, module, handler
+    def __init__(self, group: int, name: str, module: nn.Module, index: np.ndarray, handler: Any,
+                 number: int = 0, position: int = 0) -> None:
+        self.group, self.name, self.module, self.handler, self.number = group, name, module, handler, number
+        self.position = position  # index of the module's first op in the eval trace
         self.weight_dims = handler.weight_dims(module)
         self.index = torch.as_tensor(index, dtype=torch.long)
 
 
 class _GateHook:
     """Forward hook multiplying a site's output by its gate (a plain object, so deep copies
-    of a gated model carry hooks bound to the copied gates)."""
+    of a gated model carry hooks bound to the copied gates). For an input-dependent gate it
+    first gathers the gate's channels (``gather[c]``: the output position of gate channel
+    ``c``, or the number of positions when the site lacks it, read as 0)."""
 
-    def __init__(self, gate: Gate, index: Tensor, handler: Any) -> None:
-        self.gate, self.index, self.handler = gate, index, handler
+    def __init__(self, gate: Gate, index: Tensor, handler: Any, site: int = 0) -> None:
+        self.gate, self.index, self.handler, self.site = gate, index, handler, site
+        positions = len(index)
+        gather = torch.full((gate.size,), positions, dtype=torch.long)
+        for i, c in reversed(list(enumerate(index.tolist()))):  # the first position carrying c wins
+            if c < gate.size:
+                gather[c] = i
+        self.gather, self.complete = gather, bool((gather < positions).all())
+
+    def _gate_channels(self, out: Tensor, dim: int) -> Tensor:
+        """``out`` restricted to the gate's channels along ``dim``, in gate order."""
+        if not self.complete:
+            pad = list(out.shape)
+            pad[dim] = 1
+            out = torch.cat([out, out.new_zeros(pad)], dim=dim)
+        return out.index_select(dim, self.gather.to(out.device))
 
     def __call__(self, module: nn.Module, args: Any, out: Tensor) -> Tensor:
         dim = self.handler.out_channel_dim(module, out.ndim) % out.ndim
-        mult = self.gate.multiplier(out, dim)
+        x = self._gate_channels(out, dim) if self.gate.input_dependent else out
+        mult = self.gate.multiplier(x, dim, self.site)
         ones = mult.new_ones(mult.shape[:-1] + (1,))
         full = torch.cat([mult, ones], dim=-1).index_select(-1, self.index.to(mult.device))
         shape = [1] * out.ndim
@@ -193,9 +237,15 @@ class GateSet(nn.Module):
 
     def sites(self, group_index: int) -> list[tuple[str, nn.Module, Tensor]]:
         """Where group ``group_index``'s gate multiplies: ``(module name, module, index)`` per
-        site, ``index[i]`` the gate entry of the module's output position ``i`` along its
-        channel dim (the gate's size for positions of other groups)."""
+        site in forward order (site number 0 first), ``index[i]`` the gate entry of the
+        module's output position ``i`` along its channel dim (the gate's size for positions of
+        other groups)."""
         return [(s.name, s.module, s.index) for s in self._sites if s.group == group_index]
+
+    def forward_order(self) -> list[Any]:
+        """The gated groups, ordered by where their first site runs in the forward pass."""
+        first = {s.group: s.position for s in self._sites if s.number == 0}
+        return sorted((g for g in self.groups if g.index in first), key=lambda g: first[g.index])
 
     def scores(self, groups: list[Any]) -> list[np.ndarray | None]:
         """Importance per channel for every group of ``groups`` (None for a group without a gate)."""
@@ -206,7 +256,8 @@ class GateSet(nn.Module):
         """The expected gate values (:meth:`Gate.expected_values`) of every channel of
         ``groups`` concatenated (1 for ungated groups), as float64 on the CPU: the keep mask
         the cost model (:class:`prunekit.allocate.cost.CostModel`, a CPU model) takes,
-        differentiable in the gates. Input-dependent kinds are not supported here."""
+        differentiable in the gates (input-dependent kinds give their per-channel mean over the
+        data they have seen)."""
         parts = []
         for g in groups:
             key = str(g.index)
@@ -216,30 +267,32 @@ class GateSet(nn.Module):
         return torch.cat([p.to("cpu", torch.float64) for p in parts])
 
     @torch.no_grad()
-    def fold(self) -> None:
+    def fold(self, approximate: bool = False) -> None:
         """Multiply every gate's values into the layers it scales (the output slices of a
         producer's weight and bias, a norm's affine weight and bias), so that the model
         computes the same function once the gates are detached; then set every gate to 1
         (:meth:`Gate.set_identity`). Stochastic gates fold their expectation
-        (:meth:`Gate.expected_values`). Raises PruningError for input-dependent gates or a
-        site without an affine weight."""
+        (:meth:`Gate.expected_values`). Input-dependent gates raise PruningError unless
+        ``approximate``, which folds each site's mean (:meth:`Gate.site_expected_values`): the
+        per-sample variation is lost. Also raises PruningError for a site without an affine
+        weight."""
         # Every gate's values are taken before any layer changes: a kind whose values are
         # computed from the layers it scales (``scp`` reads its BatchNorm) must not see a
         # half-folded model.
-        folded: dict[int, Tensor] = {}
+        folded: dict[tuple[int, int], Tensor] = {}
         for site in self._sites:
             gate = self.gate(site.group)
-            if not gate.foldable:
+            if not gate.foldable and not (approximate and gate.input_dependent):
                 raise PruningError(f"gate of group {site.group}: kind {type(gate).__name__} depends on the input "
-                                   "and cannot be folded; detach without folding")
-            if site.group not in folded:
-                folded[site.group] = gate.expected_values().detach()
+                                   "and cannot be folded; detach without folding (or fold(approximate=True) to "
+                                   "fold its mean)")
+            folded[site.group, site.number] = gate.site_expected_values(site.number).detach()
         for site in self._sites:
             out_dim = site.weight_dims[0]
             weight = getattr(site.module, "weight", None)
             if out_dim is None or not isinstance(weight, Tensor):
                 raise PruningError(f"gate at '{site.name}': the module has no weight to fold the gate into")
-            vals = folded[site.group]
+            vals = folded[site.group, site.number]
             vals = torch.cat([vals, vals.new_ones(1)]).index_select(0, site.index.to(vals.device))
             shape = [1] * weight.ndim
             shape[out_dim] = -1
@@ -276,9 +329,20 @@ def _next_modules(graph: Any) -> dict[str, set[str]]:
     return out
 
 
-def _sites(model: nn.Module, group: Any, next_modules: dict[str, set[str]]) -> list[tuple[str, nn.Module, np.ndarray, Any]]:
+def _forward_order(graph: Any) -> dict[str, int]:
+    """Module name -> the index of its first op in the eval trace (execution order)."""
+    order: dict[str, int] = {}
+    for i, op in enumerate(graph.ops("eval")):
+        order.setdefault(op.module, i)
+    return order
+
+
+def _sites(model: nn.Module, group: Any, next_modules: dict[str, set[str]],
+           at: str = "auto") -> list[tuple[str, nn.Module, np.ndarray, Any]]:
     """(module name, module, gate index per output position, its handler) of every place
-    group ``group``'s gate multiplies (``next_modules`` from :func:`_next_modules`)."""
+    group ``group``'s gate multiplies (``next_modules`` from :func:`_next_modules`): with
+    ``at="auto"`` the group's norms and the producers whose output reaches none of them,
+    with ``at="producers"`` every producer (before any norm)."""
     from prunekit.handlers import handler_for
 
     norms, producers = {}, {}
@@ -294,8 +358,11 @@ def _sites(model: nn.Module, group: Any, next_modules: dict[str, set[str]]) -> l
             norms.setdefault(name, (mod, m.channel, h))
         elif m.role == "out" and h.out_channel_dim(mod, 2) is not None and h.weight_dims(mod)[0] is not None:
             producers.setdefault(name, (mod, m.channel, h))
-    # A producer whose output goes straight into one of the group's norms is gated there.
-    covered = {p for p in producers if next_modules.get(p, set()) & norms.keys()}
+    if at == "producers":
+        norms, covered = {}, set()
+    else:
+        # A producer whose output goes straight into one of the group's norms is gated there.
+        covered = {p for p in producers if next_modules.get(p, set()) & norms.keys()}
     out = []
     for name, (mod, chan, h) in list(norms.items()) + [(n, v) for n, v in producers.items() if n not in covered]:
         out.append((name, mod, np.where(chan >= 0, chan, group.size), h))
@@ -303,14 +370,20 @@ def _sites(model: nn.Module, group: Any, next_modules: dict[str, set[str]]) -> l
 
 
 def attach_gates(model: nn.Module, graph: Any, *, kind: str = "logit", groups: list[Any] | None = None,
-                 **kind_kwargs: Any) -> GateSet:
+                 at: str = "auto", **kind_kwargs: Any) -> GateSet:
     """Attach a gate of ``kind`` to every prunable group of ``graph`` (or of ``groups``) on
     ``model`` (the traced model, changed in place) and return the :class:`GateSet`, also
-    each gate registered as ``prunekit_gate_<group index>`` of its group's first gated layer. ``kind_kwargs``
-    go to the gate constructor.
-    Raises PruningError when the model already has gates or ``kind`` is unknown."""
+    each gate registered as ``prunekit_gate_<group index>`` of its group's first gated layer
+    (its first norm, if any). ``at`` says where a gate multiplies: ``"auto"`` after the group's
+    normalisation layers and at producers that reach none, ``"producers"`` at every
+    producer's output (before its norm: for input-dependent kinds placed there by their
+    paper). ``kind_kwargs`` go to the gate constructor; the gate then learns its number of
+    sites (:meth:`Gate.on_attach`). Raises PruningError when the model already has gates,
+    ``kind`` is unknown or ``at`` is neither."""
     if any(k.startswith(GATE_PREFIX) for m in model.modules() for k in m._modules):
         raise PruningError("attach_gates: the model already has gates (detach them first)")
+    if at not in ("auto", "producers"):
+        raise PruningError(f"attach_gates: at={at!r}; expected 'auto' or 'producers'")
     try:
         cls = GATES.get(kind)
     except KeyError as exc:
@@ -318,20 +391,26 @@ def attach_gates(model: nn.Module, graph: Any, *, kind: str = "logit", groups: l
     gs = GateSet()
     gs.groups = [g for g in (groups if groups is not None else graph.groups) if g.n_prunable > 0]
     next_modules = _next_modules(graph)
+    order = _forward_order(graph)
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     for g in gs.groups:
-        sites = _sites(model, g, next_modules)
+        sites = _sites(model, g, next_modules, at)
         if not sites:
             gs.ungated.append(g.name)
             continue
-        gate = cls(g.size, **kind_kwargs).to(device)
+        gate = cls(g.size, **kind_kwargs)
+        gate.on_attach(len(sites))
+        gate = gate.to(device)
         gs.gates[str(g.index)] = gate
+        # The holder is the first site found (a norm, if any): where checkpoints expect the gate.
         sites[0][1].add_module(f"{GATE_PREFIX}{g.index}", gate)  # one layer can hold the gates of several groups
         gs._owners.append(sites[0][1])
-        for name, mod, index, handler in sites:
-            site = _Site(g.index, name, mod, index, handler)
+        # Sites are numbered in forward order, so a kind with per-site state meets site 0 first in every pass.
+        sites.sort(key=lambda s: order.get(s[0], len(order)))
+        for number, (name, mod, index, handler) in enumerate(sites):
+            site = _Site(g.index, name, mod, index, handler, number, order.get(name, len(order)))
             gs._sites.append(site)
-            gs._handles.append(mod.register_forward_hook(_GateHook(gate, site.index, handler)))
+            gs._handles.append(mod.register_forward_hook(_GateHook(gate, site.index, handler, number)))
     return gs
 
 
@@ -359,4 +438,7 @@ def prune_with_gates(model: nn.Module, example_inputs: Any, gates: GateSet, grap
     return pk.prune(model, example_inputs, graph=graph, criterion=gates, return_plan=True, **prune_options)
 
 
-from prunekit.gates import scp as _scp  # noqa: E402,F401  (registers the ``scp`` kind; it subclasses Gate)
+# The kinds in their own modules register themselves; they subclass Gate, so they come last.
+from prunekit.gates import autopruner as _autopruner  # noqa: E402,F401
+from prunekit.gates import scp as _scp  # noqa: E402,F401
+from prunekit.gates import se as _se  # noqa: E402,F401

@@ -202,18 +202,25 @@ def anneal(start: float, end: float, progress: float) -> float:
 def bn_relu_modules(graph: Any) -> set[str]:
     """BatchNorm modules of the eval trace (op ``batch_norm``) whose every output is
     consumed by ReLU ops only: where ``P(ReLU zeroes channel c) = Phi(-beta_c / |gamma_c|)``."""
+    return relu_fed_modules(graph, {"batch_norm"})
+
+
+def relu_fed_modules(graph: Any, kinds: set[str] | None = None) -> set[str]:
+    """Modules of the eval trace whose every output is consumed by ReLU ops only (and, with
+    ``kinds``, whose ops are all of those kinds): where a non-negative channel scale commutes
+    with the activation that follows."""
     ops = graph.ops("eval")
     consumers: dict[int, list[str]] = {}
     for op in ops:
         for v in op.in_values:
             consumers.setdefault(v, []).append(op.name)
     outs: dict[str, list[int]] = {}
-    kinds: dict[str, set[str]] = {}
+    op_kinds: dict[str, set[str]] = {}
     for op in ops:
         outs.setdefault(op.module, []).extend(op.out_values)
-        kinds.setdefault(op.module, set()).add(op.name)
+        op_kinds.setdefault(op.module, set()).add(op.name)
     return {name for name, values in outs.items()
-            if kinds[name] == {"batch_norm"} and values
+            if (kinds is None or op_kinds[name] <= kinds) and values
             and all(consumers.get(v) and all(c in ("relu", "relu_") for c in consumers[v]) for v in values)}
 
 
@@ -232,3 +239,17 @@ def inverse_positions(index: Tensor, size: int) -> np.ndarray | None:
         if c < size and pos[c] < 0:
             pos[c] = i
     return None if (pos < 0).any() else pos
+
+
+def own_param_group(optimizer: torch.optim.Optimizer, params: Iterable[Tensor], lr: float) -> None:
+    """Move ``params`` out of ``optimizer``'s param groups into one group of their own at
+    learning rate ``lr`` (the LR schedule scales it like the others). Call it from
+    :meth:`Callback.on_train_start`, which runs before the scheduler is built and before a
+    checkpoint's optimizer state is loaded, so a resumed run has the same groups."""
+    moved = {id(p) for p in params}
+    taken = []
+    for group in optimizer.param_groups:
+        taken += [p for p in group["params"] if id(p) in moved]
+        group["params"] = [p for p in group["params"] if id(p) not in moved]
+    if taken:
+        optimizer.add_param_group({"params": taken, "lr": lr, "initial_lr": lr})

@@ -81,6 +81,7 @@ from prunekit.methods._training import (
     check_loader,
     gate_snapshot,
     inverse_positions,
+    own_param_group,
     split_options,
     training_config,
     working_copy,
@@ -161,15 +162,8 @@ class _ScpTraining(Callback):
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Move the mask parameters into their own param group at ``mask_lr`` (done the same
         way on a resume, before the optimizer state is loaded, so the groups match)."""
-        if self.mask_lr is None:
-            return
-        moved = {id(p) for p in self.mask_parameters()}
-        taken = []
-        for group in optimizer.param_groups:
-            taken += [p for p in group["params"] if id(p) in moved]
-            group["params"] = [p for p in group["params"] if id(p) not in moved]
-        if taken:
-            optimizer.add_param_group({"params": taken, "lr": self.mask_lr, "initial_lr": self.mask_lr})
+        if self.mask_lr is not None:
+            own_param_group(optimizer, self.mask_parameters(), self.mask_lr)
 
     def on_batch_start(self, model: nn.Module, step: int) -> None:
         """One relaxed-Bernoulli draw per channel for this step (all sites and samples share it)."""
