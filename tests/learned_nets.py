@@ -4,6 +4,9 @@ per-method tests)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -58,3 +61,19 @@ def config(epochs: int) -> TrainConfig:
                        tensorboard=False)
 
 
+class Interrupting:
+    """``batches`` as a loader that raises KeyboardInterrupt at its ``stop``-th batch overall
+    (a kill in the middle of an epoch)."""
+
+    def __init__(self, batches: list, stop: int) -> None:
+        self.batches, self.stop, self.served = batches, stop, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        for b in self.batches:
+            self.served += 1
+            if self.served == self.stop:
+                raise KeyboardInterrupt
+            yield b

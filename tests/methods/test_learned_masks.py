@@ -4,14 +4,13 @@ the budget, expected against measured FLOPs, kill-and-resume identity, the user'
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from learned_nets import DEAD, IMPORTANT, X, config, planted
+from learned_nets import DEAD, IMPORTANT, X, Interrupting, config, planted
 from nets import cbr
 from prunekit import methods
 from prunekit.errors import PruningError
@@ -66,24 +65,6 @@ def test_budget_and_expected_against_measured_flops(name: str) -> None:
         assert all(set(t["keep"]) == {"0.0", "1.0"} and t["target"] == 0.5 for t in res.info["trajectory"])
         assert all(0.0 <= v <= 1.0 for t in res.info["trajectory"] for v in t["keep"].values())
         assert res.info["trajectory"][-1]["expected_flops"] == pytest.approx(budget["expected_end_flops"])
-
-
-class Interrupting:
-    """``batches`` as a loader that raises KeyboardInterrupt at its ``stop``-th batch overall
-    (a kill in the middle of an epoch)."""
-
-    def __init__(self, batches: list, stop: int) -> None:
-        self.batches, self.stop, self.served = batches, stop, 0
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[Any]:
-        for b in self.batches:
-            self.served += 1
-            if self.served == self.stop:
-                raise KeyboardInterrupt
-            yield b
 
 
 @pytest.mark.parametrize("name,stop,kw", [("slimming", 6, {}), ("slimming", 14, {"finetune_epochs": 2}),

@@ -16,7 +16,9 @@ so budgets, ``round_to``, ``min_channels`` and ``ignore`` hold as for any criter
 Gate kinds are registry plug-ins (:func:`register_gate`): ``scale`` (a plain multiplier
 starting at 1, the original function exactly), ``logit`` (``sigmoid(logit / T)`` with a
 temperature buffer that schedules can anneal) and ``scp`` (a relaxed-Bernoulli mask driven
-by the probability that a BatchNorm -> ReLU pair passes the channel, :mod:`prunekit.gates.scp`).
+by the probability that a BatchNorm -> ReLU pair passes the channel, :mod:`prunekit.gates.scp`) and
+``mask`` (a fixed multiplier set from outside, no parameter: a hard 0/1 structure per step,
+:mod:`prunekit.gates.mask`).
 Stochastic kinds keep their expectation apart (:meth:`Gate.expected_values`): it is what
 :meth:`GateSet.mask` gives the cost model and what :meth:`GateSet.fold` folds.
 Input-dependent kinds (squeeze-excitation style) override :meth:`Gate.multiplier` and are
@@ -359,4 +361,5 @@ def prune_with_gates(model: nn.Module, example_inputs: Any, gates: GateSet, grap
     return pk.prune(model, example_inputs, graph=graph, criterion=gates, return_plan=True, **prune_options)
 
 
+from prunekit.gates import mask as _mask  # noqa: E402,F401  (registers the ``mask`` kind)
 from prunekit.gates import scp as _scp  # noqa: E402,F401  (registers the ``scp`` kind; it subclasses Gate)

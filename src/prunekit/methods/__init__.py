@@ -56,7 +56,7 @@ def register(name: str) -> Callable[[Method], Method]:
 
 def _load_all() -> None:
     from prunekit.methods import (block_drop, cap, channel_pruning, criterion, dais, functionality,  # noqa: F401
-                                  iterative, pai, resconv, scp, slimming, svd, trp, ucp)
+                                  iterative, ofa, pai, resconv, scp, slimming, svd, trp, ucp)
 
 
 def get(name: str) -> Method:
