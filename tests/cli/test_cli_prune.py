@@ -148,7 +148,7 @@ def test_prune_with_ofa_writes_the_cohort(tmp_path) -> None:
     assert main(["prune", *TRAINING, "--method", "ofa", "--epochs", "1", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     info = report["method_info"]
-    assert "cohort" not in info and {m["name"] for m in info["members"]} >= {"flops0.50_16x16"}
+    assert "cohort" not in info and {m["name"] for m in info["members"]} >= {"flops0.5_16x16"}
     cohort = OFACohort.load(out / "cohort")
     assert cohort.members() == [{**m, "resolution": tuple(m["resolution"])} for m in info["members"]]
     saved, member = pk.load(out), cohort.extract(0.5).model

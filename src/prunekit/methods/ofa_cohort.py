@@ -69,8 +69,9 @@ class Member:
 
     @property
     def name(self) -> str:
-        """``flops0.50_32x32``: a file-system-safe name of the member."""
-        return f"flops{self.rate:.2f}_{self.resolution[0]}x{self.resolution[1]}"
+        """``flops0.5_32x32``: a file-system-safe name of the member (the rate in full, so
+        that two budgets never share a name)."""
+        return f"flops{self.rate:g}_{self.resolution[0]}x{self.resolution[1]}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
