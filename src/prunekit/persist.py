@@ -89,6 +89,31 @@ def _read_plan(directory: str | os.PathLike[str], where: Path) -> PruningPlan:
         raise ValueError(f"{Path(directory) / PLAN}: not a readable prunekit plan ({exc})") from None
 
 
+def build_original(model: nn.Module | Callable[[], nn.Module] | None, meta: dict[str, Any], source: Path, *,
+                   trust_code: bool = False) -> nn.Module:
+    """The original (unpruned) architecture of a saved run: ``model`` itself, or what the
+    builder ``model`` returns, or, when None, the ``model_spec`` of ``meta`` resolved through
+    the zoo (with its ``num_classes`` / ``in_chans``). ``source`` (the file ``meta`` came from)
+    names the run in errors: ValueError without a spec, :class:`UntrustedCodeError` for a spec
+    naming a Python file unless ``trust_code``."""
+    if isinstance(model, nn.Module):
+        return model
+    if model is not None:
+        return model()
+    spec = meta.get("model_spec")
+    if not spec:
+        raise ValueError(f"{source.parent}: no model_spec saved; pass the original architecture as `model`")
+    from prunekit.zoo import resolve_model
+    from prunekit.zoo.resolve import is_file_spec
+
+    if is_file_spec(spec) and not trust_code:
+        raise UntrustedCodeError(
+            f"{source} names code to run (model_spec {spec!r}); pass the architecture "
+            "(pk.load(dir, builder)) or trust_code=True / --trust-code to run it")
+    kwargs = {k: meta[k] for k in ("num_classes", "in_chans") if k in meta}
+    return resolve_model(spec, **kwargs)
+
+
 def load(directory: str | os.PathLike[str], model: nn.Module | Callable[[], nn.Module] | None = None, *,
          trust_code: bool = False) -> nn.Module:
     """Load a pruned model saved by :func:`save`.
@@ -103,21 +128,7 @@ def load(directory: str | os.PathLike[str], model: nn.Module | Callable[[], nn.M
 
     where = readable_directory(directory)  # plan and weights from one directory, even mid-switch
     plan = _read_plan(directory, where)
-    if model is None:
-        spec = plan.meta.get("model_spec")
-        if not spec:
-            raise ValueError(f"{directory}: no model_spec saved; pass the original architecture as `model`")
-        from prunekit.zoo import resolve_model
-        from prunekit.zoo.resolve import is_file_spec
-
-        if is_file_spec(spec) and not trust_code:
-            raise UntrustedCodeError(
-                f"{Path(directory) / PLAN} names code to run (model_spec {spec!r}); pass the architecture "
-                "(pk.load(dir, builder)) or trust_code=True / --trust-code to run it")
-        kwargs = {k: plan.meta[k] for k in ("num_classes", "in_chans") if k in plan.meta}
-        model = resolve_model(spec, **kwargs)
-    elif not isinstance(model, nn.Module):
-        model = model()
+    model = build_original(model, plan.meta, Path(directory) / PLAN, trust_code=trust_code)
     pruned = apply_plan(model, plan, inplace=True)
     weights = where / WEIGHTS
     if not weights.exists():

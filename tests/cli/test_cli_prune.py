@@ -150,3 +150,23 @@ def test_a_killed_training_method_resumes_from_the_hidden_run_directory(tmp_path
     report = json.loads((tmp_path / "cut" / "report.json").read_text())
     assert report["method_info"]["train"]["resumed_from_epoch"] == 1
     assert "every other batch" in report["method_info"]["indicator_data"]
+
+
+def test_prune_with_ofa_writes_the_cohort(tmp_path) -> None:
+    """`--method ofa`: the saved model is the cohort's target member at the data's resolution
+    (its BN statistics re-estimated), and OUT/cohort loads by itself (the model spec is saved)
+    and extracts that member with the same weights apart from the BN statistics."""
+    from prunekit.methods.ofa import OFACohort
+
+    out = tmp_path / "ofa"
+    assert main(["prune", *TRAINING, "--method", "ofa", "--epochs", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    info = report["method_info"]
+    assert "cohort" not in info and {m["name"] for m in info["members"]} >= {"flops0.5_16x16"}
+    cohort = OFACohort.load(out / "cohort")
+    assert cohort.members() == [{**m, "resolution": tuple(m["resolution"])} for m in info["members"]]
+    saved, member = pk.load(out), cohort.extract(0.5).model
+    a, b = saved.state_dict(), member.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a if "running" not in k and "num_batches" not in k)
+    assert 0.49 <= report["after"]["flops"] / report["before"]["flops"] <= 0.5

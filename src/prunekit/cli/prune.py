@@ -45,8 +45,9 @@ PRUNE_OPTIONS: OptionTable = [
      "fraction of the latency to keep, from a per-layer latency table measured on this machine"),
     ("--method", "method", str, "a published method instead of plain criterion pruning: channel_pruning "
      "(LASSO + least squares), cap (compensation, no fine-tuning), ucp, functionality, iterative, svd (low rank), "
-     "block_drop (residual blocks); or one that trains (slimming, scp, dais, autopruner, trp, resconv: trained on --data for "
-     "--epochs, checkpointed every epoch)"),
+     "block_drop (residual blocks); or one that trains (slimming, scp, dais, autopruner, trp, resconv, pai, ofa: trained "
+     "on --data for --epochs, checkpointed every epoch; ofa also writes its cohort of budgets x resolutions to "
+     "OUT/cohort)"),
     ("--data", "data", str, "data set whose training split calibrates data-driven criteria and methods "
      "(digits, cifar10:PATH, fashion-mnist:PATH, ...)"),
     ("--calib-batches", "calib_batches", int, "calibration batches (training split) for data-driven "
@@ -97,12 +98,21 @@ def run(args: argparse.Namespace) -> int:
               "target_flops": r.target_flops, "criterion": r.criterion, "method": r.method, "data": r.data,
               "prune_seconds": seconds, "before": before, "after": after, "plan": plan.meta}
     notes = []
+    cohort = None
     if info is not None:
+        # A method serving many budgets (ofa) keeps them in a cohort object: saved beside the
+        # model as OUT/cohort, not stringified into the report.
+        cohort = info.pop("cohort", None)
         report["method_info"] = info
         notes = training_notes(info)
+        if cohort is not None:
+            notes.append(f"Cohort of {len(info.get('members', []))} members saved in cohort/ "
+                         "(prunekit.methods.ofa.OFACohort.load); members in report.json (method_info.members).")
     with atomic_directory(out) as run:  # the whole run replaces --out at once (see prunekit.persist)
         write_model(small, plan, run, model_spec=spec, extra=run_meta(shape, nc, ic))
         write_run(run, r, report, notes=notes, command="prune")
+        if cohort is not None:
+            cohort.write(run / "cohort", model_spec=spec, extra=run_meta(shape, nc, ic))
         if info is not None and info.get("trajectory"):
             from prunekit.plot import plot_gate_trajectory
 

@@ -16,7 +16,9 @@ so budgets, ``round_to``, ``min_channels`` and ``ignore`` hold as for any criter
 Gate kinds are registry plug-ins (:func:`register_gate`): ``scale`` (a plain multiplier
 starting at 1, the original function exactly), ``logit`` (``sigmoid(logit / T)`` with a
 temperature buffer that schedules can anneal) and ``scp`` (a relaxed-Bernoulli mask driven
-by the probability that a BatchNorm -> ReLU pair passes the channel, :mod:`prunekit.gates.scp`).
+by the probability that a BatchNorm -> ReLU pair passes the channel, :mod:`prunekit.gates.scp`) and
+``mask`` (a fixed multiplier set from outside, no parameter: a hard 0/1 structure per step,
+:mod:`prunekit.gates.mask`).
 Stochastic kinds keep their expectation apart (:meth:`Gate.expected_values`): it is what
 :meth:`GateSet.mask` gives the cost model and what :meth:`GateSet.fold` folds.
 Input-dependent kinds (``input_dependent = True``: ``se``, squeeze-excitation,
@@ -440,5 +442,6 @@ def prune_with_gates(model: nn.Module, example_inputs: Any, gates: GateSet, grap
 
 # The kinds in their own modules register themselves; they subclass Gate, so they come last.
 from prunekit.gates import autopruner as _autopruner  # noqa: E402,F401
+from prunekit.gates import mask as _mask  # noqa: E402,F401
 from prunekit.gates import scp as _scp  # noqa: E402,F401
 from prunekit.gates import se as _se  # noqa: E402,F401

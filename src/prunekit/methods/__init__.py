@@ -56,7 +56,7 @@ def register(name: str) -> Callable[[Method], Method]:
 
 def _load_all() -> None:
     from prunekit.methods import (autopruner, block_drop, cap, channel_pruning, criterion, dais,  # noqa: F401
-                                  functionality, iterative, pai, resconv, scp, slimming, svd, trp, ucp)
+                                  functionality, iterative, ofa, pai, resconv, scp, slimming, svd, trp, ucp)
 
 
 def get(name: str) -> Method:
