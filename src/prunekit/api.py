@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from prunekit._perf import engine_call
-from prunekit.allocate import select
+from prunekit.allocate import resolve_group_ratios, select
 from prunekit.allocate.budget import Budget, make_budget, removal_for_budget
 from prunekit.allocate.cost import CostModel
 from prunekit.allocate.knapsack import knapsack_removal
@@ -55,7 +55,7 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
     prunable0 = sum(g.n_prunable for g in groups)  # before repairs: what the ratio asks of
     repairs: list[str] = []
     options = dict(ratios=ratios, global_ranking=cfg.global_ranking, round_to=cfg.round_to,
-                   min_channels=cfg.min_channels)
+                   min_channels=cfg.min_channels, group_ratios=resolve_group_ratios(groups, cfg.group_ratios))
     for _ in range(cfg.max_repairs + 1):
         if budget is not None and cfg.allocation == "knapsack":
             if measure.cost is None:
@@ -128,10 +128,10 @@ def _with_shortfall(plan: PruningPlan, cfg: PruneConfig, budget: Budget | None, 
         kept = meta.get(f"{budget.kind}_kept", 1.0 if removed == 0 else None)
         if budget.target < 1.0 and kept is not None and kept > budget.target + _BUDGET_SLACK:
             why = f"keeps {kept:.3f} of the {budget.kind} against target_{budget.kind}={budget.target:g}"
-    elif cfg.ratio > 0 or cfg.ratios:
+    elif cfg.ratio > 0 or cfg.ratios or cfg.group_ratios:
         asked = cfg.ratio * prunable
         # A few channels' rounding is no shortfall: below 8 asked, only "nothing at all" is.
-        if (removed == 0 and (asked >= 1 or cfg.ratios)) or (asked >= 8 and removed < _RATIO_FRACTION * asked):
+        if (removed == 0 and (asked >= 1 or cfg.ratios or cfg.group_ratios)) or (asked >= 8 and removed < _RATIO_FRACTION * asked):
             why = f"removed {removed} channels where ratio={cfg.ratio:g} asks for about {asked:.0f}"
     if not why:
         return plan
@@ -243,7 +243,8 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
     (:func:`prunekit.measure.latency_table.build_latency_table`; pass ``latency_table`` to
     reuse one). Data-driven criteria (``taylor``, ``activation``, ...) take
     ``criterion_kwargs={'loader': ..., 'batches': N}``. ``ratios`` maps module names to
-    their own ratio; ``ignore`` lists modules whose output channels stay; ``round_to`` keeps
+    their own ratio and ``group_ratios`` traced groups (the name :func:`trace` prints, or the
+    index in ``graph.groups``) to theirs; ``ignore`` lists modules whose output channels stay; ``round_to`` keeps
     channel counts multiples of it and every group keeps ``min_channels``. The result is
     checked by running it: any op whose shape would break makes the groups involved stay (at
     most ``max_repairs`` times), and the plan records why (``plan.meta['repairs']``). On any

@@ -42,7 +42,10 @@ class PruneConfig:
     ``ratio`` is the fraction of channels removed from every group (in [0, 1)), ranked by
     ``criterion`` (a registered name or a callable ``(model, group, **criterion_kwargs) ->
     scores``); ``ratios`` maps module names to their own ratio; ``ignore`` lists modules (names
-    or objects) whose output channels stay; ``global_ranking`` ranks normalised scores across
+    or objects) whose output channels stay; ``group_ratios`` maps coupled groups (a group's name as
+    :func:`prunekit.trace` prints it, or its index in ``graph.groups``) to their own ratio, over
+    ``ratios`` and ``ratio`` (a per-group allocation, as a search such as ``cacp`` produces);
+    ``global_ranking`` ranks normalised scores across
     groups (``"raw"``: the scores as they are, for scores on one scale, e.g. learned gates); channel counts stay multiples of ``round_to`` and every group keeps at least
     ``min_channels``; at most ``max_repairs`` groups are kept after failed validation runs. One
     of ``target_flops`` / ``target_params`` / ``target_latency`` (the fraction kept) replaces
@@ -63,6 +66,7 @@ class PruneConfig:
     criterion_kwargs: Mapping[str, Any] | None = None
     ignore: tuple[nn.Module | str, ...] | None = None
     ratios: Mapping[str, float] | None = None
+    group_ratios: Mapping[str | int, float] | None = None
     global_ranking: bool | str = False
     round_to: int = 1
     min_channels: int = 1
@@ -91,6 +95,10 @@ class PruneConfig:
         put("ratios", {k: check_ratio(v, f"ratios[{k!r}]") for k, v in ratios.items()} if ratios else None)
         if not (isinstance(self.global_ranking, bool) or self.global_ranking == "raw"):
             raise PruningError(f"global_ranking={self.global_ranking!r}: must be True, False or 'raw'")
+        put("group_ratios", _group_ratios(self.group_ratios))
+        if self.group_ratios and self.global_ranking:
+            raise PruningError("group_ratios: per-group ratios and global_ranking exclude each other "
+                               "(a global ranking decides every group's ratio)")
         put("round_to", _count(self.round_to, "round_to", 1, "channel counts are multiples of it"))
         put("min_channels", _count(self.min_channels, "min_channels", 1, "a group cannot lose all its channels"))
         put("max_repairs", _count(self.max_repairs, "max_repairs", 0, "the number of groups validation may keep"))
@@ -172,6 +180,21 @@ def _mapping(value: Any, option: str) -> dict[Any, Any] | None:
     if not isinstance(value, Mapping):
         raise PruningError(f"{option}={value!r}: must be a mapping")
     return dict(value) or None
+
+
+def _group_ratios(value: Any) -> dict[str | int, float] | None:
+    """``group_ratios`` as a plain dict with checked keys (a group name or index) and ratios;
+    None when empty. The keys are matched to the traced groups when pruning."""
+    from prunekit.allocate import check_ratio
+
+    mapping = _mapping(value, "group_ratios")
+    if not mapping:
+        return None
+    for key in mapping:
+        if isinstance(key, bool) or not isinstance(key, (str, numbers.Integral)) or (
+                isinstance(key, numbers.Integral) and key < 0):
+            raise PruningError(f"group_ratios: key {key!r} must be a group name or a group index >= 0")
+    return {(k if isinstance(k, str) else int(k)): check_ratio(v, f"group_ratios[{k!r}]") for k, v in mapping.items()}
 
 
 def _ignore(value: Any) -> tuple[Any, ...] | None:
