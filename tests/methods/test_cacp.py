@@ -126,14 +126,14 @@ def trained() -> tuple[torch.nn.Module, methods.MethodResult]:
     return model, res
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_query_flops_are_monotone_in_c_and_in_the_band(seed: int) -> None:
-    """Whatever the actor's weights (untrained, three seeds), the FLOPs counted on the queried
+    """Whatever the actor's weights (untrained, two seeds), the FLOPs counted on the queried
     models never fall as c grows (c on a grid finer than the band too) and lie in (c - 2w, c]."""
     model = _model()
     policy = build_policy(model, X, CACPOptions(seed=seed, hidden=16, batches=1, val_batches=1), loader=_data(32))
     base = count_flops(model, X)
-    cs = sorted(set(np.round(np.linspace(0.25, 0.75, 15), 6)) | {0.5, 0.5 + policy.width / 3, 0.5 + policy.width / 2})
+    cs = sorted(set(np.round(np.linspace(0.25, 0.75, 9), 6)) | {0.5, 0.5 + policy.width / 3, 0.5 + policy.width / 2})
     got = []
     for c in cs:
         _, res = policy.query(float(c), recover=False)

@@ -754,17 +754,29 @@ def cacp(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None 
     ignore = module_names(model, list(cfg.ignore), "ignore") if cfg.ignore else None
     saved = Path(run_dir) / "cacp_policy" if run_dir is not None else None
     t0 = time.perf_counter()
+    dropped: list[dict[str, Any]] = []
     if saved is not None and resume and (saved / POLICY_JSON).is_file():
         policy = CACPPolicy.load(saved, model, example_inputs, loader=loader, val_loader=val_loader)
-        if policy.opts != opts or policy.space.kind != kind:
+        same = dataclasses.replace(policy.opts, targets=opts.targets) == opts  # unreachable targets were dropped
+        if not same or not set(policy.opts.targets) <= set(opts.targets) or policy.space.kind != kind:
             raise PruningError(f"cacp: the policy saved in {saved} was searched with other options; "
                                "remove it or pass the same options")
         resumed = True
     else:
         policy = build_policy(model, example_inputs, opts, kind=kind, ignore=ignore, round_to=cfg.round_to,
                               min_channels=cfg.min_channels, loader=loader, val_loader=val_loader)
-        for target_c in (c, *opts.targets):  # before any episode is spent
-            policy.check_target(target_c)
+        policy.check_target(c)  # before any episode is spent
+        feasible = []
+        for target_c in opts.targets:
+            try:
+                policy.check_target(target_c)
+                feasible.append(target_c)
+            except PruningError as exc:
+                dropped.append({"target": target_c, "reason": str(exc)})
+        if dropped:  # a search over reachable targets only; the unreachable ones are reported
+            log.warning("cacp: dropping unreachable training targets %s", [d["target"] for d in dropped])
+            opts = dataclasses.replace(opts, targets=tuple(feasible) or (c,))
+            policy.opts = policy.agent.opts = opts
         search(policy, progress=progress)
         if saved is not None:
             policy.save(saved)
@@ -777,7 +789,7 @@ def cacp(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None 
         "policy": policy, "conditional": opts.conditional, "targets": list(opts.targets), "episodes": opts.episodes,
         "warmup": opts.warmup_episodes, "width": policy.width, "walked_groups": len(policy.space.walked),
         "repaired_groups": sorted(policy.space.groups[i].name for i in policy.space.repaired),
-        "search_seconds": search_seconds, "search_resumed": resumed,
+        "search_seconds": search_seconds, "search_resumed": resumed, "dropped_targets": dropped,
         "best_reward": max(rewards) if rewards else None,
         "reward_data": "val_loader" if val_loader is not None else "loader batches after the calibration ones",
         "departures": ["critic regresses the episode reward (Monte Carlo, no target networks)",
