@@ -481,6 +481,7 @@ class CACPPolicy:
         self.space, self.agent, self.opts = space, agent, opts
         self.width = float(width)
         self.calib, self.val = calib, val
+        self.reward_data = "val_loader" if val is not None else "none"
         self.history = list(history or [])
         self.smallest = space.cost([a[0] for a in space.allowed]) if space.allowed else 1.0
 
@@ -712,13 +713,19 @@ def build_policy(model: nn.Module, example_inputs: Any, opts: CACPOptions, *, ki
     space = _Space(model, example_inputs, kind=kind, ignore=ignore, round_to=round_to, min_channels=min_channels,
                    min_keep=opts.min_keep)
     calib = _batches(loader, opts.batches, space.model)
-    val = (_batches(val_loader, opts.val_batches, space.model) if val_loader is not None
-           else _batches(loader, opts.val_batches, space.model, skip=opts.batches))
+    if val_loader is not None:
+        val, source = _batches(val_loader, opts.val_batches, space.model), "val_loader"
+    else:
+        val, source = _batches(loader, opts.val_batches, space.model, skip=opts.batches), \
+            "loader batches after the calibration ones"
+        if not val:  # a short loader: the reward is read on the calibration batches themselves
+            val, source = calib, "the calibration batches (the loader had no more; pass val_loader=)"
     if not calib or not val:
-        raise PruningError("method 'cacp': the loader yielded no batches for calibration / validation "
-                           f"(needs {opts.batches} + {opts.val_batches if val_loader is None else 0})")
+        raise PruningError("method 'cacp': the loader / val_loader yielded no batches for calibration or the reward")
     width = max(landing_width(space.allowed, space.cost), opts.resolution, 1e-9) * (1 + 1e-9) if space.allowed else 1.0
-    return CACPPolicy(space, _Agent(len(STATE_FEATURES), opts), opts, width=width, calib=calib, val=val)
+    policy = CACPPolicy(space, _Agent(len(STATE_FEATURES), opts), opts, width=width, calib=calib, val=val)
+    policy.reward_data = source
+    return policy
 
 
 @register("cacp")
@@ -791,7 +798,7 @@ def cacp(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None 
         "repaired_groups": sorted(policy.space.groups[i].name for i in policy.space.repaired),
         "search_seconds": search_seconds, "search_resumed": resumed, "dropped_targets": dropped,
         "best_reward": max(rewards) if rewards else None,
-        "reward_data": "val_loader" if val_loader is not None else "loader batches after the calibration ones",
+        "reward_data": policy.reward_data,
         "departures": ["critic regresses the episode reward (Monte Carlo, no target networks)",
                        "two-sided constraint band on a FLOPs grid (query monotone in c)",
                        "groups instead of layers"],
