@@ -15,7 +15,8 @@ import prunekit as pk
 from prunekit import methods
 from prunekit.errors import PruningError
 from prunekit.measure import count_flops
-from prunekit.methods.cacp import CACPOptions, CACPPolicy, build_policy, clip_count, feasible_range, landing_width
+from prunekit.methods.cacp import (STATE_FEATURES, CACPOptions, CACPPolicy, build_policy, clip_count, feasible_range,
+                                   landing_width)
 from prunekit.recover import evaluate, recalibrate_bn
 from prunekit.zoo.small_cnn import SmallCNN
 
@@ -196,7 +197,8 @@ def test_unconditioned_mode_trains_for_its_target_only() -> None:
                               **{**TINY, "episodes": 2, "warmup": 1})
     policy = res.info["policy"]
     assert policy.opts.targets == (0.4,) and {h["target"] for h in policy.history} == {0.4}
-    assert all(s[-1] == 0.0 for s in policy.walk(0.4)[1])  # the target feature is off
+    target = STATE_FEATURES.index("target")
+    assert all(s[target] == 0.0 for s in policy.walk(0.4)[1])  # the target feature is off
     assert 0.4 * 0.98 <= res.info["measured_flops"] <= 0.4
     with pytest.raises(PruningError, match="trained for c=0.4 only"):
         policy.query(0.6)
@@ -211,3 +213,22 @@ def test_unconditioned_mode_trains_for_its_target_only() -> None:
 def test_bad_options_are_named(kwargs, needle) -> None:
     with pytest.raises(PruningError, match=needle):
         methods.get("cacp")(_model(), X, loader=_data(64), **{**TINY, "episodes": 1}, **kwargs)
+
+
+def test_the_embedding_carries_c_and_the_budget_pressure(trained) -> None:
+    """At the first group nothing is decided: the cost removed so far is 0, the target feature is
+    c, and the pressure is (1 - c_grid) / (1 - smallest reachable); each later state's
+    "removed so far" is 1 - the cost with the groups decided so far and the rest whole."""
+    _, res = trained
+    policy = res.info["policy"]
+    counts, states, _ = policy.walk(0.5)
+    f = {name: i for i, name in enumerate(STATE_FEATURES)}
+    first = states[0]
+    assert first[f["cost_removed_so_far"]] == pytest.approx(0.0, abs=1e-7)
+    assert first[f["target"]] == pytest.approx(0.5)
+    assert first[f["budget_pressure"]] == pytest.approx((1 - policy.grid(0.5)) / (1 - policy.smallest), rel=1e-5)
+    full = [a[-1] for a in policy.space.allowed]
+    for t in range(1, len(states)):
+        want = 1 - policy.space.cost(counts[:t] + full[t:])
+        assert states[t][f["cost_removed_so_far"]] == pytest.approx(want, abs=1e-6)
+        assert states[t][f["previous_keep"]] == pytest.approx(counts[t - 1] / policy.space.groups[policy.space.walked[t - 1]].size)

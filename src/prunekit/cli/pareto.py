@@ -152,7 +152,7 @@ class _Run:
     def settings(self) -> dict[str, Any]:
         """The settings a resumed run must share."""
         return {"model": self.src.spec, "data": self.r.data, "method": self.label,
-                "finetune_epochs": 0 if self.trains and self.method != "cacp" else self.r.finetune_epochs,
+                "finetune_epochs": self.r.finetune_epochs, "method_trains": self.trains and self.method != "cacp",
                 "val_size": int(self.args.val_size or 0), "input_shape": list(self.shape),
                 "episodes": self.args.episodes if self.method == "cacp" else None, "seed": self.r.seed,
                 "ignore": list(self.r.ignore)}
@@ -340,7 +340,9 @@ def _markdown(state: dict[str, Any]) -> str:
         return "yes" if v else ""
 
     lines = [f"# prunekit pareto: `{state['method']}` on `{state['model']}`, data `{state['data']}`", "",
-             f"Fine-tune epochs per budget: {state['finetune_epochs']}; validation images held out: "
+             f"Fine-tune epochs per budget: {state['finetune_epochs']}"
+             + (" (the method's own training while it prunes)" if state.get("method_trains") else "")
+             + f"; validation images held out: "
              f"{state['val_size']}; input {state['input_shape']}"
              + (f"; cacp policy: {state['policy']}" if state.get("policy") else "") + ".", "",
              "| budget (FLOPs kept) | status | FLOPs kept | params kept | top-1 | top-5 | latency b=1 (ms) "

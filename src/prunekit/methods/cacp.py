@@ -56,6 +56,11 @@ Departures (labelled; none changes what the algorithm is):
   overlap, which makes the FLOPs of :meth:`CACPPolicy.query` non-decreasing in ``c`` by
   construction; the price is that a query lands in ``(c - 2w, c]``. For ResNet-20 ``w`` is
   about 0.2% of the FLOPs.
+* **Budget pressure** (``pressure=True``, default; not in either paper): the embedding also
+  carries ``(upper - c) / (upper - lower)``, where ``upper`` / ``lower`` are the cost with the
+  groups from this one on at their largest / smallest widths: how much of what can still be cut
+  must be cut. AMC's columns and ``c`` determine it, but an agent with a few hundred episodes
+  does not learn that map; ``pressure=False`` is the papers' embedding.
 * **Groups, not layers**: coupled layers (a residual stage) take one action; groups kept whole
   by validation repairs or with one possible width are not walked.
 * **Search state**: not checkpointed per episode; with ``run_dir`` a finished search is saved
@@ -103,9 +108,11 @@ log = logging.getLogger(__name__)
 RECOVERY = ("bn", "reconstruct", "none")
 REWARDS = ("accuracy", "error_log_flops")
 #: The embedding of a walked group: AMC's columns (static ones normalised over the walked
-#: groups) and the target ``c`` (0 when not conditioned).
+#: groups), the target ``c`` (0 when not conditioned) and the budget pressure (0 with
+#: ``pressure=False``): the share of what the groups from this one on can still shed that must
+#: go to reach ``c``.
 STATE_FEATURES = ("position", "channels", "prunable_channels", "producing_layers", "group_cost", "cost_after",
-                  "cost_removed_so_far", "previous_keep", "target")
+                  "cost_removed_so_far", "previous_keep", "target", "budget_pressure")
 POLICY_WEIGHTS = "policy.safetensors"
 POLICY_JSON = "policy.json"
 _FORMAT = "prunekit-cacp-policy"
@@ -216,8 +223,9 @@ class CACPOptions:
     width, learning rates, minibatch, exploration noise and its decay, the reward baseline's
     rate, the replay buffer's size, the recovery before the reward (``bn``, ``reconstruct`` or
     ``none``), the reward (``accuracy`` or ``error_log_flops``), the calibration and
-    validation batches, a floor on the FLOPs grid step (``resolution``, as a fraction kept) and
-    the seed."""
+    validation batches, a floor on the FLOPs grid step (``resolution``, as a fraction kept),
+    whether the embedding carries the budget pressure (``pressure``, not in the papers; False
+    leaves that feature at 0) and the seed."""
 
     targets: tuple[float, ...] = (0.3, 0.5, 0.7)
     conditional: bool = True
@@ -237,6 +245,7 @@ class CACPOptions:
     batches: int = 4
     val_batches: int = 4
     resolution: float = 0.0
+    pressure: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -520,10 +529,15 @@ class CACPPolicy:
         actions: list[float] = []
         prev = 1.0
         full = [a[-1] for a in sp.allowed]
+        low = [a[0] for a in sp.allowed]
         span = 1.0 - self.opts.min_keep
         for t, ks in enumerate(sp.allowed):
-            removed = 1.0 - sp.cost(counts + full[t:])
-            state = np.concatenate([sp.static[t], [removed, prev, feature_c]]).astype(np.float32)
+            upper = sp.cost(counts + full[t:])
+            pressure = 0.0
+            if self.opts.pressure:  # the share of what the rest can still shed that must go
+                lower = sp.cost(counts + low[t:])
+                pressure = min(max((upper - hi) / (upper - lower), 0.0), 1.0) if upper > lower else 0.0
+            state = np.concatenate([sp.static[t], [1.0 - upper, prev, feature_c, pressure]]).astype(np.float32)
             a = float(propose(state))
             size = sp.groups[sp.walked[t]].size
             k = clip_count((self.opts.min_keep + a * span) * size, t, counts, sp.allowed, sp.cost, lo, hi)
