@@ -3,7 +3,6 @@ force, the policy's monotone, on-budget answers, save/load and the method's cont
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import numpy as np

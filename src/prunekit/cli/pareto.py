@@ -278,10 +278,9 @@ class _Run:
         """``model.onnx`` in ``where`` when onnx/onnxruntime are importable; what happened, as text."""
         if self.args.no_onnx:
             return "skipped (--no-onnx)"
-        try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
             return "skipped (onnx / onnxruntime not installed)"
         from prunekit.export import export_onnx
 
