@@ -70,8 +70,10 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
             ratio = float(sum(len(r) for r in removed) / max(1, graph.n_channels))
         else:
             removed = select(groups, scores, ratio=ratio, **options)
+        # With per-group ratios the uniform ratio says little: report the fraction removed.
+        shown = float(sum(len(r) for r in removed) / max(1, graph.n_channels)) if cfg.group_ratios else ratio
         meta = {
-            "ratio": ratio, "criterion": criterion_name(cfg.criterion),
+            "ratio": shown, "criterion": criterion_name(cfg.criterion),
             "global_ranking": cfg.global_ranking, "allocation": cfg.allocation, "round_to": cfg.round_to,
             "groups": len(groups),
             "groups_pruned": int(sum(len(r) > 0 for r in removed)),
