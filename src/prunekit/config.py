@@ -113,6 +113,8 @@ class PruneConfig:
             raise PruningError(f"allocation={self.allocation!r}: must be one of {', '.join(ALLOCATIONS)}")
         if self.allocation == "knapsack" and not given:
             raise PruningError("allocation='knapsack' needs a budget: target_flops, target_params or target_latency")
+        if self.allocation == "knapsack" and self.group_ratios:
+            raise PruningError("group_ratios: not with allocation='knapsack' (the knapsack decides every group's width)")
 
     @classmethod
     def from_kwargs(cls, **options: Any) -> PruneConfig:

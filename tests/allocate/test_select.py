@@ -101,3 +101,5 @@ def test_prune_takes_group_ratios_by_name_or_index() -> None:
         pk.PruneConfig(group_ratios={0: 1.5})
     with pytest.raises(PruningError, match="exclude each other"):
         pk.PruneConfig(group_ratios={0: 0.5}, global_ranking=True)
+    with pytest.raises(PruningError, match="knapsack"):
+        pk.PruneConfig(group_ratios={0: 0.5}, target_flops=0.5, allocation="knapsack")
