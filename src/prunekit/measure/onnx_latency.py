@@ -22,7 +22,8 @@ from prunekit.measure.latency import LatencyStats
 from prunekit.measure.latency_table import timed_blocks
 from prunekit.runtime import first_tensor, model_mode
 
-__all__ = ["onnxruntime_available", "onnx_session", "measure_onnx_latency"]
+__all__ = ["onnxruntime_available", "onnx_bytes", "ort_session", "onnx_session", "time_session",
+           "measure_onnx_latency"]
 
 
 def onnxruntime_available() -> bool:
@@ -37,16 +38,13 @@ def _inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return tuple(t.detach().cpu() for t in inputs)
 
 
-def onnx_session(module: nn.Module, example_inputs: Any, threads: int = 1) -> tuple[Any, dict[str, np.ndarray]]:
-    """An ONNX Runtime session running ``module`` (exported at the inputs' shapes, on CPU; the
-    module is not moved) with ``threads`` intra-op threads, and the feeds of ``example_inputs``.
-    Raises ImportError with the install hint when onnx/onnxruntime are missing."""
+def onnx_bytes(module: nn.Module, example_inputs: Any) -> bytes:
+    """``module`` (in eval mode, on CPU; the module is not moved) exported to ONNX at the exact
+    shapes of ``example_inputs``, as bytes. Raises ImportError with the install hint when onnx
+    is missing."""
     from prunekit.export import _export, _require
 
-    ort = _require("onnxruntime")
     _require("onnx")
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
     inputs = _inputs(example_inputs)
     if any(t.device.type != "cpu" for t in module.state_dict().values()):
         module = copy.deepcopy(module).cpu()  # never move the caller's module
@@ -55,32 +53,59 @@ def onnx_session(module: nn.Module, example_inputs: Any, threads: int = 1) -> tu
     try:
         with model_mode(module, "eval"), torch.no_grad():
             _export(module, inputs, path, 17, dynamic_batch=False)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        with open(path, "rb") as f:
+            return f.read()
     finally:
         os.unlink(path)
-    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
+
+
+def ort_session(model_bytes: bytes, threads: int = 1) -> Any:
+    """An ONNX Runtime CPU session of an exported model with ``threads`` intra-op threads, one
+    inter-op thread and every graph optimisation."""
+    from prunekit.export import _require
+
+    ort = _require("onnxruntime")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_session(module: nn.Module, example_inputs: Any, threads: int = 1) -> tuple[Any, dict[str, np.ndarray]]:
+    """An ONNX Runtime session running ``module`` (:func:`onnx_bytes`, :func:`ort_session`) and
+    the feeds of ``example_inputs``."""
+    session = ort_session(onnx_bytes(module, example_inputs), threads)
+    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), _inputs(example_inputs))}
     return session, feeds
 
 
-def measure_onnx_latency(model: nn.Module, example_inputs: Any, *, threads: int = 1, min_run_time: float = 0.5,
-                         warmup: int = 3, blocks: int = 7) -> LatencyStats:
-    """Time ``model`` in ONNX Runtime on CPU with ``threads`` intra-op threads: ``warmup``
-    untimed runs, then ``blocks`` timed blocks of about ``min_run_time / blocks`` seconds.
-    Returns a :class:`~prunekit.measure.latency.LatencyStats` (``device="onnxruntime-cpu"``,
-    median/IQR/mean over the blocks' per-run times)."""
+def time_session(session: Any, feeds: dict[str, np.ndarray], *, threads: int, batch_size: int,
+                 min_run_time: float = 0.5, warmup: int = 3, blocks: int = 7) -> LatencyStats:
+    """Time ``session.run`` on ``feeds``: ``warmup`` untimed runs, then ``blocks`` timed blocks
+    of about ``min_run_time / blocks`` seconds. Returns a
+    :class:`~prunekit.measure.latency.LatencyStats` (``device="onnxruntime-cpu"``, median/IQR/mean
+    over the blocks' per-run times; ``threads`` and ``batch_size`` as given)."""
     if min_run_time <= 0:
         raise ValueError(f"min_run_time must be > 0, got {min_run_time}")
-    session, feeds = onnx_session(model, example_inputs, threads)
     for _ in range(warmup):
         session.run(None, feeds)
     seconds, per_block = timed_blocks(lambda: session.run(None, feeds), lambda: None, min_run_time, blocks)
     times = np.asarray(seconds)
-    t0 = first_tensor(example_inputs)
     q1, q3 = np.percentile(times, [25, 75])
     return LatencyStats(median_ms=float(np.median(times)) * 1e3, iqr_ms=float(q3 - q1) * 1e3,
                         mean_ms=float(times.mean()) * 1e3, runs=blocks * per_block, threads=threads,
-                        device="onnxruntime-cpu", batch_size=int(t0.shape[0]) if t0 is not None and t0.dim() else 1)
+                        device="onnxruntime-cpu", batch_size=batch_size)
+
+
+def measure_onnx_latency(model: nn.Module, example_inputs: Any, *, threads: int = 1, min_run_time: float = 0.5,
+                         warmup: int = 3, blocks: int = 7) -> LatencyStats:
+    """Export ``model`` and time it in ONNX Runtime on CPU with ``threads`` intra-op threads
+    (:func:`onnx_session`, :func:`time_session`); returns the
+    :class:`~prunekit.measure.latency.LatencyStats`."""
+    session, feeds = onnx_session(model, example_inputs, threads)
+    t0 = first_tensor(example_inputs)
+    return time_session(session, feeds, threads=threads, min_run_time=min_run_time, warmup=warmup, blocks=blocks,
+                        batch_size=int(t0.shape[0]) if t0 is not None and t0.dim() else 1)
