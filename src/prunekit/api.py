@@ -289,7 +289,9 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
     ``criterion_kwargs={'loader': ..., 'batches': N}``. ``ratios`` maps module names to
     their own ratio and ``group_ratios`` traced groups (the name :func:`trace` prints, or the
     index in ``graph.groups``) to theirs; ``ignore`` lists modules whose output channels stay; ``round_to`` keeps
-    channel counts multiples of it and every group keeps ``min_channels``. The result is
+    channel counts multiples of it (``"auto"``: the multiple that runs fastest here, chosen by timing the
+    layers at exact widths on ``round_backend``, or from ``width_table``; never one estimated slower than
+    the original; see :mod:`prunekit.allocate.rounding`) and every group keeps ``min_channels``. The result is
     checked by running it: any op whose shape would break makes the groups involved stay (at
     most ``max_repairs`` times), and the plan records why (``plan.meta['repairs']``). On any
     error the user's model is unchanged. With ``return_plan`` the result is ``(model, plan)``.

@@ -49,8 +49,9 @@ class Recipe:
     ``warmup_epochs``, ``label_smoothing``, ``batch_size``, ``eval_batch_size``, ``subset``
     (class-balanced subset), ``augment``, ``seed``, ``workers``, ``tensorboard``, ``amp`` and
     ``channels_last`` (CUDA only), ``grad_clip``. Pruning: ``ratio`` or ``target_flops`` (fraction of
-    FLOPs kept; wins over ``ratio``), ``criterion``, ``global_ranking``, ``allocation`` (``ratio`` or ``knapsack``), ``round_to`` (an integer, or ``auto``: chosen by timing on
-    ``round_backend``, ``eager`` or ``onnxruntime``), ``ignore``,
+    FLOPs kept; wins over ``ratio``), ``criterion``, ``global_ranking``, ``allocation`` (``ratio`` or
+    ``knapsack``), ``round_to`` (an integer, or ``auto``: chosen by timing on ``round_backend``,
+    ``eager`` or ``onnxruntime``), ``ignore``,
     ``ratios`` (per-module ratios), ``min_channels``, ``target_params`` / ``target_latency``
     (fractions kept), ``method`` (a :mod:`prunekit.methods` name, e.g. ``channel_pruning``, ``cap``)
     and ``calib_batches`` (calibration batches of the training split for data-driven criteria/methods);

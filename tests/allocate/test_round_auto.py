@@ -207,11 +207,12 @@ def test_cli_round_to_auto(tmp_path) -> None:
     plan = json.loads((out / "plan.json").read_text())
     auto = plan["meta"]["round_to_auto"]
     assert plan["meta"]["round_to"] == auto["chosen"] in CANDIDATES and auto["backend"] == "eager"
-    small = pk.load(out)
-    assert all(m.out_channels % auto["chosen"] == 0 or m.out_channels == model_width
-               for m, model_width in zip([m for m in small.modules() if isinstance(m, nn.Conv2d)],
-                                         [m.out_channels for m in pk.zoo.resolve_model("small_cnn", in_chans=1).modules()
-                                          if isinstance(m, nn.Conv2d)]))
+    chosen = auto["chosen"]
+    original = [m.out_channels for m in pk.zoo.resolve_model("small_cnn", in_chans=1).modules()
+                if isinstance(m, nn.Conv2d)]
+    pruned = [m.out_channels for m in pk.load(out).modules() if isinstance(m, nn.Conv2d)]
+    # Every pruned width is a multiple of the chosen one (a layer left whole keeps its width).
+    assert all(w % chosen == 0 or w == o for w, o in zip(pruned, original)) and pruned != original
 
 
 def test_cli_round_to_rejects_words(tmp_path, capsys) -> None:

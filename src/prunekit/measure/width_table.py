@@ -161,7 +161,8 @@ class WidthTable:
         mods = dict(model.named_modules())
         for name, spec in self.layers.items():
             m = mods.get(name)
-            got = _widths(m) if m is not None and handler_for(m) is not None else None
+            handler = handler_for(m) if m is not None else None
+            got = handler.widths(m) if handler is not None else None
             if got != (spec.in_channels, spec.out_channels):
                 raise ValueError(f"width table: layer {name!r} is ({spec.in_channels}, {spec.out_channels}) in the "
                                  f"table but {'absent' if m is None else got} in the model")
