@@ -33,6 +33,8 @@ __all__ = ["PruneConfig", "make_config", "criterion_name", "FIELDS", "TARGETS"]
 #: The budget options; at most one may be given, each a fraction kept in (0, 1].
 TARGETS: tuple[str, ...] = ("target_flops", "target_params", "target_latency")
 ALLOCATIONS: tuple[str, ...] = ("ratio", "knapsack")
+#: Backends ``round_to="auto"`` times on (:data:`prunekit.measure.width_table.BACKENDS`).
+ROUND_BACKENDS: tuple[str, ...] = ("eager", "onnxruntime")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +55,11 @@ class PruneConfig:
     decides how a budget is shared among groups: ``"ratio"`` (a ratio, uniform or by the global
     ranking, bisected to the budget) or ``"knapsack"`` (the channels that save the most of the
     budgeted quantity per importance lost, read from the cost model: see
-    :mod:`prunekit.allocate.knapsack`; needs a budget).
+    :mod:`prunekit.allocate.knapsack`; needs a budget). ``round_to="auto"`` chooses the multiple
+    by timing (:mod:`prunekit.allocate.rounding`): on ``round_backend`` (``"eager"``, PyTorch on
+    the model's device, or ``"onnxruntime"``) unless ``width_table`` gives the timings (a
+    :class:`prunekit.measure.width_table.WidthTable`, or a timer ``(spec, in_channels,
+    out_channels) -> ms``).
 
     Values are checked on construction (:class:`PruningError` naming the option) and
     normalised: ``ignore`` becomes a tuple, ``ratios``/``criterion_kwargs`` are copied into
@@ -68,7 +74,7 @@ class PruneConfig:
     ratios: Mapping[str, float] | None = None
     group_ratios: Mapping[str | int, float] | None = None
     global_ranking: bool | str = False
-    round_to: int = 1
+    round_to: int | str = 1
     min_channels: int = 1
     max_repairs: int = 32
     target_flops: float | None = None
@@ -76,6 +82,8 @@ class PruneConfig:
     target_latency: float | None = None
     latency_table: Any = None
     allocation: str = "ratio"
+    width_table: Any = None
+    round_backend: str = "eager"
 
     def __post_init__(self) -> None:
         # Imported here: prunekit.allocate imports torch, and recipes and the CLI parser,
@@ -99,7 +107,18 @@ class PruneConfig:
         if self.group_ratios and self.global_ranking:
             raise PruningError("group_ratios: per-group ratios and global_ranking exclude each other "
                                "(a global ranking decides every group's ratio)")
-        put("round_to", _count(self.round_to, "round_to", 1, "channel counts are multiples of it"))
+        if isinstance(self.round_to, str) and self.round_to != "auto":
+            raise PruningError(f"round_to={self.round_to!r}: must be an integer >= 1 or 'auto'")
+        if self.round_to != "auto":
+            put("round_to", _count(self.round_to, "round_to", 1, "channel counts are multiples of it"))
+        if self.round_backend not in ROUND_BACKENDS:
+            raise PruningError(f"round_backend={self.round_backend!r}: must be one of {', '.join(ROUND_BACKENDS)}")
+        if self.round_to != "auto" and (self.width_table is not None or self.round_backend != "eager"):
+            which = "width_table" if self.width_table is not None else "round_backend"
+            raise PruningError(f"{which}: only used with round_to='auto'")
+        if self.width_table is not None and not (callable(self.width_table) or hasattr(self.width_table, "estimate")):
+            raise PruningError(f"width_table={self.width_table!r}: must be a prunekit.measure.width_table.WidthTable "
+                               "or a timer (spec, in_channels, out_channels) -> ms")
         put("min_channels", _count(self.min_channels, "min_channels", 1, "a group cannot lose all its channels"))
         put("max_repairs", _count(self.max_repairs, "max_repairs", 0, "the number of groups validation may keep"))
         given = [k for k in TARGETS if getattr(self, k) is not None]

@@ -66,6 +66,18 @@ def resolve_group_ratios(groups: list[ChannelGroup], group_ratios: Mapping[str |
     return out
 
 
+def check_round_to(round_to: object) -> int:
+    """``round_to`` as an int >= 1, else :class:`PruningError`: an allocator rounds to a given
+    multiple; ``round_to="auto"`` is resolved to one by :func:`prunekit.prune` (by timing,
+    :mod:`prunekit.allocate.rounding`) before any allocator runs."""
+    if round_to == "auto":
+        raise PruningError("round_to='auto': this allocation takes an integer multiple; 'auto' is chosen by "
+                           "timing in prunekit.prune (methods that allocate channels themselves need an integer)")
+    if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
+        raise PruningError(f"round_to={round_to!r}: must be an integer >= 1")
+    return int(round_to)
+
+
 def _round_keep(size: int, n_remove: int, round_to: int, n_prunable: int, min_channels: int) -> int:
     n_remove = min(n_remove, n_prunable, max(size - min_channels, 0))
     if round_to > 1:
@@ -117,8 +129,7 @@ def select(groups: list[ChannelGroup], scores: list[np.ndarray], *, ratio: float
       scale across groups (learned gates, log-odds, BN scales: a global threshold).
     ``round_to`` keeps channel counts multiples of it; every group keeps ``min_channels``.
     """
-    if round_to < 1:
-        raise PruningError(f"round_to={round_to}: must be >= 1")
+    round_to = check_round_to(round_to)
     if min_channels < 1:
         raise PruningError(f"min_channels={min_channels}: must be >= 1 (a group cannot lose all its channels)")
     if group_ratios and global_ranking:

@@ -130,6 +130,16 @@ FLAG_NAMES = {"finetune_epochs": "--epochs", "finetune_lr": "--lr"}
 """Recipe keys whose flag is not ``--`` plus the key (``finetune``'s ``--epochs``), for messages."""
 
 
+def round_to_arg(text: str) -> int | str:
+    """``--round-to``: an integer, or ``auto`` (the multiple chosen by timing)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: an integer or 'auto'") from None
+
+
 def add_recipe_options(p: argparse.ArgumentParser, table: OptionTable) -> None:
     """Add recipe-backed options with default None (so recipe values are only overridden when passed)."""
     for flag, key, typ, text in table:
@@ -433,7 +443,8 @@ def prune_options(r: Recipe) -> PruneConfig:
     options. Calibration data (``criterion_kwargs``) is added when pruning."""
     return PruneConfig(ratio=r.ratio, criterion=r.criterion, ignore=r.ignore, ratios=r.ratios,
                        global_ranking=r.global_ranking, allocation=r.allocation, round_to=r.round_to,
-                       min_channels=r.min_channels, target_flops=r.target_flops, target_params=r.target_params, target_latency=r.target_latency)
+                       round_backend=r.round_backend, min_channels=r.min_channels, target_flops=r.target_flops,
+                       target_params=r.target_params, target_latency=r.target_latency)
 
 
 def prune_with_recipe(model: Any, x: Any, r: Recipe) -> tuple[Any, Any]:

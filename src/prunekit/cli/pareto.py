@@ -54,6 +54,7 @@ from prunekit.cli.common import (
     prune_while_training,
     prune_with_recipe,
     resolve_recipe,
+    round_to_arg,
     run_meta,
     train_config,
     training_data,
@@ -443,7 +444,7 @@ PARETO_OPTIONS: OptionTable = [
     ("--calib-batches", "calib_batches", int, "calibration batches (training split) of data-driven methods; "
      "cacp: its BN re-calibration batches"),
     ("--min-channels", "min_channels", int, "every group keeps at least this many channels"),
-    ("--round-to", "round_to", int, "keep channel counts multiples of this"),
+    ("--round-to", "round_to", round_to_arg, "keep channel counts multiples of this, or auto (chosen by timing)"),
     ("--finetune-epochs", "finetune_epochs", int, "fine-tuning epochs of every pruned model (a method that trains: "
      "its training epochs)"),
     ("--finetune-lr", "finetune_lr", float, "peak learning rate of the fine-tuning")]

@@ -29,6 +29,7 @@ from prunekit.cli.common import (
     prune_while_training,
     prune_with_recipe,
     resolve_recipe,
+    round_to_arg,
     run_meta,
     training_dir,
     write_run,
@@ -172,7 +173,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--allocation", choices=("ratio", "knapsack"), default=None,
                    help="how a --target-* budget is shared among groups: one ratio bisected to it (default) or "
                         "knapsack (the channels that save the most of it per importance lost)")
-    p.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of this (default 1)")
+    p.add_argument("--round-to", type=round_to_arg, default=None,
+                   help="keep channel counts multiples of this (default 1); auto: the multiple (1, 4, 8, 16, 32) whose "
+                        "pruned model runs fastest per FLOP kept here, timed per layer on --round-backend, never "
+                        "one estimated slower than the original (plan.meta['round_to_auto'] records the estimates)")
+    p.add_argument("--round-backend", choices=("eager", "onnxruntime"), default=None,
+                   help="what --round-to auto times on: PyTorch eager on the model's device (default) or ONNX Runtime "
+                        "(CPU)")
     p.add_argument("--out", required=True, help="output directory (created; existing files are replaced atomically)")
     add_recipe_options(p, PRUNE_OPTIONS)
     # Training methods (slimming, scp, dais): the options of a fine-tune, which their training is.
