@@ -201,7 +201,7 @@ def test_onnx_export_runs_the_sequential_path_and_matches() -> None:
     ({"min_params": 10 ** 9}, "no linear layer to partition"),
     ({"target_params": 0.01}, "out of reach"),
     ({"criterion": "nope"}, "criterion 'nope'"),
-    ({"ratios": {"classifier.0": 0.5}}, "ratios, global_ranking and allocation are not supported"),
+    ({"ratios": {"classifier.0": 0.5}}, "ratios, group_ratios, global_ranking and allocation are not supported"),
 ])
 def test_bad_options_raise_naming_them(kw: dict, needle: str) -> None:
     args = {"partitions": 2, "min_params": 1000, **kw}

@@ -331,9 +331,9 @@ def partition(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | 
         raise PruningError(str(exc)) from None
     cfg = budget_config(kwargs, "partition")
     check_target_kind(cfg.target, "partition")
-    if cfg.ratios or cfg.global_ranking or cfg.allocation != "ratio":
-        raise PruningError("partition: ratios, global_ranking and allocation are not supported (every partition "
-                           "of every layer loses the same fraction of units)")
+    if cfg.ratios or cfg.group_ratios or cfg.global_ranking or cfg.allocation != "ratio":
+        raise PruningError("partition: ratios, group_ratios, global_ranking and allocation are not supported (every "
+                           "partition of every layer loses the same fraction of units)")
     ignore = module_names(model, list(cfg.ignore), "ignore") if cfg.ignore else ()
     graph = pk.trace(model, example_inputs)
     layers, skipped = find_layers(model, graph, opts, ignore)
