@@ -8,6 +8,7 @@ import copy
 import json
 import textwrap
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,19 +178,15 @@ def test_save_load_round_trip_and_the_user_model_untouched(tmp_path) -> None:
     torch.testing.assert_close(loaded(X), res.model(X), rtol=0, atol=0)
 
 
-def test_onnx_export_runs_the_sequential_path_and_matches() -> None:
+def test_onnx_export_runs_the_sequential_path_and_matches(tmp_path) -> None:
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (the 'export' extra)")
     from prunekit.export import export_onnx
 
     res = _run(_net(), 4, ratio=0.5)
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "p.onnx"
-        figures = export_onnx(res.model, X, path)
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = sess.run(None, {sess.get_inputs()[0].name: X.numpy()})[0]
+    path = tmp_path / "p.onnx"
+    figures = export_onnx(res.model, X, path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: X.numpy()})[0]
     assert figures["match"]
     np.testing.assert_allclose(got, res.model(X).detach().numpy(), rtol=1e-5, atol=1e-5)
 
@@ -220,7 +217,7 @@ def test_cli_prune_method_partition(tmp_path, capsys) -> None:
 
         def build(**kwargs):
             return TinyVGG()
-    """ % str(__import__("pathlib").Path(__file__).parent)))
+    """ % str(Path(__file__).parent)))
     out = tmp_path / "run"
     rc = main(["prune", "--model", f"{src}:build", "--trust-code", "--input-shape", "3,3,16,16", "--method",
                "partition", "--partitions", "4", "--ratio", "0.25", "--out", str(out), "--no-latency"])
