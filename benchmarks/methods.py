@@ -405,14 +405,20 @@ def steps_of(ds: str, data: Data, args: argparse.Namespace) -> int:
     return args.ft_epochs[ds] * (min(per_epoch, args.max_steps) if args.max_steps else per_epoch)
 
 
+Row = Callable[[Ctx], tuple[nn.Module, dict[str, Any]]]
+
+
 def run_one(ds: str, row: str, seed: int, base: nn.Module, data: Data, args: argparse.Namespace,
-            results: dict[str, Any]) -> dict[str, Any]:
-    """Prune, evaluate, fine-tune and evaluate one (data set, row, seed)."""
+            results: dict[str, Any], rows: dict[str, Row] | None = None,
+            measure: Callable[[nn.Module, Data], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Prune, evaluate, fine-tune and evaluate one (data set, row, seed). ``rows`` (default
+    :data:`ROWS`) maps row names to their pruning functions; ``measure(pruned model, data)``
+    adds its entries (e.g. latency) to the record before the fine-tune."""
     ctx = Ctx(base, data, data.calib(args.calib_batches, seed), seed, args, steps_of(ds, data, args))
     ft_steps = ctx.ft_steps
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    small, info = ROWS[row](ctx)
+    small, info = (ROWS if rows is None else rows)[row](ctx)
     prune_s = time.perf_counter() - t0
     small = small.eval()
     x = data.x
@@ -422,6 +428,8 @@ def run_one(ds: str, row: str, seed: int, base: nn.Module, data: Data, args: arg
         "params": count_params(small), "flops": count_flops(small, x), "loadavg_1m": round(os.getloadavg()[0], 2),
         "top1_no_ft": evaluate(small, data.test, topk=(1,))["top1"],
     }
+    if measure is not None:
+        rec.update(measure(small, data))
     if row in NO_FINETUNE:
         rec.update(top1_ft=rec["top1_no_ft"], finetune_s=0.0, ft_steps=0)
         return rec
@@ -527,26 +535,32 @@ def report(results: dict[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def common_parser(description: str, rows: list[str], target_flops: float, results: Path) -> argparse.ArgumentParser:
+    """The options of a benchmark over the trained baselines (``methods.py``, ``rank_depth.py``):
+    data sets, ``rows`` (all by default), seeds, the FLOPs target, calibration, the shared
+    fine-tune, threads, the smoke-test step cap, where baselines, data and results live."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--datasets", default=",".join(DATASETS))
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(rows), help=f"comma-separated subset of {', '.join(rows)}")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--target-flops", type=float, default=0.5, help="fraction of FLOPs kept (default 0.5)")
+    p.add_argument("--target-flops", type=float, default=target_flops,
+                   help=f"fraction of FLOPs kept (default {target_flops})")
     p.add_argument("--calib-batches", type=int, default=8, help="calibration batches of 64 training images")
     p.add_argument("--ft-epochs", default=None, help="fine-tune epochs per data set, e.g. fashion-mnist=1,cifar10-partial=10")
     p.add_argument("--ft-lr", type=float, default=None, help="fine-tune LR for every data set (default: tuned on validation)")
-    p.add_argument("--ucp-steps", type=int, default=200, help="joint SE-block training steps of the ucp rows")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=None, help="cap every training phase's steps (smoke tests only)")
     p.add_argument("--baselines", default=str(REPO / "benchmarks" / "baselines"))
     p.add_argument("--fashion-mnist", default=os.environ.get("PRUNEKIT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
     p.add_argument("--cifar10-npz", default=os.environ.get("PRUNEKIT_CIFAR10_NPZ",
                                                            str(REPO.parent / "shared" / "data" / "cifar10-partial.npz")))
-    p.add_argument("--results", default=str(RESULTS_DIR / "methods.json"))
+    p.add_argument("--results", default=str(results))
     p.add_argument("--report-only", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def finish_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with ``ft_epochs`` parsed into a per-data-set dict over :data:`FT_EPOCHS`."""
     epochs = dict(FT_EPOCHS)
     for item in filter(None, (args.ft_epochs or "").split(",")):
         k, _, v = item.partition("=")
@@ -555,16 +569,79 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = common_parser(__doc__.split("\n\n")[0], list(ROWS), 0.5, RESULTS_DIR / "methods.json")
+    p.add_argument("--ucp-steps", type=int, default=200, help="joint SE-block training steps of the ucp rows")
+    return finish_args(p.parse_args(argv))
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """The results JSON at ``path`` (empty when absent) with its ``runs`` and ``baselines``."""
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    results.setdefault("runs", {})
+    results.setdefault("baselines", {})
+    for rec in results["runs"].values():  # runs recorded before "ft_lr" was: the LR of that time
+        rec.setdefault("ft_lr", results.get("config", {}).get("ft_lr", {}).get(rec["dataset"]))
+    return results
+
+
+def load_all(args: argparse.Namespace, datasets: list[str], results: dict[str, Any]) -> dict[str, tuple[nn.Module, Data]]:
+    """The trained baseline and the data of each of ``datasets`` (a missing one is skipped with
+    a warning), their test/validation accuracy, size and fine-tune steps recorded in ``results``."""
+    loaded: dict[str, tuple[nn.Module, Data]] = {}
+    for ds in datasets:
+        spec = f"fashion-mnist:{args.fashion_mnist}" if ds == "fashion-mnist" else f"cifar10:{args.cifar10_npz}"
+        base_dir = Path(args.baselines) / ds
+        try:
+            data = load_data(ds, spec)
+            base = pk.load(base_dir).eval()
+        except (FileNotFoundError, ValueError) as exc:
+            log.warning("%s: skipped (%s; run benchmarks/train_baselines.py)", ds, exc)
+            continue
+        loaded[ds] = (base, data)
+        results["baselines"][ds] = {**results["baselines"].get(ds, {}),
+                                    "top1": evaluate(base, data.test, topk=(1,))["top1"],
+                                    "val_top1": evaluate(base, data.val, topk=(1,))["top1"],
+                                    "test_images": len(data.test.dataset), "params": count_params(base),
+                                    "flops": count_flops(base, data.x)}
+        results.setdefault("ft_steps", {})[ds] = steps_of(ds, data, args)
+    return loaded
+
+
+def run_grid(args: argparse.Namespace, results: dict[str, Any], loaded: dict[str, tuple[nn.Module, Data]],
+             rows: list[str], seeds: list[int], results_path: Path, write_report: Callable[[], None],
+             table: dict[str, Row] | None = None,
+             measure: Callable[[nn.Module, Data], dict[str, Any]] | None = None) -> None:
+    """Run every (seed, data set, row) not yet finished at the current fine-tune LR, seeds
+    outermost, saving the JSON and the report after each; a failing run is recorded as one."""
+    for seed in seeds:
+        for ds, (base, data) in loaded.items():
+            for row in rows:
+                key = f"{ds}/{row}/{seed}"
+                done = results["runs"].get(key, {})
+                if done.get("status") == "ok" and done.get("ft_lr") == args.ft_lr[ds]:
+                    continue  # a run fine-tuned at another LR than the tuned one is redone
+                log.info("%s ...", key)
+                try:
+                    rec = run_one(ds, row, seed, base, data, args, results, table, measure)
+                except Exception as exc:  # noqa: BLE001 - a failing row is a result too
+                    log.exception("%s failed", key)
+                    rec = {"dataset": ds, "row": row, "seed": seed, "status": "fail",
+                           "error": f"{type(exc).__name__}: {exc}"}
+                results["runs"][key] = rec
+                log.info("%s: %s", key, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()
+                                          if k in ("top1_no_ft", "top1_ft", "prune_s", "finetune_s", "status")})
+                write_json(results_path, results)
+                write_report()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     results_path = Path(args.results)
-    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
-    results.setdefault("runs", {})
-    results.setdefault("baselines", {})
-    for rec in results["runs"].values():  # runs recorded before "ft_lr" was: the LR of that time
-        rec.setdefault("ft_lr", results.get("config", {}).get("ft_lr", {}).get(rec["dataset"]))
+    results = load_results(results_path)
     datasets = [d for d in args.datasets.split(",") if d]
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]
@@ -580,47 +657,14 @@ def main(argv: list[str] | None = None) -> int:
         report(results, md)
         return 0
     torch.set_num_threads(args.threads)
-    loaded: dict[str, tuple[nn.Module, Data]] = {}
-    for ds in datasets:
-        spec = f"fashion-mnist:{args.fashion_mnist}" if ds == "fashion-mnist" else f"cifar10:{args.cifar10_npz}"
-        base_dir = Path(args.baselines) / ds
-        try:
-            data = load_data(ds, spec)
-            base = pk.load(base_dir).eval()
-        except (FileNotFoundError, ValueError) as exc:
-            log.warning("%s: skipped (%s; run benchmarks/train_baselines.py)", ds, exc)
-            continue
-        loaded[ds] = (base, data)
-        results["baselines"][ds] = {"top1": evaluate(base, data.test, topk=(1,))["top1"],
-                                    "val_top1": evaluate(base, data.val, topk=(1,))["top1"],
-                                    "test_images": len(data.test.dataset), "params": count_params(base),
-                                    "flops": count_flops(base, data.x)}
-        results.setdefault("ft_steps", {})[ds] = steps_of(ds, data, args)
+    loaded = load_all(args, datasets, results)
     fixed, args.ft_lr = args.ft_lr, {}
     for ds, (base, data) in loaded.items():
         # Re-derived from the tuning record every run, so a grid that grows re-tunes.
         args.ft_lr[ds] = fixed if fixed is not None else tune_lr(ds, base, data, args, results)
     results["config"]["ft_lr"] = dict(args.ft_lr)
     write_json(results_path, results)
-    for seed in seeds:
-        for ds, (base, data) in loaded.items():
-            for row in rows:
-                key = f"{ds}/{row}/{seed}"
-                done = results["runs"].get(key, {})
-                if done.get("status") == "ok" and done.get("ft_lr") == args.ft_lr[ds]:
-                    continue  # a run fine-tuned at another LR than the tuned one is redone
-                log.info("%s ...", key)
-                try:
-                    rec = run_one(ds, row, seed, base, data, args, results)
-                except Exception as exc:  # noqa: BLE001 - a failing row is a result too
-                    log.exception("%s failed", key)
-                    rec = {"dataset": ds, "row": row, "seed": seed, "status": "fail",
-                           "error": f"{type(exc).__name__}: {exc}"}
-                results["runs"][key] = rec
-                log.info("%s: %s", key, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()
-                                          if k in ("top1_no_ft", "top1_ft", "prune_s", "finetune_s", "status")})
-                write_json(results_path, results)
-                report(results, md)
+    run_grid(args, results, loaded, rows, seeds, results_path, lambda: report(results, md))
     report(results, md)
     return 0
 
