@@ -559,6 +559,16 @@ def common_parser(description: str, rows: list[str], target_flops: float, result
     return p
 
 
+def selection(args: argparse.Namespace, table: dict[str, Any]) -> tuple[list[str], list[str], list[int]]:
+    """The data sets, rows and seeds ``args`` asks for; SystemExit for a row not in ``table``."""
+    datasets = [d for d in args.datasets.split(",") if d]
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in table]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {list(table)}")
+    return datasets, rows, [int(s) for s in args.seeds.split(",") if s]
+
+
 def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with ``ft_epochs`` parsed into a per-data-set dict over :data:`FT_EPOCHS`."""
     epochs = dict(FT_EPOCHS)
@@ -642,12 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     results_path = Path(args.results)
     results = load_results(results_path)
-    datasets = [d for d in args.datasets.split(",") if d]
-    rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    datasets, rows, seeds = selection(args, ROWS)
     results["machine"] = machine_info()
     results["config"] = {"target_flops": args.target_flops, "calib_batches": args.calib_batches,
                          "ft_epochs": args.ft_epochs, "ucp_steps": args.ucp_steps, "threads": args.threads,

@@ -217,12 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     results_path = Path(args.results)
     results = mb.load_results(results_path)
-    datasets = [d for d in args.datasets.split(",") if d]
-    rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    datasets, rows, seeds = mb.selection(args, ROWS)
     old = results.get("config", {})
     results["machine"] = machine_info()
     results["config"] = {"target_flops": args.target_flops, "calib_batches": args.calib_batches,
