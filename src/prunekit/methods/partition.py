@@ -158,6 +158,7 @@ def _identity(member: Any, size: int) -> bool:
 
 
 def _sole_producer(group: ChannelGroup, name: str) -> bool:
+    """Whether every producing member of ``group`` is a tensor of module ``name``."""
     return all(m.tensor.startswith(name + ".") for m in group.members if m.role == "out")
 
 
