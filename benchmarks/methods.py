@@ -60,7 +60,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -364,26 +364,9 @@ ROWS: dict[str, Callable[[Ctx], tuple[nn.Module, dict[str, Any]]]] = {
     "pk:taylor": row_criterion("taylor"),
     "pk:l2+time": row_criterion("l2"),  # fine-tuned longer: see extra_steps()
 }
-NO_FINETUNE = {"ucp:scratch"}  # its retraining is its recovery
+NO_FINETUNE = frozenset({"ucp:scratch"})  # its retraining is its recovery
 RECONSTRUCTION_ROWS = ("pk:l2+lstsq", "channel_pruning", "cap", "tp:magnitude:local+lstsq")
-
-
-@dataclass(frozen=True)
-class Suite:
-    """A table run with this script's protocol: its rows, the rows whose own training is their
-    recovery (no shared fine-tune after them), the default results file and fine-tune epochs.
-    ``benchmarks/learned_masks.py`` is another suite."""
-
-    title: str
-    rows: dict[str, Callable[[Ctx], tuple[nn.Module, dict[str, Any]]]]
-    no_finetune: frozenset[str]
-    results: Path
-    ft_epochs: dict[str, int]
-    description: str
-
-
-METHODS = Suite("One-shot pruning methods at equal FLOPs: trained ResNet-20, Fashion-MNIST and CIFAR-10 (partial)",
-                ROWS, frozenset(NO_FINETUNE), RESULTS_DIR / "methods.json", FT_EPOCHS, __doc__.split("\n\n")[0])
+TITLE = "One-shot pruning methods at equal FLOPs: trained ResNet-20, Fashion-MNIST and CIFAR-10 (partial)"
 
 
 # --------------------------------------------------------------------------- one run
@@ -423,14 +406,22 @@ def steps_of(ds: str, data: Data, args: argparse.Namespace) -> int:
     return args.ft_epochs[ds] * (min(per_epoch, args.max_steps) if args.max_steps else per_epoch)
 
 
+Row = Callable[[Ctx], tuple[nn.Module, dict[str, Any]]]
+
+
 def run_one(ds: str, row: str, seed: int, base: nn.Module, data: Data, args: argparse.Namespace,
-            results: dict[str, Any]) -> dict[str, Any]:
-    """Prune, evaluate, fine-tune and evaluate one (data set, row, seed)."""
+            results: dict[str, Any], rows: dict[str, Row] | None = None,
+            measure: Callable[[nn.Module, Data], dict[str, Any]] | None = None,
+            no_finetune: Collection[str] = NO_FINETUNE) -> dict[str, Any]:
+    """Prune, evaluate, fine-tune and evaluate one (data set, row, seed). ``rows`` (default
+    :data:`ROWS`) maps row names to their pruning functions; ``measure(pruned model, data)``
+    adds its entries (e.g. latency) to the record before the fine-tune; rows in
+    ``no_finetune`` are final as they come out (their own training is their recovery)."""
     ctx = Ctx(base, data, data.calib(args.calib_batches, seed), seed, args, steps_of(ds, data, args))
     ft_steps = ctx.ft_steps
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    small, info = args.suite.rows[row](ctx)
+    small, info = (ROWS if rows is None else rows)[row](ctx)
     prune_s = time.perf_counter() - t0
     small = small.eval()
     x = data.x
@@ -440,7 +431,9 @@ def run_one(ds: str, row: str, seed: int, base: nn.Module, data: Data, args: arg
         "params": count_params(small), "flops": count_flops(small, x), "loadavg_1m": round(os.getloadavg()[0], 2),
         "top1_no_ft": evaluate(small, data.test, topk=(1,))["top1"],
     }
-    if row in args.suite.no_finetune:
+    if measure is not None:
+        rec.update(measure(small, data))
+    if row in no_finetune:
         rec.update(top1_ft=rec["top1_no_ft"], finetune_s=0.0, ft_steps=0)
         return rec
     steps = None
@@ -493,10 +486,10 @@ def interval(vals: list[float]) -> str:
     return f"{m:.2f} ± {half:.2f}"
 
 
-def report(results: dict[str, Any], path: Path, suite: Suite = METHODS) -> None:
-    """Write the Markdown tables of ``results`` (rows of ``suite``)."""
+def report(results: dict[str, Any], path: Path, table: dict[str, Row] | None = None, title: str = TITLE) -> None:
+    """Write the Markdown tables of ``results``, a row per entry of ``table`` (default :data:`ROWS`)."""
     cfg = results["config"]
-    lines = [f"# {suite.title}", "",
+    lines = [f"# {title}", "",
              machine_line(results["machine"]), "",
              f"Target: keep {cfg['target_flops']:.0%} of the FLOPs (classifier kept). Calibration: "
              f"{cfg['calib_batches']} batches of 64 unaugmented training images per seed. Fine-tune, the same for "
@@ -516,7 +509,7 @@ def report(results: dict[str, Any], path: Path, suite: Suite = METHODS) -> None:
                   + ", ".join(f"{k}: {v['val_top1'] * 100:.2f}%" for k, v in tuning.items()) + f"); "
                   f"{results.get('ft_steps', {}).get(ds, '?')} fine-tune steps.", ""]
         rows = []
-        for row in suite.rows:
+        for row in (ROWS if table is None else table):
             runs = [r for r in results["runs"].values() if r["dataset"] == ds and r["row"] == row and r["status"] == "ok"
                     and r.get("ft_lr", cfg["ft_lr"].get(ds)) == cfg["ft_lr"].get(ds)]
             fails = [r for r in results["runs"].values() if r["dataset"] == ds and r["row"] == row and r["status"] != "ok"]
@@ -545,28 +538,43 @@ def report(results: dict[str, Any], path: Path, suite: Suite = METHODS) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None = None, suite: Suite = METHODS) -> argparse.Namespace:
-    """Command-line options of ``suite`` (kept in ``args.suite``)."""
-    p = argparse.ArgumentParser(description=suite.description)
+def common_parser(description: str, rows: list[str], target_flops: float, results: Path) -> argparse.ArgumentParser:
+    """The options of a benchmark over the trained baselines (``methods.py``, ``rank_depth.py``):
+    data sets, ``rows`` (all by default), seeds, the FLOPs target, calibration, the shared
+    fine-tune, threads, the smoke-test step cap, where baselines, data and results live."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--datasets", default=",".join(DATASETS))
-    p.add_argument("--rows", default=",".join(suite.rows), help=f"comma-separated subset of {', '.join(suite.rows)}")
+    p.add_argument("--rows", default=",".join(rows), help=f"comma-separated subset of {', '.join(rows)}")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--target-flops", type=float, default=0.5, help="fraction of FLOPs kept (default 0.5)")
+    p.add_argument("--target-flops", type=float, default=target_flops,
+                   help=f"fraction of FLOPs kept (default {target_flops})")
     p.add_argument("--calib-batches", type=int, default=8, help="calibration batches of 64 training images")
     p.add_argument("--ft-epochs", default=None, help="fine-tune epochs per data set, e.g. fashion-mnist=1,cifar10-partial=10")
     p.add_argument("--ft-lr", type=float, default=None, help="fine-tune LR for every data set (default: tuned on validation)")
-    p.add_argument("--ucp-steps", type=int, default=200, help="joint SE-block training steps of the ucp rows")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=None, help="cap every training phase's steps (smoke tests only)")
     p.add_argument("--baselines", default=str(REPO / "benchmarks" / "baselines"))
     p.add_argument("--fashion-mnist", default=os.environ.get("PRUNEKIT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
     p.add_argument("--cifar10-npz", default=os.environ.get("PRUNEKIT_CIFAR10_NPZ",
                                                            str(REPO.parent / "shared" / "data" / "cifar10-partial.npz")))
-    p.add_argument("--results", default=str(suite.results))
+    p.add_argument("--results", default=str(results))
     p.add_argument("--report-only", action="store_true")
-    args = p.parse_args(argv)
-    args.suite = suite
-    epochs = dict(suite.ft_epochs)
+    return p
+
+
+def selection(args: argparse.Namespace, table: dict[str, Any]) -> tuple[list[str], list[str], list[int]]:
+    """The data sets, rows and seeds ``args`` asks for; SystemExit for a row not in ``table``."""
+    datasets = [d for d in args.datasets.split(",") if d]
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in table]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {list(table)}")
+    return datasets, rows, [int(s) for s in args.seeds.split(",") if s]
+
+
+def finish_args(args: argparse.Namespace, ft_epochs: dict[str, int] = FT_EPOCHS) -> argparse.Namespace:
+    """``args`` with ``ft_epochs`` parsed into a per-data-set dict over ``ft_epochs``."""
+    epochs = dict(ft_epochs)
     for item in filter(None, (args.ft_epochs or "").split(",")):
         k, _, v = item.partition("=")
         epochs[k] = int(v)
@@ -574,31 +582,43 @@ def parse_args(argv: list[str] | None = None, suite: Suite = METHODS) -> argpars
     return args
 
 
-def main(argv: list[str] | None = None, suite: Suite = METHODS) -> int:
-    """Entry point: run ``suite``'s rows."""
-    args = parse_args(argv, suite)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    results_path = Path(args.results)
-    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
+@dataclass(frozen=True)
+class Suite:
+    """A table run by :func:`main`: its title, rows, the rows whose own training is their
+    recovery (no shared fine-tune after them), default results file and fine-tune epochs.
+    ``benchmarks/learned_masks.py`` is another suite."""
+
+    title: str
+    rows: dict[str, Row]
+    no_finetune: frozenset[str]
+    results: Path
+    ft_epochs: dict[str, int]
+    description: str
+
+
+METHODS = Suite(TITLE, ROWS, NO_FINETUNE, RESULTS_DIR / "methods.json", FT_EPOCHS, __doc__.split("\n\n")[0])
+
+
+def parse_args(argv: list[str] | None = None, suite: Suite = METHODS) -> argparse.Namespace:
+    """Command-line options of ``suite``."""
+    p = common_parser(suite.description, list(suite.rows), 0.5, suite.results)
+    p.add_argument("--ucp-steps", type=int, default=200, help="joint SE-block training steps of the ucp rows")
+    return finish_args(p.parse_args(argv), suite.ft_epochs)
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """The results JSON at ``path`` (empty when absent) with its ``runs`` and ``baselines``."""
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     results.setdefault("runs", {})
     results.setdefault("baselines", {})
     for rec in results["runs"].values():  # runs recorded before "ft_lr" was: the LR of that time
         rec.setdefault("ft_lr", results.get("config", {}).get("ft_lr", {}).get(rec["dataset"]))
-    datasets = [d for d in args.datasets.split(",") if d]
-    rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r not in suite.rows]
-    if unknown:
-        raise SystemExit(f"unknown rows {unknown}; choose from {list(suite.rows)}")
-    seeds = [int(s) for s in args.seeds.split(",") if s]
-    results["machine"] = machine_info()
-    results["config"] = {"target_flops": args.target_flops, "calib_batches": args.calib_batches,
-                         "ft_epochs": args.ft_epochs, "ucp_steps": args.ucp_steps, "threads": args.threads,
-                         "ft_lr": results.get("config", {}).get("ft_lr", {})}
-    md = results_path.with_suffix(".md")
-    if args.report_only:
-        report(results, md, suite)
-        return 0
-    torch.set_num_threads(args.threads)
+    return results
+
+
+def load_all(args: argparse.Namespace, datasets: list[str], results: dict[str, Any]) -> dict[str, tuple[nn.Module, Data]]:
+    """The trained baseline and the data of each of ``datasets`` (a missing one is skipped with
+    a warning), their test/validation accuracy, size and fine-tune steps recorded in ``results``."""
     loaded: dict[str, tuple[nn.Module, Data]] = {}
     for ds in datasets:
         spec = f"fashion-mnist:{args.fashion_mnist}" if ds == "fashion-mnist" else f"cifar10:{args.cifar10_npz}"
@@ -610,17 +630,22 @@ def main(argv: list[str] | None = None, suite: Suite = METHODS) -> int:
             log.warning("%s: skipped (%s; run benchmarks/train_baselines.py)", ds, exc)
             continue
         loaded[ds] = (base, data)
-        results["baselines"][ds] = {"top1": evaluate(base, data.test, topk=(1,))["top1"],
+        results["baselines"][ds] = {**results["baselines"].get(ds, {}),
+                                    "top1": evaluate(base, data.test, topk=(1,))["top1"],
                                     "val_top1": evaluate(base, data.val, topk=(1,))["top1"],
                                     "test_images": len(data.test.dataset), "params": count_params(base),
                                     "flops": count_flops(base, data.x)}
         results.setdefault("ft_steps", {})[ds] = steps_of(ds, data, args)
-    fixed, args.ft_lr = args.ft_lr, {}
-    for ds, (base, data) in loaded.items():
-        # Re-derived from the tuning record every run, so a grid that grows re-tunes.
-        args.ft_lr[ds] = fixed if fixed is not None else tune_lr(ds, base, data, args, results)
-    results["config"]["ft_lr"] = dict(args.ft_lr)
-    write_json(results_path, results)
+    return loaded
+
+
+def run_grid(args: argparse.Namespace, results: dict[str, Any], loaded: dict[str, tuple[nn.Module, Data]],
+             rows: list[str], seeds: list[int], results_path: Path, write_report: Callable[[], None],
+             table: dict[str, Row] | None = None,
+             measure: Callable[[nn.Module, Data], dict[str, Any]] | None = None,
+             no_finetune: Collection[str] = NO_FINETUNE) -> None:
+    """Run every (seed, data set, row) not yet finished at the current fine-tune LR, seeds
+    outermost, saving the JSON and the report after each; a failing run is recorded as one."""
     for seed in seeds:
         for ds, (base, data) in loaded.items():
             for row in rows:
@@ -630,7 +655,7 @@ def main(argv: list[str] | None = None, suite: Suite = METHODS) -> int:
                     continue  # a run fine-tuned at another LR than the tuned one is redone
                 log.info("%s ...", key)
                 try:
-                    rec = run_one(ds, row, seed, base, data, args, results)
+                    rec = run_one(ds, row, seed, base, data, args, results, table, measure, no_finetune)
                 except Exception as exc:  # noqa: BLE001 - a failing row is a result too
                     log.exception("%s failed", key)
                     rec = {"dataset": ds, "row": row, "seed": seed, "status": "fail",
@@ -639,8 +664,38 @@ def main(argv: list[str] | None = None, suite: Suite = METHODS) -> int:
                 log.info("%s: %s", key, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()
                                           if k in ("top1_no_ft", "top1_ft", "prune_s", "finetune_s", "status")})
                 write_json(results_path, results)
-                report(results, md, suite)
-    report(results, md, suite)
+                write_report()
+
+
+def main(argv: list[str] | None = None, suite: Suite = METHODS) -> int:
+    """Entry point: run ``suite``'s rows."""
+    args = parse_args(argv, suite)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    results_path = Path(args.results)
+    results = load_results(results_path)
+    datasets, rows, seeds = selection(args, suite.rows)
+    results["machine"] = machine_info()
+    results["config"] = {"target_flops": args.target_flops, "calib_batches": args.calib_batches,
+                         "ft_epochs": args.ft_epochs, "ucp_steps": args.ucp_steps, "threads": args.threads,
+                         "ft_lr": results.get("config", {}).get("ft_lr", {})}
+    md = results_path.with_suffix(".md")
+
+    def write_report() -> None:
+        report(results, md, suite.rows, suite.title)
+
+    if args.report_only:
+        write_report()
+        return 0
+    torch.set_num_threads(args.threads)
+    loaded = load_all(args, datasets, results)
+    fixed, args.ft_lr = args.ft_lr, {}
+    for ds, (base, data) in loaded.items():
+        # Re-derived from the tuning record every run, so a grid that grows re-tunes.
+        args.ft_lr[ds] = fixed if fixed is not None else tune_lr(ds, base, data, args, results)
+    results["config"]["ft_lr"] = dict(args.ft_lr)
+    write_json(results_path, results)
+    run_grid(args, results, loaded, rows, seeds, results_path, write_report, suite.rows, None, suite.no_finetune)
+    write_report()
     return 0
 
 

@@ -54,7 +54,8 @@ class Recipe:
     ``eager`` or ``onnxruntime``), ``ignore``,
     ``ratios`` (per-module ratios), ``min_channels``, ``target_params`` / ``target_latency``
     (fractions kept), ``method`` (a :mod:`prunekit.methods` name, e.g. ``channel_pruning``, ``cap``)
-    and ``calib_batches`` (calibration batches of the training split for data-driven criteria/methods);
+    and ``calib_batches`` (calibration batches of the training split for data-driven criteria/methods),
+    ``partitions`` (the partition count of ``method: partition``);
     :func:`prunekit.cli.common.prune_options` maps the pruning keys to a :class:`prunekit.PruneConfig`.
     Fine-tuning: ``finetune_epochs``, ``finetune_lr``, ``kd_alpha``,
     ``kd_temperature`` (distillation weight and temperature when a teacher is used).
@@ -95,6 +96,7 @@ class Recipe:
     criterion: str = "l2"
     method: str | None = None
     calib_batches: int = 8
+    partitions: int | None = None
     global_ranking: bool = False
     allocation: str = "ratio"
     round_to: int | str = 1
@@ -148,7 +150,7 @@ class Recipe:
         for key in ("lr", "finetune_lr", "weight_decay", "warmup_epochs"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0")
-        for key in ("subset", "num_classes", "in_chans", "image_size"):
+        for key in ("subset", "num_classes", "in_chans", "image_size", "partitions"):
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise bad(key, "must be >= 1")

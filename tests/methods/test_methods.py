@@ -42,9 +42,21 @@ def _plain_net() -> nn.Module:
     return warmed(PlainConvs(), (16, 3, 8, 8))
 
 
-# Methods whose net must have what they remove (ResConv: same-shape convs, which Residual lacks).
-_NETS = {"resconv": _plain_net}
-_OPTIONS: dict[str, dict] = {"ucp": {"steps": 5}, "resconv": {"epochs": 1}, "cacp": {"episodes": 2}}
+def _fc_net() -> nn.Module:
+    """A conv flattened into two hidden FC layers and a classifier ``fc`` (partition's layers)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 128), nn.ReLU(),
+                        nn.Linear(128, 128), nn.ReLU())
+    net.add_module("fc", nn.Linear(128, 5))
+    return net.eval()
+
+
+# Methods whose net must have what they remove (ResConv: same-shape convs, which Residual lacks;
+# partition: fully connected layers).
+_NETS = {"resconv": _plain_net,
+         "partition": _fc_net}
+_OPTIONS: dict[str, dict] = {"ucp": {"steps": 5}, "resconv": {"epochs": 1}, "cacp": {"episodes": 2},
+                             "partition": {"partitions": 2, "min_params": 1000}}
 
 
 @pytest.mark.parametrize("name", methods.list_methods())

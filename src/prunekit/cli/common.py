@@ -417,7 +417,8 @@ def distributed(command: Callable[[argparse.Namespace], int]) -> Callable[[argpa
 
 def calibration_loader(r: Recipe) -> Any:
     """Calibration batches (training split, no augmentation, fixed order) when the recipe's
-    criterion or method needs data, else None."""
+    criterion or method needs data, else None. Every method is taken to need data unless its
+    function has ``needs_data = False`` (then ``--data`` is optional, and used when given)."""
     from prunekit import criteria
     from prunekit.zoo import make_loader
 
@@ -425,9 +426,11 @@ def calibration_loader(r: Recipe) -> Any:
         from prunekit import methods
 
         try:
-            methods.get(r.method)
+            method = methods.get(r.method)
         except KeyError as exc:
             raise CliError(f"--method {r.method}: {exc.args[0]}") from None
+        if not r.data and getattr(method, "needs_data", True) is False:
+            return None  # a weight-only method (its function says needs_data = False)
     elif r.criterion not in criteria.DATA_CRITERIA:
         return None
     if not r.data:
@@ -456,8 +459,12 @@ def prune_with_recipe(model: Any, x: Any, r: Recipe) -> tuple[Any, Any]:
     try:
         cfg = prune_options(r)
         loader = calibration_loader(r)
+        if r.partitions is not None and r.method != "partition":
+            raise CliError(f"--partitions {r.partitions}: only --method partition takes a partition count")
         if r.method:  # a method chooses its criterion; iterative takes the recipe's as an argument
-            extra = {"criterion": r.criterion} if r.method == "iterative" else {}
+            extra: dict[str, Any] = {"criterion": r.criterion} if r.method == "iterative" else {}
+            if r.method == "partition" and r.partitions is not None:
+                extra["partitions"] = r.partitions
             res = methods.get(r.method)(model, x, loader=loader, batches=r.calib_batches, config=cfg, **extra)
             return res.model, method_plan(res, r)
         ctx = {"loader": loader, "batches": r.calib_batches} if loader is not None else None

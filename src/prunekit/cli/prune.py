@@ -44,14 +44,16 @@ PRUNE_OPTIONS: OptionTable = [
      "fraction of the latency to keep, from a per-layer latency table measured on this machine"),
     ("--method", "method", str, "a published method instead of plain criterion pruning: channel_pruning "
      "(LASSO + least squares), cap (compensation, no fine-tuning), ucp, functionality, iterative, svd (low rank), "
-     "block_drop (residual blocks); or one that trains (slimming, scp, dais, autopruner, trp, resconv, pai, ofa: trained "
+     "block_drop (residual blocks), partition (balanced FC partitions run in parallel); or one that trains (slimming, scp, dais, autopruner, trp, resconv, pai, ofa: trained "
      "on --data for --epochs, checkpointed every epoch; ofa also writes its cohort of budgets x resolutions to "
      "OUT/cohort)"),
     ("--data", "data", str, "data set whose training split calibrates data-driven criteria and methods "
      "(digits, cifar10:PATH, fashion-mnist:PATH, ...)"),
     ("--calib-batches", "calib_batches", int, "calibration batches (training split) for data-driven "
      "criteria and methods"),
-    ("--min-channels", "min_channels", int, "every group keeps at least this many channels")]
+    ("--min-channels", "min_channels", int, "every group keeps at least this many channels"),
+    ("--partitions", "partitions", int, "--method partition: the number of partitions (parallel workers) each "
+     "large fully connected layer is split into (default 2)")]
 """Pruning options beyond the basic ones of ``prune``'s parser (all recipe-backed)."""
 
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from prunekit.errors import PruningError
 from prunekit.registry import Registry
+from prunekit.surgery.partitioned import PartitionedLinear
 
 Factory = Callable[..., nn.Module]
 FACTORIES: Registry[Factory] = Registry("module factory")
@@ -127,6 +128,13 @@ def residual_conv(*, conv: dict[str, Any], norm: dict[str, Any] | None = None, s
                         build(norm["factory"], norm["args"]) if norm is not None else None, scale)
 
 
+@register_factory("partitioned_linear")
+def partitioned_linear(*, in_features: int, in_ranges: list[list[int]], out_sizes: list[int], bias: bool = True,
+                       parallel: bool = True, threads: int = 1) -> nn.Module:
+    """:class:`~prunekit.surgery.partitioned.PartitionedLinear` (its blocks, not their tensors)."""
+    return PartitionedLinear(in_features, in_ranges, out_sizes, bias=bias, parallel=parallel, threads=threads)
+
+
 def _tup(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
@@ -158,6 +166,8 @@ def describe(module: nn.Module) -> tuple[str, dict[str, Any]]:
         return "residual_conv", {"conv": dict(zip(("factory", "args"), describe(module.conv))),
                                  "norm": None if module.norm is None else
                                  dict(zip(("factory", "args"), describe(module.norm)))}
+    if kind is PartitionedLinear:
+        return "partitioned_linear", module.factory_args()
     if kind is nn.Sequential:
         return "sequential", {"modules": [dict(zip(("factory", "args"), describe(m))) for m in module]}
     raise PruningError(f"no factory describes {kind.__name__}: register one with "
