@@ -22,7 +22,7 @@ EPOCHS = 2
 # (method, its options): strong enough to move the gates in a few steps on the tiny net.
 CASES: list[tuple[str, dict[str, Any]]] = [("scp", {"budget_weight": 0.3}),
                                            ("dais", {"indicator_lr": 0.1, "init": 1.0}),
-                                           ]
+                                           ("colombo_gao", {})]
 
 
 def _free_port() -> int:

@@ -16,10 +16,12 @@ so budgets, ``round_to``, ``min_channels`` and ``ignore`` hold as for any criter
 
 Gate kinds are registry plug-ins (:func:`register_gate`): ``scale`` (a plain multiplier
 starting at 1, the original function exactly), ``logit`` (``sigmoid(logit / T)`` with a
-temperature buffer that schedules can anneal) and ``scp`` (a relaxed-Bernoulli mask driven
-by the probability that a BatchNorm -> ReLU pair passes the channel, :mod:`prunekit.gates.scp`) and
+temperature buffer that schedules can anneal), ``scp`` (a relaxed-Bernoulli mask driven
+by the probability that a BatchNorm -> ReLU pair passes the channel, :mod:`prunekit.gates.scp`),
 ``mask`` (a fixed multiplier set from outside, no parameter: a hard 0/1 structure per step,
-:mod:`prunekit.gates.mask`).
+:mod:`prunekit.gates.mask`) and ``two_temperature`` (a relaxed-Bernoulli mask whose selection
+probability ``sigmoid(logit / T_select)`` has its own temperature besides the sampling one,
+:mod:`prunekit.gates.two_temperature`).
 Stochastic kinds keep their expectation apart (:meth:`Gate.expected_values`): it is what
 :meth:`GateSet.mask` gives the cost model and what :meth:`GateSet.fold` folds.
 Input-dependent kinds (``input_dependent = True``: ``se``, squeeze-excitation,
@@ -499,3 +501,4 @@ from prunekit.gates import autopruner as _autopruner  # noqa: E402,F401
 from prunekit.gates import mask as _mask  # noqa: E402,F401
 from prunekit.gates import scp as _scp  # noqa: E402,F401
 from prunekit.gates import se as _se  # noqa: E402,F401
+from prunekit.gates import two_temperature as _two_temperature  # noqa: E402,F401
