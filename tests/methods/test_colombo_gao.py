@@ -158,6 +158,8 @@ def test_transfer_trains_the_new_task_through_the_method() -> None:
     assert acc > 0.9
     with pytest.raises(PruningError, match="pass retrain_loader"):
         methods.get("colombo_gao")(model, X, loader=data, epochs=1, ratio=0.3, num_classes=3)
+    with pytest.raises(PruningError, match="no prunable channel group"):
+        methods.get("colombo_gao")(model, X, loader=data, epochs=1, ratio=0.3, ignore=["0.0", "1.0", "4"])
 
 
 def test_kill_and_resume_during_the_transfer(tmp_path) -> None:

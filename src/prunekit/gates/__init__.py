@@ -394,7 +394,9 @@ def _sites(model: nn.Module, group: Any, reach: dict[str, tuple[frozenset[str], 
     """(module name, module, gate index per output position, its handler) of every place
     group ``group``'s gate multiplies (``reach`` from :func:`_first_layers`): with
     ``at="auto"`` the group's norms and the producers whose output is not normalised by them
-    on every path, with ``at="producers"`` every producer (before any norm)."""
+    on every path, with ``at="producers"`` every producer (before any norm). A producer that
+    reaches one of the norms on one path and another layer or a model output on another is
+    gated at its output too: no one site scales its channels exactly once on both paths."""
     from prunekit.handlers import handler_for
 
     norms, producers = {}, {}

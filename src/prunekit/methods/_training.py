@@ -1,5 +1,6 @@
 """What the methods that prune while training share: the training convention, the expected
-cost of soft masks against the budget, per-epoch trajectories and the final budget report.
+cost of soft masks against the budget, per-epoch trajectories, the final budget report and
+the re-initialisation of a network retrained from scratch.
 
 The convention (every method with ``trains = True``)::
 

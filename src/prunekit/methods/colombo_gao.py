@@ -52,7 +52,10 @@ Departures from the paper (only its abstract and a summary were available, ``PAP
     sampling constant) and values are ours.
   * The complexity penalty is two-sided around the user's budget (the paper penalises
     complexity with a weight, without a target), and the final subset is the allocator's
-    exact budget, not a threshold at 0.5 (``info["kept_above_half"]`` counts those).
+    exact budget, not a threshold at 0.5 (``info["kept_above_half"]`` counts those). With a
+    fixed weight the task can win: on the planted test net every probability ended at 1
+    (target 70% of the channels) and the subset is then the ranking of ``theta`` alone;
+    ``info["budget"]`` reports the expected cost at the end against the selected one.
   * The paper's convergence guarantees are not reproduced.
   * No fine-tuning of the extracted architecture on the search task; with ``reinit=False``
     the transfer starts from the searched network's (folded) weights, an option the paper
@@ -62,6 +65,17 @@ Departures from the paper (only its abstract and a summary were available, ``PAP
     variables) equalises the step of every variable, which lost the ranking on our planted
     test net (the important channel was removed); from ``theta = 1`` the annealing saturated
     the probabilities before the penalty had moved them (the expected cost stayed at 1).
+
+Measured (CPU, one run of the search; ``benchmarks/baselines/fashion-mnist``'s trained ResNet-20,
+94.0% on 2000 Fashion-MNIST test images): a search of 2 epochs over 2000 training images at
+``target_flops=0.5`` ended with 98.7% of the probabilities within 0.01 of 0 or 1 and expected
+FLOPs of 49.97% against 49.82% measured on the extracted network, which scores 49.4% on
+Fashion-MNIST with its frozen weights and no fine-tuning (the same budget by L2 norm: 19.1%,
+random: 11.1%). Transferred to 300 of scikit-learn's digits (re-initialised, new 10-class
+head, 30 epochs of :func:`transfer_config`, 3 seeds, 360 test digits): 97.2% (96.7-97.8)
+against 97.9% (97.8-98.1) for the L2-chosen and 97.9% (97.8-98.1) for the randomly chosen
+architecture of the same FLOPs: the paper's claim that a searched architecture transfers
+better does not show at this scale (digits are learned by any of them).
 """
 
 from __future__ import annotations
@@ -78,7 +92,6 @@ from torch import Tensor, nn
 import prunekit as pk
 from prunekit.errors import PruningError
 from prunekit.gates import GateSet, attach_gates, prune_with_gates
-from prunekit.gates.two_temperature import TwoTemperatureGate
 from prunekit.methods import MethodResult, budget_config, register
 from prunekit.methods._training import (
     ExpectedCost,
@@ -253,7 +266,8 @@ def colombo_gao(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] 
     within 0.01 of 0 or 1), the final temperatures, the classifier's name (``head``), the
     budget report, the search's training history and, after a transfer, ``info["transfer"]``.
     The user's model is not changed. Raises :class:`PruningError` without ``loader``, for
-    unknown options, or for ``num_classes``/``retrain_epochs`` without ``retrain_loader``."""
+    unknown options, for ``num_classes``/``retrain_epochs`` without ``retrain_loader`` or when
+    no group can be pruned."""
     opts, rest = split_options(kwargs, ColomboGaoOptions, options, "colombo_gao")
     cfg = budget_config(rest, "colombo_gao")
     loader = check_loader(loader, "colombo_gao")
@@ -267,6 +281,9 @@ def colombo_gao(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] 
     work.model.requires_grad_(False)  # frozen weights: the architecture is searched on them
     gates = attach_gates(work.model, work.graph, kind="two_temperature", init=opts.init,
                          selection_temperature=opts.start_temperature, sample_temperature=opts.sample_temperature)
+    if not gates.gates:
+        raise PruningError("method 'colombo_gao': no prunable channel group to search (all ignored or unprunable); "
+                           "the weights are frozen, so there would be nothing to train")
     term = ExpectedCost(work.cost, work.config)
     total = tcfg.epochs * steps_per_epoch(loader, tcfg)
     search = _ArchitectureSearch(gates, term, opts, total)
@@ -278,7 +295,6 @@ def colombo_gao(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] 
         end_mask = gates.mask(work.cost.groups)
         values = torch.cat([g.expected_values().reshape(-1) for g in gates.gates.values()])  # type: ignore[operator]
     first = next(iter(gates.gates.values()), None)
-    assert first is None or isinstance(first, TwoTemperatureGate)
     small, plan = prune_with_gates(work.model, example_inputs, gates, work.graph, config=work.config)
     small.eval()
     for name, p in small.named_parameters():
@@ -287,7 +303,7 @@ def colombo_gao(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] 
             "weights": "frozen during the search (the given network's, eval mode)", "head": head,
             "binary_fraction": binary_fraction(values), "kept_above_half": int((values > 0.5).sum()),
             "architecture_variables": int(values.numel()),
-            "final_selection_temperature": float(first.selection_temperature) if first is not None else None,
+            "final_selection_temperature": float(first.selection_temperature) if first is not None else None,  # type: ignore[arg-type]
             "sample_temperature": opts.sample_temperature, "trajectory": trajectory.history,
             "budget": budget_report(work, term, plan, small, example_inputs, end_mask),
             "train": {"epochs": result.epochs_completed, "resumed_from_epoch": result.resumed_from_epoch,
