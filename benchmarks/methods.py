@@ -368,6 +368,24 @@ NO_FINETUNE = {"ucp:scratch"}  # its retraining is its recovery
 RECONSTRUCTION_ROWS = ("pk:l2+lstsq", "channel_pruning", "cap", "tp:magnitude:local+lstsq")
 
 
+@dataclass(frozen=True)
+class Suite:
+    """A table run with this script's protocol: its rows, the rows whose own training is their
+    recovery (no shared fine-tune after them), the default results file and fine-tune epochs.
+    ``benchmarks/learned_masks.py`` is another suite."""
+
+    title: str
+    rows: dict[str, Callable[[Ctx], tuple[nn.Module, dict[str, Any]]]]
+    no_finetune: frozenset[str]
+    results: Path
+    ft_epochs: dict[str, int]
+    description: str
+
+
+METHODS = Suite("One-shot pruning methods at equal FLOPs: trained ResNet-20, Fashion-MNIST and CIFAR-10 (partial)",
+                ROWS, frozenset(NO_FINETUNE), RESULTS_DIR / "methods.json", FT_EPOCHS, __doc__.split("\n\n")[0])
+
+
 # --------------------------------------------------------------------------- one run
 
 
@@ -412,7 +430,7 @@ def run_one(ds: str, row: str, seed: int, base: nn.Module, data: Data, args: arg
     ft_steps = ctx.ft_steps
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    small, info = ROWS[row](ctx)
+    small, info = args.suite.rows[row](ctx)
     prune_s = time.perf_counter() - t0
     small = small.eval()
     x = data.x
@@ -422,7 +440,7 @@ def run_one(ds: str, row: str, seed: int, base: nn.Module, data: Data, args: arg
         "params": count_params(small), "flops": count_flops(small, x), "loadavg_1m": round(os.getloadavg()[0], 2),
         "top1_no_ft": evaluate(small, data.test, topk=(1,))["top1"],
     }
-    if row in NO_FINETUNE:
+    if row in args.suite.no_finetune:
         rec.update(top1_ft=rec["top1_no_ft"], finetune_s=0.0, ft_steps=0)
         return rec
     steps = None
@@ -475,10 +493,10 @@ def interval(vals: list[float]) -> str:
     return f"{m:.2f} ± {half:.2f}"
 
 
-def report(results: dict[str, Any], path: Path) -> None:
-    """Write the Markdown tables of ``results``."""
+def report(results: dict[str, Any], path: Path, suite: Suite = METHODS) -> None:
+    """Write the Markdown tables of ``results`` (rows of ``suite``)."""
     cfg = results["config"]
-    lines = ["# One-shot pruning methods at equal FLOPs: trained ResNet-20, Fashion-MNIST and CIFAR-10 (partial)", "",
+    lines = [f"# {suite.title}", "",
              machine_line(results["machine"]), "",
              f"Target: keep {cfg['target_flops']:.0%} of the FLOPs (classifier kept). Calibration: "
              f"{cfg['calib_batches']} batches of 64 unaugmented training images per seed. Fine-tune, the same for "
@@ -498,7 +516,7 @@ def report(results: dict[str, Any], path: Path) -> None:
                   + ", ".join(f"{k}: {v['val_top1'] * 100:.2f}%" for k, v in tuning.items()) + f"); "
                   f"{results.get('ft_steps', {}).get(ds, '?')} fine-tune steps.", ""]
         rows = []
-        for row in ROWS:
+        for row in suite.rows:
             runs = [r for r in results["runs"].values() if r["dataset"] == ds and r["row"] == row and r["status"] == "ok"
                     and r.get("ft_lr", cfg["ft_lr"].get(ds)) == cfg["ft_lr"].get(ds)]
             fails = [r for r in results["runs"].values() if r["dataset"] == ds and r["row"] == row and r["status"] != "ok"]
@@ -527,11 +545,11 @@ def report(results: dict[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None, suite: Suite = METHODS) -> argparse.Namespace:
+    """Command-line options of ``suite`` (kept in ``args.suite``)."""
+    p = argparse.ArgumentParser(description=suite.description)
     p.add_argument("--datasets", default=",".join(DATASETS))
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(suite.rows), help=f"comma-separated subset of {', '.join(suite.rows)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--target-flops", type=float, default=0.5, help="fraction of FLOPs kept (default 0.5)")
     p.add_argument("--calib-batches", type=int, default=8, help="calibration batches of 64 training images")
@@ -544,10 +562,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fashion-mnist", default=os.environ.get("PRUNEKIT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
     p.add_argument("--cifar10-npz", default=os.environ.get("PRUNEKIT_CIFAR10_NPZ",
                                                            str(REPO.parent / "shared" / "data" / "cifar10-partial.npz")))
-    p.add_argument("--results", default=str(RESULTS_DIR / "methods.json"))
+    p.add_argument("--results", default=str(suite.results))
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
-    epochs = dict(FT_EPOCHS)
+    args.suite = suite
+    epochs = dict(suite.ft_epochs)
     for item in filter(None, (args.ft_epochs or "").split(",")):
         k, _, v = item.partition("=")
         epochs[k] = int(v)
@@ -555,9 +574,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point."""
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, suite: Suite = METHODS) -> int:
+    """Entry point: run ``suite``'s rows."""
+    args = parse_args(argv, suite)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     results_path = Path(args.results)
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -567,9 +586,9 @@ def main(argv: list[str] | None = None) -> int:
         rec.setdefault("ft_lr", results.get("config", {}).get("ft_lr", {}).get(rec["dataset"]))
     datasets = [d for d in args.datasets.split(",") if d]
     rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r not in ROWS]
+    unknown = [r for r in rows if r not in suite.rows]
     if unknown:
-        raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
+        raise SystemExit(f"unknown rows {unknown}; choose from {list(suite.rows)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     results["machine"] = machine_info()
     results["config"] = {"target_flops": args.target_flops, "calib_batches": args.calib_batches,
@@ -577,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
                          "ft_lr": results.get("config", {}).get("ft_lr", {})}
     md = results_path.with_suffix(".md")
     if args.report_only:
-        report(results, md)
+        report(results, md, suite)
         return 0
     torch.set_num_threads(args.threads)
     loaded: dict[str, tuple[nn.Module, Data]] = {}
@@ -620,8 +639,8 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s: %s", key, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()
                                           if k in ("top1_no_ft", "top1_ft", "prune_s", "finetune_s", "status")})
                 write_json(results_path, results)
-                report(results, md)
-    report(results, md)
+                report(results, md, suite)
+    report(results, md, suite)
     return 0
 
 

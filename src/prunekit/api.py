@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from prunekit._perf import engine_call
-from prunekit.allocate import select
+from prunekit.allocate import resolve_group_ratios, select
 from prunekit.allocate.budget import Budget, make_budget, removal_for_budget
 from prunekit.allocate.cost import CostModel
 from prunekit.allocate.knapsack import knapsack_removal
@@ -54,29 +54,38 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
     groups = list(graph.groups)
     prunable0 = sum(g.n_prunable for g in groups)  # before repairs: what the ratio asks of
     repairs: list[str] = []
-    options = dict(ratios=ratios, global_ranking=cfg.global_ranking, round_to=cfg.round_to,
-                   min_channels=cfg.min_channels)
-    for _ in range(cfg.max_repairs + 1):
+    options = dict(ratios=ratios, global_ranking=cfg.global_ranking, min_channels=cfg.min_channels,
+                   group_ratios=resolve_group_ratios(groups, cfg.group_ratios))
+
+    def allocate(round_to: int) -> list[np.ndarray]:
+        """The channels to remove from each of ``groups`` (as repairs leave them) at ``round_to``."""
         if budget is not None and cfg.allocation == "knapsack":
             if measure.cost is None:
                 raise PruningError("allocation='knapsack' needs the cost model, which does not describe this model "
                                    "(see the log); use allocation='ratio'")
-            removed = knapsack_removal(groups, scores, measure.cost, budget.kind, budget.target,
-                                       raw=cfg.global_ranking == "raw", round_to=cfg.round_to,
-                                       min_channels=cfg.min_channels)
+            return knapsack_removal(groups, scores, measure.cost, budget.kind, budget.target,
+                                    raw=cfg.global_ranking == "raw", round_to=round_to, min_channels=cfg.min_channels)
+        if budget is not None:
+            return removal_for_budget(groups, scores, budget, {**options, "round_to": round_to}, measure.value)
+        return select(groups, scores, ratio=cfg.ratio, round_to=round_to, **options)
+
+    round_to, auto = (_auto_round_to(model, example_inputs, graph, cfg, budget, measure, allocate)
+                      if cfg.round_to == "auto" else (cfg.round_to, None))
+    for _ in range(cfg.max_repairs + 1):
+        removed = allocate(round_to)
+        if budget is not None:
             ratio = float(sum(len(r) for r in removed) / max(1, graph.n_channels))
-        elif budget is not None:
-            removed = removal_for_budget(groups, scores, budget, options, measure.value)
-            ratio = float(sum(len(r) for r in removed) / max(1, graph.n_channels))
-        else:
-            removed = select(groups, scores, ratio=ratio, **options)
+        # With per-group ratios the uniform ratio says little: report the fraction removed.
+        shown = float(sum(len(r) for r in removed) / max(1, graph.n_channels)) if cfg.group_ratios else ratio
         meta = {
-            "ratio": ratio, "criterion": criterion_name(cfg.criterion),
-            "global_ranking": cfg.global_ranking, "allocation": cfg.allocation, "round_to": cfg.round_to,
+            "ratio": shown, "criterion": criterion_name(cfg.criterion),
+            "global_ranking": cfg.global_ranking, "allocation": cfg.allocation, "round_to": round_to,
             "groups": len(groups),
             "groups_pruned": int(sum(len(r) > 0 for r in removed)),
             "channels_removed": int(sum(len(r) for r in removed)), "channels": graph.n_channels, "repairs": repairs,
         }
+        if auto is not None:
+            meta["round_to_auto"] = auto
         if budget is not None:
             meta[f"target_{budget.kind}"] = budget.target
         if fallbacks:
@@ -111,6 +120,41 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
     raise PruningError(f"gave up after {cfg.max_repairs} repairs; last: {repairs[-1] if repairs else '?'}")
 
 
+def _auto_round_to(model: nn.Module, example_inputs: Any, graph: DependencyGraph, cfg: PruneConfig,
+                   budget: Budget | None, measure: _BudgetMeasure | None,
+                   allocate: Any) -> tuple[int, dict[str, Any]]:
+    """``round_to="auto"``: the multiple :func:`prunekit.allocate.rounding.choose_round_to`
+    picks from the width table (``cfg.width_table``, or timed on ``cfg.round_backend``), and
+    its record for ``plan.meta["round_to_auto"]``."""
+    from prunekit.allocate.rounding import choose_round_to
+    from prunekit.measure.width_table import build_width_table
+
+    given = cfg.width_table
+    if given is None or (callable(given) and not hasattr(given, "estimate")):
+        table = build_width_table(model, example_inputs, backend=cfg.round_backend, timer=given)
+    else:
+        table = given
+        try:
+            table.check(model)
+        except ValueError as exc:
+            raise PruningError(f"width_table: {exc.args[0].removeprefix('width table: ')}") from None
+
+    def build(removed: list[np.ndarray]) -> nn.Module:
+        return apply_plan(model, channel_plan(model, graph, removed)[0])
+
+    if budget is not None and measure is not None:
+        quantity = budget.kind
+        kept = lambda removed, small: measure.value(removed)  # noqa: E731
+    else:  # a ratio prune asks for a fraction of the channels
+        quantity = "channels"
+        kept = lambda removed, small: 1.0 - sum(len(r) for r in removed) / max(1, graph.n_channels)  # noqa: E731
+    chosen, record = choose_round_to(model, table, allocate, build, kept, quantity=quantity)
+    if "warning" in record:
+        # The caller of prune(): this function, _plan_and_apply, engine_call's wrapper, prune.
+        warnings.warn(f"prune: {record['warning']}", PruningShortfallWarning, stacklevel=5)
+    return chosen, record
+
+
 # A prune that keeps more than this (absolute) above a budget's target, or removes less than
 # half the channels a ratio asks for, is reported: the user asked for something it did not do.
 _BUDGET_SLACK = 0.02
@@ -128,10 +172,10 @@ def _with_shortfall(plan: PruningPlan, cfg: PruneConfig, budget: Budget | None, 
         kept = meta.get(f"{budget.kind}_kept", 1.0 if removed == 0 else None)
         if budget.target < 1.0 and kept is not None and kept > budget.target + _BUDGET_SLACK:
             why = f"keeps {kept:.3f} of the {budget.kind} against target_{budget.kind}={budget.target:g}"
-    elif cfg.ratio > 0 or cfg.ratios:
+    elif cfg.ratio > 0 or cfg.ratios or cfg.group_ratios:
         asked = cfg.ratio * prunable
         # A few channels' rounding is no shortfall: below 8 asked, only "nothing at all" is.
-        if (removed == 0 and (asked >= 1 or cfg.ratios)) or (asked >= 8 and removed < _RATIO_FRACTION * asked):
+        if (removed == 0 and (asked >= 1 or cfg.ratios or cfg.group_ratios)) or (asked >= 8 and removed < _RATIO_FRACTION * asked):
             why = f"removed {removed} channels where ratio={cfg.ratio:g} asks for about {asked:.0f}"
     if not why:
         return plan
@@ -243,8 +287,11 @@ def prune(model: nn.Module, example_inputs: Any, config: PruneConfig | None = No
     (:func:`prunekit.measure.latency_table.build_latency_table`; pass ``latency_table`` to
     reuse one). Data-driven criteria (``taylor``, ``activation``, ...) take
     ``criterion_kwargs={'loader': ..., 'batches': N}``. ``ratios`` maps module names to
-    their own ratio; ``ignore`` lists modules whose output channels stay; ``round_to`` keeps
-    channel counts multiples of it and every group keeps ``min_channels``. The result is
+    their own ratio and ``group_ratios`` traced groups (the name :func:`trace` prints, or the
+    index in ``graph.groups``) to theirs; ``ignore`` lists modules whose output channels stay; ``round_to`` keeps
+    channel counts multiples of it (``"auto"``: the multiple that runs fastest here, chosen by timing the
+    layers at exact widths on ``round_backend``, or from ``width_table``; never one estimated slower than
+    the original; see :mod:`prunekit.allocate.rounding`) and every group keeps ``min_channels``. The result is
     checked by running it: any op whose shape would break makes the groups involved stay (at
     most ``max_repairs`` times), and the plan records why (``plan.meta['repairs']``). On any
     error the user's model is unchanged. With ``return_plan`` the result is ``(model, plan)``.

@@ -33,6 +33,8 @@ __all__ = ["PruneConfig", "make_config", "criterion_name", "FIELDS", "TARGETS"]
 #: The budget options; at most one may be given, each a fraction kept in (0, 1].
 TARGETS: tuple[str, ...] = ("target_flops", "target_params", "target_latency")
 ALLOCATIONS: tuple[str, ...] = ("ratio", "knapsack")
+#: Backends ``round_to="auto"`` times on (:data:`prunekit.measure.width_table.BACKENDS`).
+ROUND_BACKENDS: tuple[str, ...] = ("eager", "onnxruntime")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +44,10 @@ class PruneConfig:
     ``ratio`` is the fraction of channels removed from every group (in [0, 1)), ranked by
     ``criterion`` (a registered name or a callable ``(model, group, **criterion_kwargs) ->
     scores``); ``ratios`` maps module names to their own ratio; ``ignore`` lists modules (names
-    or objects) whose output channels stay; ``global_ranking`` ranks normalised scores across
+    or objects) whose output channels stay; ``group_ratios`` maps coupled groups (a group's name as
+    :func:`prunekit.trace` prints it, or its index in ``graph.groups``) to their own ratio, over
+    ``ratios`` and ``ratio`` (a per-group allocation, as a search such as ``cacp`` produces);
+    ``global_ranking`` ranks normalised scores across
     groups (``"raw"``: the scores as they are, for scores on one scale, e.g. learned gates); channel counts stay multiples of ``round_to`` and every group keeps at least
     ``min_channels``; at most ``max_repairs`` groups are kept after failed validation runs. One
     of ``target_flops`` / ``target_params`` / ``target_latency`` (the fraction kept) replaces
@@ -50,7 +55,11 @@ class PruneConfig:
     decides how a budget is shared among groups: ``"ratio"`` (a ratio, uniform or by the global
     ranking, bisected to the budget) or ``"knapsack"`` (the channels that save the most of the
     budgeted quantity per importance lost, read from the cost model: see
-    :mod:`prunekit.allocate.knapsack`; needs a budget).
+    :mod:`prunekit.allocate.knapsack`; needs a budget). ``round_to="auto"`` chooses the multiple
+    by timing (:mod:`prunekit.allocate.rounding`): on ``round_backend`` (``"eager"``, PyTorch on
+    the model's device, or ``"onnxruntime"``) unless ``width_table`` gives the timings (a
+    :class:`prunekit.measure.width_table.WidthTable`, or a timer ``(spec, in_channels,
+    out_channels) -> ms``).
 
     Values are checked on construction (:class:`PruningError` naming the option) and
     normalised: ``ignore`` becomes a tuple, ``ratios``/``criterion_kwargs`` are copied into
@@ -63,8 +72,9 @@ class PruneConfig:
     criterion_kwargs: Mapping[str, Any] | None = None
     ignore: tuple[nn.Module | str, ...] | None = None
     ratios: Mapping[str, float] | None = None
+    group_ratios: Mapping[str | int, float] | None = None
     global_ranking: bool | str = False
-    round_to: int = 1
+    round_to: int | str = 1
     min_channels: int = 1
     max_repairs: int = 32
     target_flops: float | None = None
@@ -72,6 +82,8 @@ class PruneConfig:
     target_latency: float | None = None
     latency_table: Any = None
     allocation: str = "ratio"
+    width_table: Any = None
+    round_backend: str = "eager"
 
     def __post_init__(self) -> None:
         # Imported here: prunekit.allocate imports torch, and recipes and the CLI parser,
@@ -91,7 +103,22 @@ class PruneConfig:
         put("ratios", {k: check_ratio(v, f"ratios[{k!r}]") for k, v in ratios.items()} if ratios else None)
         if not (isinstance(self.global_ranking, bool) or self.global_ranking == "raw"):
             raise PruningError(f"global_ranking={self.global_ranking!r}: must be True, False or 'raw'")
-        put("round_to", _count(self.round_to, "round_to", 1, "channel counts are multiples of it"))
+        put("group_ratios", _group_ratios(self.group_ratios))
+        if self.group_ratios and self.global_ranking:
+            raise PruningError("group_ratios: per-group ratios and global_ranking exclude each other "
+                               "(a global ranking decides every group's ratio)")
+        if isinstance(self.round_to, str) and self.round_to != "auto":
+            raise PruningError(f"round_to={self.round_to!r}: must be an integer >= 1 or 'auto'")
+        if self.round_to != "auto":
+            put("round_to", _count(self.round_to, "round_to", 1, "channel counts are multiples of it"))
+        if self.round_backend not in ROUND_BACKENDS:
+            raise PruningError(f"round_backend={self.round_backend!r}: must be one of {', '.join(ROUND_BACKENDS)}")
+        if self.round_to != "auto" and (self.width_table is not None or self.round_backend != "eager"):
+            which = "width_table" if self.width_table is not None else "round_backend"
+            raise PruningError(f"{which}: only used with round_to='auto'")
+        if self.width_table is not None and not (callable(self.width_table) or hasattr(self.width_table, "estimate")):
+            raise PruningError(f"width_table={self.width_table!r}: must be a prunekit.measure.width_table.WidthTable "
+                               "or a timer (spec, in_channels, out_channels) -> ms")
         put("min_channels", _count(self.min_channels, "min_channels", 1, "a group cannot lose all its channels"))
         put("max_repairs", _count(self.max_repairs, "max_repairs", 0, "the number of groups validation may keep"))
         given = [k for k in TARGETS if getattr(self, k) is not None]
@@ -105,6 +132,8 @@ class PruneConfig:
             raise PruningError(f"allocation={self.allocation!r}: must be one of {', '.join(ALLOCATIONS)}")
         if self.allocation == "knapsack" and not given:
             raise PruningError("allocation='knapsack' needs a budget: target_flops, target_params or target_latency")
+        if self.allocation == "knapsack" and self.group_ratios:
+            raise PruningError("group_ratios: not with allocation='knapsack' (the knapsack decides every group's width)")
 
     @classmethod
     def from_kwargs(cls, **options: Any) -> PruneConfig:
@@ -172,6 +201,21 @@ def _mapping(value: Any, option: str) -> dict[Any, Any] | None:
     if not isinstance(value, Mapping):
         raise PruningError(f"{option}={value!r}: must be a mapping")
     return dict(value) or None
+
+
+def _group_ratios(value: Any) -> dict[str | int, float] | None:
+    """``group_ratios`` as a plain dict with checked keys (a group name or index) and ratios;
+    None when empty. The keys are matched to the traced groups when pruning."""
+    from prunekit.allocate import check_ratio
+
+    mapping = _mapping(value, "group_ratios")
+    if not mapping:
+        return None
+    for key in mapping:
+        if isinstance(key, bool) or not isinstance(key, (str, numbers.Integral)) or (
+                isinstance(key, numbers.Integral) and key < 0):
+            raise PruningError(f"group_ratios: key {key!r} must be a group name or a group index >= 0")
+    return {(k if isinstance(k, str) else int(k)): check_ratio(v, f"group_ratios[{k!r}]") for k, v in mapping.items()}
 
 
 def _ignore(value: Any) -> tuple[Any, ...] | None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from prunekit.persist import atomic_write
 
-__all__ = ["plot_accuracy_vs_flops", "plot_gate_trajectory"]
+__all__ = ["plot_accuracy_vs_flops", "plot_gate_trajectory", "plot_pareto"]
 
 
 def plot_accuracy_vs_flops(points: Sequence[dict[str, Any]], path: str | os.PathLike[str], *,
@@ -81,6 +81,48 @@ def plot_gate_trajectory(trajectory: Sequence[dict[str, Any]], path: str | os.Pa
     right.set_ylim(0, 1.05)
     right.grid(True, alpha=0.3)
     right.legend(loc="best", fontsize=8)
+    return _write_png(fig, path)
+
+
+def plot_pareto(points: Sequence[dict[str, Any]], path: str | os.PathLike[str], *,
+                title: str = "accuracy against cost", metric: str = "top1") -> str:
+    """Draw accuracy against measured latency (left) and against FLOPs (right), one marker per
+    model, the Pareto front of each panel joined by a line and ringed, and write the PNG to
+    ``path`` atomically.
+
+    Each point has ``label``, ``flops``, ``metric`` (a fraction, drawn in %), ``latency_ms``
+    (None when not measured: the point is left out of the left panel) and ``front_latency`` /
+    ``front_flops`` (whether it is on that panel's front, as the caller computed it);
+    ``reference=True`` draws it as a star (the unpruned model). Returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10.0, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    panels = [(fig.add_subplot(1, 2, 1), "latency_ms", "front_latency", "latency at batch 1 (ms)"),
+              (fig.add_subplot(1, 2, 2), "flops", "front_flops", "MFLOPs per image")]
+    for ax, key, front_key, xlabel in panels:
+        shown = [p for p in points if p.get(key) is not None and p.get(metric) is not None]
+        scale = 1e-6 if key == "flops" else 1.0
+        for p in shown:
+            x, y = p[key] * scale, 100.0 * p[metric]
+            ax.scatter([x], [y], s=90 if p.get("reference") else 45, marker="*" if p.get("reference") else "o",
+                       color="tab:gray" if p.get("reference") else "tab:blue", zorder=3)
+            ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(5, -11), fontsize=8)
+        front = sorted((p for p in shown if p.get(front_key)), key=lambda p: p[key])
+        if front:
+            ax.plot([p[key] * scale for p in front], [100.0 * p[metric] for p in front], color="tab:red", lw=1.2,
+                    zorder=2, label="Pareto front")
+            ax.scatter([p[key] * scale for p in front], [100.0 * p[metric] for p in front], s=140,
+                       facecolors="none", edgecolors="tab:red", zorder=4)
+            ax.legend(loc="best", fontsize=8)
+        if not shown:
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center", color="0.5")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"test {metric} accuracy (%)")
+        ax.grid(True, alpha=0.3)
+    panels[0][0].set_title(f"{title}: latency")
+    panels[1][0].set_title(f"{title}: FLOPs")
     return _write_png(fig, path)
 
 

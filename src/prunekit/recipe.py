@@ -49,7 +49,9 @@ class Recipe:
     ``warmup_epochs``, ``label_smoothing``, ``batch_size``, ``eval_batch_size``, ``subset``
     (class-balanced subset), ``augment``, ``seed``, ``workers``, ``tensorboard``, ``amp`` and
     ``channels_last`` (CUDA only), ``grad_clip``. Pruning: ``ratio`` or ``target_flops`` (fraction of
-    FLOPs kept; wins over ``ratio``), ``criterion``, ``global_ranking``, ``allocation`` (``ratio`` or ``knapsack``), ``round_to``, ``ignore``,
+    FLOPs kept; wins over ``ratio``), ``criterion``, ``global_ranking``, ``allocation`` (``ratio`` or
+    ``knapsack``), ``round_to`` (an integer, or ``auto``: chosen by timing on ``round_backend``,
+    ``eager`` or ``onnxruntime``), ``ignore``,
     ``ratios`` (per-module ratios), ``min_channels``, ``target_params`` / ``target_latency``
     (fractions kept), ``method`` (a :mod:`prunekit.methods` name, e.g. ``channel_pruning``, ``cap``)
     and ``calib_batches`` (calibration batches of the training split for data-driven criteria/methods);
@@ -95,7 +97,8 @@ class Recipe:
     calib_batches: int = 8
     global_ranking: bool = False
     allocation: str = "ratio"
-    round_to: int = 1
+    round_to: int | str = 1
+    round_backend: str = "eager"
     ignore: list[str] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)
     min_channels: int = 1
@@ -135,7 +138,11 @@ class Recipe:
         for key in ("epochs", "finetune_epochs", "workers", "seed"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be >= 0")
-        for key in ("batch_size", "eval_batch_size", "round_to", "min_channels", "calib_batches"):
+        if self.round_to != "auto" and (isinstance(self.round_to, str) or self.round_to < 1):
+            raise bad("round_to", "must be an integer >= 1 or 'auto' (the multiple chosen by timing)")
+        if self.round_backend not in ("eager", "onnxruntime"):
+            raise bad("round_backend", "must be 'eager' or 'onnxruntime'")
+        for key in ("batch_size", "eval_batch_size", "min_channels", "calib_batches"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")
         for key in ("lr", "finetune_lr", "weight_decay", "warmup_epochs"):

@@ -64,3 +64,42 @@ def test_raw_global_ranking_compares_the_scores_themselves() -> None:
     assert normalised[1].tolist() == [0, 1] and normalised[0].tolist() == [0]
     assert select(gs, scores, ratio=1 / 6, global_ranking="raw")[0].tolist() == [0]
     assert select(gs, scores, ratio=1 / 6, global_ranking=True)[1].tolist() == [1]
+
+
+def test_group_ratios_override_the_ratio_and_the_module_ratios() -> None:
+    """Keyed by position in ``groups``: that group loses floor(r * size) of its lowest scores,
+    over ``ratios`` naming its producer and over ``ratio``."""
+    gs = [group(0, 10), group(1, 4), group(2, 8)]
+    scores = [np.arange(10.0)[::-1], np.array([5.0, 1.0, 3.0, 2.0]), np.arange(8.0)]
+    out = select(gs, scores, ratio=0.5, ratios={"m0": 0.1}, group_ratios={0: 0.3, 2: 0.0})
+    assert out[0].tolist() == [7, 8, 9] and out[1].tolist() == [1, 3] and out[2].tolist() == []
+    with pytest.raises(PruningError, match="group_ratios"):
+        select(gs, scores, ratio=0.5, global_ranking=True, group_ratios={0: 0.3})
+
+
+def test_prune_takes_group_ratios_by_name_or_index() -> None:
+    """The same per-group ratios by traced group name and by index give the same model, with
+    floor(r * size) channels gone from those groups only; bad keys are named."""
+    import torch
+
+    import prunekit as pk
+    from nets import Residual
+
+    m, x = Residual().eval(), torch.randn(1, 3, 16, 16)
+    groups = pk.trace(m, x).groups
+    named = {groups[1].name: 0.5, groups[0].name: 0.25}
+    a = pk.prune(m, x, ratio=0.0, group_ratios=named)
+    b = pk.prune(m, x, pk.PruneConfig(ratio=0.0, group_ratios={1: 0.5, 0: 0.25}))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.stem[0].out_channels == 16 - 4 and a.a[0][0].out_channels == 12 - 6 and a.b[0][0].out_channels == 12
+    with pytest.raises(PruningError, match="no group named 'nope'"):
+        pk.prune(m, x, ratio=0.0, group_ratios={"nope": 0.5})
+    with pytest.raises(PruningError, match="group index 99 out of range"):
+        pk.prune(m, x, ratio=0.0, group_ratios={99: 0.5})
+    with pytest.raises(PruningError, match=r"group_ratios\[0\]"):
+        pk.PruneConfig(group_ratios={0: 1.5})
+    with pytest.raises(PruningError, match="exclude each other"):
+        pk.PruneConfig(group_ratios={0: 0.5}, global_ranking=True)
+    with pytest.raises(PruningError, match="knapsack"):
+        pk.PruneConfig(group_ratios={0: 0.5}, target_flops=0.5, allocation="knapsack")

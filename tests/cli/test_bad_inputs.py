@@ -99,7 +99,7 @@ CASES = [
     P("train --model small_cnn --data digits --image-size 0 --out {run}", "--image-size 0: must be >= 1",
       id="image-size"),
     P("prune --model small_cnn --method nope --out {run} --no-latency",
-      "--method nope: unknown method 'nope'; available: block_drop, cap, channel_pruning", id="unknown-method"),
+      "--method nope: unknown method 'nope'; available: autopruner, block_drop, cacp, cap", id="unknown-method"),
     P("prune --model small_cnn --ratio abc --out {run}", "argument --ratio: invalid float value: 'abc'",
       id="argparse-type"),
     P("finetune --pruned {run} --data npz:{bad}/rgb.npz --out {run}",

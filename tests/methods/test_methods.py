@@ -44,7 +44,7 @@ def _plain_net() -> nn.Module:
 
 # Methods whose net must have what they remove (ResConv: same-shape convs, which Residual lacks).
 _NETS = {"resconv": _plain_net}
-_OPTIONS: dict[str, dict] = {"ucp": {"steps": 5}, "resconv": {"epochs": 1}}
+_OPTIONS: dict[str, dict] = {"ucp": {"steps": 5}, "resconv": {"epochs": 1}, "cacp": {"episodes": 2}}
 
 
 @pytest.mark.parametrize("name", methods.list_methods())

@@ -36,6 +36,48 @@ def group_ratio(group: ChannelGroup, ratio: float, ratios: Mapping[str, float] |
     return best
 
 
+def resolve_group_ratios(groups: list[ChannelGroup], group_ratios: Mapping[str | int, float] | None
+                         ) -> dict[int, float] | None:
+    """``group_ratios`` (keys: group names as :func:`prunekit.trace` prints them, or indices
+    into ``groups``) keyed by group index; None when empty. An unknown index or name, or a
+    name that several groups share, raises :class:`PruningError` naming it."""
+    if not group_ratios:
+        return None
+    by_name: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_name.setdefault(g.name, []).append(i)
+    out: dict[int, float] = {}
+    for key, r in group_ratios.items():
+        if isinstance(key, str):
+            hits = by_name.get(key, [])
+            if not hits:
+                shown = ", ".join(repr(n) for n in list(by_name)[:6])
+                raise PruningError(f"group_ratios: no group named {key!r} (groups: {shown}"
+                                   f"{', ...' if len(by_name) > 6 else ''})")
+            if len(hits) > 1:
+                raise PruningError(f"group_ratios: {len(hits)} groups are named {key!r}; give their indices "
+                                   f"({', '.join(map(str, hits))}) instead")
+            index = hits[0]
+        else:
+            index = int(key)
+            if not 0 <= index < len(groups):
+                raise PruningError(f"group_ratios: group index {index} out of range (the model has {len(groups)} groups)")
+        out[index] = float(r)
+    return out
+
+
+def check_round_to(round_to: object) -> int:
+    """``round_to`` as an int >= 1, else :class:`PruningError`: an allocator rounds to a given
+    multiple; ``round_to="auto"`` is resolved to one by :func:`prunekit.prune` (by timing,
+    :mod:`prunekit.allocate.rounding`) before any allocator runs."""
+    if round_to == "auto":
+        raise PruningError("round_to='auto': this allocation takes an integer multiple; 'auto' is chosen by "
+                           "timing in prunekit.prune (methods that allocate channels themselves need an integer)")
+    if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
+        raise PruningError(f"round_to={round_to!r}: must be an integer >= 1")
+    return int(round_to)
+
+
 def _round_keep(size: int, n_remove: int, round_to: int, n_prunable: int, min_channels: int) -> int:
     n_remove = min(n_remove, n_prunable, max(size - min_channels, 0))
     if round_to > 1:
@@ -74,25 +116,28 @@ def _lowest(group: ChannelGroup, scores: np.ndarray, n: int, min_channels: int) 
 
 def select(groups: list[ChannelGroup], scores: list[np.ndarray], *, ratio: float,
            ratios: Mapping[str, float] | None = None, global_ranking: bool | str = False, round_to: int = 1,
-           min_channels: int = 1, max_group_ratio: float = 0.9) -> list[np.ndarray]:
+           min_channels: int = 1, max_group_ratio: float = 0.9,
+           group_ratios: Mapping[int, float] | None = None) -> list[np.ndarray]:
     """Pick the channels to remove, per group (sorted local indices).
 
     * uniform (default): ``floor(ratio * size)`` lowest-scored prunable channels of every group
-      (``ratios`` overrides the ratio for groups produced by the named modules);
+      (``ratios`` overrides the ratio for groups produced by the named modules, and
+      ``group_ratios``, keyed by position in ``groups``, for single groups, over both);
     * ``global_ranking``: scores are divided by their group mean and ranked across groups;
       ``ratio`` of all channels go, no group losing more than ``max_group_ratio``;
     * ``global_ranking="raw"``: the same on the scores as they are, for scores already on one
       scale across groups (learned gates, log-odds, BN scales: a global threshold).
     ``round_to`` keeps channel counts multiples of it; every group keeps ``min_channels``.
     """
-    if round_to < 1:
-        raise PruningError(f"round_to={round_to}: must be >= 1")
+    round_to = check_round_to(round_to)
     if min_channels < 1:
         raise PruningError(f"min_channels={min_channels}: must be >= 1 (a group cannot lose all its channels)")
+    if group_ratios and global_ranking:
+        raise PruningError("group_ratios: per-group ratios and global_ranking exclude each other")
     if not global_ranking:
         out = []
-        for g, s in zip(groups, scores):
-            r = group_ratio(g, ratio, ratios)
+        for i, (g, s) in enumerate(zip(groups, scores)):
+            r = group_ratios[i] if group_ratios and i in group_ratios else group_ratio(g, ratio, ratios)
             n = _round_keep(g.size, int(math.floor(r * g.size + 1e-9)), round_to, g.n_prunable, min_channels)
             out.append(_lowest(g, s, n, min_channels))
         return out

@@ -27,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from prunekit.allocate import _lowest
+from prunekit.allocate import _lowest, check_round_to
 from prunekit.errors import PruningError
 from prunekit.graph.dependency import ChannelGroup
 
@@ -50,8 +50,7 @@ def knapsack_removal(groups: list[ChannelGroup], scores: list[np.ndarray], cost:
     cost saved (see the module docstring). ``cost`` is a :class:`~prunekit.allocate.cost.CostModel`
     of ``groups``' graph; ``raw`` ranks the scores as they are instead of normalised by their
     group mean. A target the largest removal allowed cannot meet raises :class:`PruningError`."""
-    if round_to < 1:
-        raise PruningError(f"round_to={round_to}: must be >= 1")
+    round_to = check_round_to(round_to)
     base = float(cost.base(kind))  # type: ignore[attr-defined]
     goal = target * base
     orders, norms, caps = [], [], []

@@ -130,6 +130,16 @@ FLAG_NAMES = {"finetune_epochs": "--epochs", "finetune_lr": "--lr"}
 """Recipe keys whose flag is not ``--`` plus the key (``finetune``'s ``--epochs``), for messages."""
 
 
+def round_to_arg(text: str) -> int | str:
+    """``--round-to``: an integer, or ``auto`` (the multiple chosen by timing)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: an integer or 'auto'") from None
+
+
 def add_recipe_options(p: argparse.ArgumentParser, table: OptionTable) -> None:
     """Add recipe-backed options with default None (so recipe values are only overridden when passed)."""
     for flag, key, typ, text in table:
@@ -433,7 +443,8 @@ def prune_options(r: Recipe) -> PruneConfig:
     options. Calibration data (``criterion_kwargs``) is added when pruning."""
     return PruneConfig(ratio=r.ratio, criterion=r.criterion, ignore=r.ignore, ratios=r.ratios,
                        global_ranking=r.global_ranking, allocation=r.allocation, round_to=r.round_to,
-                       min_channels=r.min_channels, target_flops=r.target_flops, target_params=r.target_params, target_latency=r.target_latency)
+                       round_backend=r.round_backend, min_channels=r.min_channels, target_flops=r.target_flops,
+                       target_params=r.target_params, target_latency=r.target_latency)
 
 
 def prune_with_recipe(model: Any, x: Any, r: Recipe) -> tuple[Any, Any]:
@@ -448,14 +459,14 @@ def prune_with_recipe(model: Any, x: Any, r: Recipe) -> tuple[Any, Any]:
         if r.method:  # a method chooses its criterion; iterative takes the recipe's as an argument
             extra = {"criterion": r.criterion} if r.method == "iterative" else {}
             res = methods.get(r.method)(model, x, loader=loader, batches=r.calib_batches, config=cfg, **extra)
-            return res.model, _method_plan(res, r)
+            return res.model, method_plan(res, r)
         ctx = {"loader": loader, "batches": r.calib_batches} if loader is not None else None
         return pk.prune(model, x, cfg, criterion_kwargs=ctx, return_plan=True)
     except (ValueError, KeyError) as exc:  # PruningError is a ValueError
         raise CliError(str(exc.args[0] if exc.args else exc)) from None
 
 
-def _method_plan(res: Any, r: Recipe) -> Any:
+def method_plan(res: Any, r: Recipe) -> Any:
     """The method's plan with the method's name in its metadata."""
     return dataclasses.replace(res.plan, meta={**res.plan.meta, "method": r.method})
 
@@ -481,16 +492,50 @@ def training_dir(out: str) -> Path:
     return path.parent / f".{path.name}.training"
 
 
-def prune_while_training(model: Any, r: Recipe, args: argparse.Namespace, spec: str, plan0: Any) -> tuple[Any, Any, Any, tuple[int, ...]]:
-    """Run the training method ``r.method`` (see :func:`method_trains`): the training split
-    with augmentation (less ``--val-size`` held-out images, passed as ``val_loader`` when
-    given), ``finetune_epochs`` epochs (``--epochs``) of :func:`train_config` with
-    ``finetune=True``, checkpoints in :func:`training_dir` (``--resume`` continues them).
-    Returns ``(pruned model, plan, the method's info, example input shape)``; bad options are
-    a :class:`CliError`."""
+@dataclasses.dataclass
+class Source:
+    """The unpruned model a pruning command starts from: the model, the plan of a saved run
+    directory (None for a spec), the model spec recorded for :func:`prunekit.load`, the class
+    and input-channel counts, and the training split's info when it was loaded to size a model
+    built from a spec (else None)."""
+
+    model: Any
+    plan: Any
+    spec: str
+    num_classes: int | None
+    in_chans: int | None
+    data_info: Any = None
+
+
+def load_source(r: Recipe, args: argparse.Namespace) -> Source:
+    """The recipe's unpruned model (``--model``: a spec, seeded by the recipe's seed so every
+    run and resume starts from the same weights, sized for ``--data`` unless ``--num-classes`` /
+    ``--in-chans`` say otherwise; or a directory written by ``prunekit train``). A missing
+    model or an already pruned directory is a :class:`CliError`."""
     import torch
 
-    from prunekit import methods
+    if not r.model:
+        raise CliError("no model: pass --model SPEC or set model: in the recipe")
+    torch.manual_seed(r.seed)
+    nc0, ic0, data_info = r.num_classes, r.in_chans, None
+    if r.data and (nc0 is None or ic0 is None) and not Path(r.model).expanduser().is_dir():
+        data_info = load_data(r, "train")  # a model built from a spec fits the data it is calibrated/trained on
+        nc0, ic0 = nc0 or data_info.num_classes, ic0 or data_info.in_chans
+        torch.manual_seed(r.seed)
+    model, plan0 = load_model(r.model, num_classes=nc0, in_chans=ic0, trust_code=args.trust_code)
+    if plan0 is not None and not plan0.is_empty:
+        raise CliError(f"--model {r.model}: already pruned; prune the unpruned model it came from instead")
+    spec = plan0.meta.get("model_spec", r.model) if plan0 is not None else r.model
+    meta0 = plan0.meta if plan0 is not None else {}
+    return Source(model, plan0, spec, nc0 or meta0.get("num_classes"), ic0 or meta0.get("in_chans"), data_info)
+
+
+def training_data(r: Recipe, args: argparse.Namespace, plan0: Any) -> tuple[Any, Any, Any]:
+    """``(training loader, validation loader or None, training split info)`` of a method that
+    trains or searches on data: the training split with the recipe's augmentation less
+    ``--val-size`` held-out images, which form the validation loader when given. A missing
+    ``--data``, a negative ``--val-size`` or images with another channel count than the model
+    takes are a :class:`CliError`."""
     from prunekit.zoo import make_loader
 
     if not r.data:
@@ -498,9 +543,6 @@ def prune_while_training(model: Any, r: Recipe, args: argparse.Namespace, spec: 
     val_size = int(getattr(args, "val_size", 0) or 0)
     if val_size < 0:
         raise CliError(f"--val-size {val_size}: must be >= 0")
-    work = training_dir(args.out)
-    if getattr(args, "resume", False):
-        check_resume(str(work))
     train_info = load_data(r, "train", r.subset, val_size=val_size)
     check_in_chans(r, train_info, plan0, f"saved in --model {r.model}" if plan0 is not None else "from --in-chans")
     val_loader = None
@@ -508,6 +550,26 @@ def prune_while_training(model: Any, r: Recipe, args: argparse.Namespace, spec: 
         val_info = load_data(r, "val", val_size=val_size)
         val_loader = make_loader(val_info, batch_size=r.batch_size, shuffle=True, seed=r.seed + 1, num_workers=r.workers)
     loader = make_loader(train_info, batch_size=r.batch_size, shuffle=True, seed=r.seed, num_workers=r.workers)
+    return loader, val_loader, train_info
+
+
+def prune_while_training(model: Any, r: Recipe, args: argparse.Namespace, spec: str, plan0: Any) -> tuple[Any, Any, Any, tuple[int, ...]]:
+    """Run the training method ``r.method`` (see :func:`method_trains`): the data of
+    :func:`training_data` (``val_loader`` when ``--val-size`` is given),
+    ``finetune_epochs`` epochs (``--epochs``) of :func:`train_config` with
+    ``finetune=True``, checkpoints in :func:`training_dir` (``--resume`` continues them).
+    Returns ``(pruned model, plan, the method's info, example input shape)``; bad options are
+    a :class:`CliError`."""
+    import torch
+
+    from prunekit import methods
+
+    if not r.data:
+        raise CliError(f"--method {r.method} trains the network: pass --data SPEC (digits, cifar10:PATH, ...)")
+    work = training_dir(args.out)
+    if getattr(args, "resume", False):
+        check_resume(str(work))
+    loader, val_loader, train_info = training_data(r, args, plan0)
     shape = example_shape(r, model, spec, plan0, train_info)
     device = default_device()
     try:
@@ -518,4 +580,4 @@ def prune_while_training(model: Any, r: Recipe, args: argparse.Namespace, spec: 
                                     progress=not getattr(args, "no_progress", False), config=prune_options(r))
     except (ValueError, KeyError) as exc:  # PruningError is a ValueError
         raise CliError(str(exc.args[0] if exc.args else exc)) from None
-    return res.model.cpu(), _method_plan(res, r), res.info, shape
+    return res.model.cpu(), method_plan(res, r), res.info, shape

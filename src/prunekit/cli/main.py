@@ -13,14 +13,14 @@ import logging
 import sys
 from typing import NoReturn, Sequence
 
-from prunekit.cli import analyze, demo, export, finetune, graph, profile, prune, train
+from prunekit.cli import analyze, demo, export, finetune, graph, pareto, profile, prune, train
 from prunekit.cli import eval as eval_command
 from prunekit.cli.common import CliError
 from prunekit.errors import PruningError
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = (prune, profile, graph, demo, train, finetune, eval_command, export, analyze)
+COMMANDS = (prune, profile, graph, demo, train, finetune, eval_command, export, analyze, pareto)
 """The command modules, in the order ``prunekit --help`` lists them."""
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 from prunekit.cli.common import (
@@ -22,8 +21,7 @@ from prunekit.cli.common import (
     add_trust_code_option,
     add_val_size_option,
     example_shape,
-    load_data,
-    load_model,
+    load_source,
     method_trains,
     output_dir,
     print_summary,
@@ -31,6 +29,7 @@ from prunekit.cli.common import (
     prune_while_training,
     prune_with_recipe,
     resolve_recipe,
+    round_to_arg,
     run_meta,
     training_dir,
     write_run,
@@ -70,20 +69,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise CliError(f"--ratios {' '.join(args.ratios)}: expected MODULE=RATIO entries, e.g. layer4=0.7") from None
     r = resolve_recipe(args)
-    if not r.model:
-        raise CliError("no model: pass --model SPEC or set model: in the recipe")
-    torch.manual_seed(r.seed)  # a model built from a spec starts from the same weights every run (and resume)
-    nc0, ic0, data_info = r.num_classes, r.in_chans, None
-    if r.data and (nc0 is None or ic0 is None) and not Path(r.model).expanduser().is_dir():
-        data_info = load_data(r, "train")  # a model built from a spec fits the data it is calibrated/trained on
-        nc0, ic0 = nc0 or data_info.num_classes, ic0 or data_info.in_chans
-        torch.manual_seed(r.seed)
-    model, plan0 = load_model(r.model, num_classes=nc0, in_chans=ic0, trust_code=args.trust_code)
-    if plan0 is not None and not plan0.is_empty:
-        raise CliError(f"--model {r.model}: already pruned; prune the unpruned model it came from instead")
-    spec = plan0.meta.get("model_spec", r.model) if plan0 is not None else r.model
-    meta0 = plan0.meta if plan0 is not None else {}
-    nc, ic = nc0 or meta0.get("num_classes"), ic0 or meta0.get("in_chans")
+    src = load_source(r, args)
+    model, plan0, spec, nc, ic, data_info = src.model, src.plan, src.spec, src.num_classes, src.in_chans, src.data_info
     trains = method_trains(r.method)
     info = None
     t0 = time.perf_counter()
@@ -187,7 +174,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--allocation", choices=("ratio", "knapsack"), default=None,
                    help="how a --target-* budget is shared among groups: one ratio bisected to it (default) or "
                         "knapsack (the channels that save the most of it per importance lost)")
-    p.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of this (default 1)")
+    p.add_argument("--round-to", type=round_to_arg, default=None,
+                   help="keep channel counts multiples of this (default 1); auto: the multiple (1, 4, 8, 16, 32) whose "
+                        "pruned model runs fastest per FLOP kept here, timed per layer on --round-backend, never "
+                        "one estimated slower than the original (plan.meta['round_to_auto'] records the estimates)")
+    p.add_argument("--round-backend", choices=("eager", "onnxruntime"), default=None,
+                   help="what --round-to auto times on: PyTorch eager on the model's device (default) or ONNX Runtime "
+                        "(CPU)")
     p.add_argument("--out", required=True, help="output directory (created; existing files are replaced atomically)")
     add_recipe_options(p, PRUNE_OPTIONS)
     # Training methods (slimming, scp, dais): the options of a fine-tune, which their training is.

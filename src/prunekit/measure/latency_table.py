@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -104,31 +104,40 @@ def _time(layer: nn.Module, shape: tuple[int, ...], channel_dim: int, cin: int, 
     layer = layer.to(device).eval()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
-        layer(x)
-        sync()
+        return time_calls(lambda: layer(x), sync, min_run_time)
+
+
+def timed_blocks(call: Callable[[], Any], sync: Callable[[], Any], min_run_time: float, blocks: int = 5
+                 ) -> tuple[list[float], int]:
+    """Seconds per ``call()`` in each of ``blocks`` timed blocks of about ``min_run_time /
+    blocks`` seconds (after one untimed call and one timed to size the blocks), and the calls
+    per block; ``sync()`` waits for queued work (a CUDA synchronise) before each clock read."""
+    call()
+    sync()
+    t0 = time.perf_counter()
+    call()
+    sync()
+    once = max(time.perf_counter() - t0, 1e-6)
+    number = max(1, int(min_run_time / blocks / once))
+    out = []
+    for _ in range(blocks):
         t0 = time.perf_counter()
-        layer(x)
+        for _ in range(number):
+            call()
         sync()
-        once = max(time.perf_counter() - t0, 1e-6)
-        number = max(1, int(min_run_time / 5 / once))  # five blocks of about min_run_time / 5
-        blocks = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(number):
-                layer(x)
-            sync()
-            blocks.append((time.perf_counter() - t0) / number)
-    return float(np.median(blocks)) * 1e3
+        out.append((time.perf_counter() - t0) / number)
+    return out, number
 
 
-def build_latency_table(model: nn.Module, example_inputs: Any, *, fractions: tuple[float, ...] = FRACTIONS,
-                        threads: int | None = None, min_run_time: float = 0.02) -> LatencyTable:
-    """Measure every conv/linear layer of ``model`` at a grid of width fractions on its own
-    device (``threads`` intra-op threads on CPU) and the whole model once; returns the table.
-    Fractions must be increasing and end at 1.0."""
-    fractions = tuple(float(f) for f in fractions)
-    if not fractions or fractions[-1] != 1.0 or any(b <= a for a, b in zip(fractions, fractions[1:])):
-        raise ValueError(f"fractions={fractions}: must increase and end at 1.0")
+def time_calls(call: Callable[[], Any], sync: Callable[[], Any], min_run_time: float) -> float:
+    """Median milliseconds of one ``call()`` over five blocks (:func:`timed_blocks`)."""
+    return float(np.median(timed_blocks(call, sync, min_run_time)[0])) * 1e3
+
+
+def layer_inputs(model: nn.Module, example_inputs: Any) -> dict[str, tuple[int, ...]]:
+    """The input shape of every layer a latency table times (conv/linear whose handler can
+    rebuild it), by module name, from one eval-mode forward on ``example_inputs``; a layer
+    called several times keeps its first shape, one never called is absent."""
     shapes: dict[str, tuple[int, ...]] = {}
     handles = []
 
@@ -146,6 +155,18 @@ def build_latency_table(model: nn.Module, example_inputs: Any, *, fractions: tup
     finally:
         for h in handles:
             h.remove()
+    return shapes
+
+
+def build_latency_table(model: nn.Module, example_inputs: Any, *, fractions: tuple[float, ...] = FRACTIONS,
+                        threads: int | None = None, min_run_time: float = 0.02) -> LatencyTable:
+    """Measure every conv/linear layer of ``model`` at a grid of width fractions on its own
+    device (``threads`` intra-op threads on CPU) and the whole model once; returns the table.
+    Fractions must be increasing and end at 1.0."""
+    fractions = tuple(float(f) for f in fractions)
+    if not fractions or fractions[-1] != 1.0 or any(b <= a for a, b in zip(fractions, fractions[1:])):
+        raise ValueError(f"fractions={fractions}: must increase and end at 1.0")
+    shapes = layer_inputs(model, example_inputs)
     device = infer_device(model)
     threads = threads or torch.get_num_threads()
     cache: dict[tuple[Any, ...], float] = {}
