@@ -125,6 +125,19 @@ def test_prune_with_autopruner(tmp_path) -> None:
     assert not (tmp_path / ".ap.training").exists()
 
 
+def test_prune_with_colombo_gao(tmp_path) -> None:
+    """`--method colombo_gao --epochs 1`: architecture variables searched on digits with the
+    weights frozen, the extracted architecture on the budget, the report holding the search."""
+    out = tmp_path / "cg"
+    assert main(["prune", *TRAINING, "--method", "colombo_gao", "--epochs", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    info = report["method_info"]
+    assert report["method"] == "colombo_gao" and info["train"]["epochs"] == 1 and info["weights"].startswith("frozen")
+    kept = report["after"]["flops"] / report["before"]["flops"]
+    assert 0.49 <= kept <= 0.5 and abs(info["budget"]["measured_flops"] - kept) < 1e-9
+    assert not (tmp_path / ".cg.training").exists()
+
+
 def test_a_killed_training_method_resumes_from_the_hidden_run_directory(tmp_path, monkeypatch, capsys) -> None:
     """A run killed in its second epoch leaves .OUT.training; --resume finishes it with the
     same weights as a run that was never killed; --resume without it is refused."""

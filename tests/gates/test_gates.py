@@ -232,3 +232,91 @@ def test_a_sequential_root_and_a_layer_holding_two_groups() -> None:
     assert torch.all(model.bn(torch.cat([model.a(x), model.b(x)], 1))[:, 4:] == 0)
     gates.detach()
     assert not list(model.bn.named_children())
+
+
+class _Cat(nn.Module):
+    """Two convs concatenated before one BN: groups {a, bn[:4]} and {b, bn[4:]}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(10)
+        self.head = nn.Conv2d(10, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1))))
+
+    @staticmethod
+    def oracle(m: "_Cat", x: torch.Tensor, scales: list[torch.Tensor]) -> torch.Tensor:
+        """The network with each group's channels scaled by hand right after the BN."""
+        s = torch.cat(scales).view(1, -1, 1, 1)
+        return m.head(torch.relu(m.bn(torch.cat([m.a(x), m.b(x)], 1)) * s))
+
+
+class _Sum(nn.Module):
+    """Two convs summed before one BN: one group {a, b, bn}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 5, 3, padding=1), nn.Conv2d(3, 5, 1)
+        self.bn = nn.BatchNorm2d(5)
+        self.head = nn.Conv2d(5, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.a(x) + self.b(x))))
+
+    @staticmethod
+    def oracle(m: "_Sum", x: torch.Tensor, scales: list[torch.Tensor]) -> torch.Tensor:
+        return m.head(torch.relu(m.bn(m.a(x) + m.b(x)) * scales[0].view(1, -1, 1, 1)))
+
+
+class _PreAct(nn.Module):
+    """A pre-activation residual stream: the stem conv feeds bn1 and, through the sum, bn2;
+    the branch conv reaches bn2 only through the sum. One group {stem, bn1, branch, bn2}
+    besides the branch's inner one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.inner = nn.Conv2d(6, 4, 3, padding=1)
+        self.branch = nn.Conv2d(4, 6, 1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x0 = self.stem(x)
+        x1 = x0 + self.branch(torch.relu(self.inner(torch.relu(self.bn1(x0)))))
+        return self.head(torch.relu(self.bn2(x1)).mean((2, 3)))
+
+    @staticmethod
+    def oracle(m: "_PreAct", x: torch.Tensor, scales: list[torch.Tensor]) -> torch.Tensor:
+        """Stream channels scaled after bn1 and after bn2; the inner conv's after itself."""
+        s, t = scales[0].view(1, -1, 1, 1), scales[1].view(1, -1, 1, 1)
+        x0 = m.stem(x)
+        x1 = x0 + m.branch(torch.relu(m.inner(torch.relu(m.bn1(x0) * s)) * t))
+        return m.head(torch.relu(m.bn2(x1) * s).mean((2, 3)))
+
+
+@pytest.mark.parametrize("cls", [_Cat, _Sum, _PreAct], ids=["concat", "sum", "preact"])
+def test_each_channel_is_gated_once_where_producers_reach_a_norm_through_other_ops(cls: type) -> None:
+    """Gates of 0.5 and random values in (0.2, 0.9) against the network with the channels
+    scaled by hand after the group's norm (a producer that reaches the norm through a concat
+    or a sum is not gated a second time at its own output)."""
+    torch.manual_seed(0)
+    model = randomize_bn(cls()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = pk.trace(model, x)
+    gates = attach_gates(model, graph, kind="scale")
+    order = gates.forward_order()
+    for values in ("half", "random"):
+        scales = [torch.full((g.size,), 0.5) if values == "half" else 0.2 + 0.7 * torch.rand(g.size) for g in order]
+        with torch.no_grad():
+            for g, s in zip(order, scales):
+                gates.gate(g.index).weight.copy_(s)
+            got = model(x)
+        gates.detach()
+        with torch.no_grad():
+            want = cls.oracle(model, x, scales)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        gates = attach_gates(model, graph, kind="scale")

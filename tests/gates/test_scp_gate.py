@@ -143,10 +143,10 @@ def test_bind_refuses_a_layer_without_affine_parameters() -> None:
         gate.bind([(nn.BatchNorm2d(4), torch.arange(3))])
 
 
-def test_a_group_also_gated_at_a_producer_is_not_driven_by_its_bn() -> None:
-    """A BN after a concat carries two groups, whose gates also scale the producers (their
-    outputs reach the BN through the concat): such a gate does not sit only at BN -> ReLU
-    pairs, so it keeps its own logit instead of reading the BN."""
+def test_the_groups_of_a_bn_after_a_concat_are_driven_by_it() -> None:
+    """A BN after a concat carries two groups; their producers reach it through the concat,
+    so each group is gated at the BN alone (not a second time at its conv) and its gate reads
+    its own channels of that BN: keep probability ``Phi(beta / |gamma|)`` (scipy's normal CDF)."""
 
     class Cat(nn.Module):
         def __init__(self) -> None:
@@ -160,9 +160,16 @@ def test_a_group_also_gated_at_a_producer_is_not_driven_by_its_bn() -> None:
 
     torch.manual_seed(0)
     model = Cat().eval()
+    with torch.no_grad():
+        model.bn.weight.uniform_(0.5, 2.0)
+        model.bn.bias.uniform_(-1.0, 1.0)
     x = torch.randn(2, 3, 8, 8)
     graph = pk.trace(model, x, ignore=["head.0"])
     gates = attach_gates(model, graph, kind="scp")
-    assert all(any(name in ("a", "b") for name, _, _ in gates.sites(g.index)) for g in gates.groups)
+    assert all([name for name, _, _ in gates.sites(g.index)] == ["bn"] for g in gates.groups)
     bound, unbound = bind_to_batchnorm(model, graph, gates)
-    assert not bound and len(unbound) == 2
+    assert len(bound) == 2 and not unbound
+    gamma, beta = model.bn.weight.detach().double().numpy(), model.bn.bias.detach().double().numpy()
+    for g, channels in zip(gates.forward_order(), (slice(0, 4), slice(4, 10))):
+        want = norm.cdf(beta[channels] / np.abs(gamma[channels]))
+        np.testing.assert_allclose(gates.gate(g.index).keep_probability().detach().double().numpy(), want, rtol=1e-6)

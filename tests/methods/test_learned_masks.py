@@ -1,4 +1,4 @@
-"""What the methods that prune while training (slimming, scp, dais, autopruner) share: planted
+"""What the methods that prune while training (slimming, scp, dais, autopruner, colombo_gao) share: planted
 channels, the budget, expected against measured FLOPs, kill-and-resume identity, the user's model."""
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from prunekit import methods
 from prunekit.errors import PruningError
 from prunekit.measure import count_flops
 
-LEARNED = ["slimming", "scp", "dais", "autopruner"]
+LEARNED = ["slimming", "scp", "dais", "autopruner", "colombo_gao"]
 
 
 # Per method: options strong enough to act in a few dozen steps on the tiny net.
 OPTIONS: dict[str, dict[str, Any]] = {"slimming": {"sparsity": 1e-2}, "scp": {"budget_weight": 0.3},
-                                      "dais": {"indicator_lr": 0.1, "init": 1.0}, "autopruner": {}}
+                                      "dais": {"indicator_lr": 0.1, "init": 1.0}, "autopruner": {}, "colombo_gao": {}}
 # AutoPruner learns its codes from the task gradient in training mode, which a training-mode
 # BatchNorm after the planted layer makes blind to the layer's scale (see planted's docstring):
 # its planted net has no second BN.
@@ -79,9 +79,9 @@ def test_budget_and_expected_against_measured_flops(name: str) -> None:
 @pytest.mark.parametrize("name,stop,kw", [("slimming", 6, {}), ("slimming", 14, {"finetune_epochs": 2}),
                                           ("scp", 6, {}), ("dais", 6, {}), ("dais", 6, {"val_loader": None}),
                                           ("autopruner", 6, {}), ("autopruner", 14, {"finetune_epochs": 2}),
-                                          ("autopruner", 6, {"layer_by_layer": False})],
+                                          ("autopruner", 6, {"layer_by_layer": False}), ("colombo_gao", 6, {})],
                          ids=["slimming", "slimming-in-finetune", "scp", "dais", "dais-alternate", "autopruner",
-                              "autopruner-in-finetune", "autopruner-all-at-once"])
+                              "autopruner-in-finetune", "autopruner-all-at-once", "colombo_gao"])
 def test_kill_and_resume_gives_identical_weights_and_gates(name: str, stop: int, kw: dict, tmp_path) -> None:
     """Two epochs in one go against a run killed in its second epoch (or in the fine-tune's
     second) and resumed from the run directory: same weights, plan and trajectory."""

@@ -44,9 +44,9 @@ PRUNE_OPTIONS: OptionTable = [
      "fraction of the latency to keep, from a per-layer latency table measured on this machine"),
     ("--method", "method", str, "a published method instead of plain criterion pruning: channel_pruning "
      "(LASSO + least squares), cap (compensation, no fine-tuning), ucp, functionality, iterative, svd (low rank), "
-     "block_drop (residual blocks), partition (balanced FC partitions run in parallel); or one that trains (slimming, scp, dais, autopruner, trp, resconv, pai, ofa: trained "
-     "on --data for --epochs, checkpointed every epoch; ofa also writes its cohort of budgets x resolutions to "
-     "OUT/cohort)"),
+     "block_drop (residual blocks), partition (balanced FC partitions run in parallel); or one that trains (slimming, "
+     "scp, dais, autopruner, colombo_gao, trp, resconv, pai, ofa: trained on --data for --epochs, checkpointed every "
+     "epoch; ofa also writes its cohort of budgets x resolutions to OUT/cohort)"),
     ("--data", "data", str, "data set whose training split calibrates data-driven criteria and methods "
      "(digits, cifar10:PATH, fashion-mnist:PATH, ...)"),
     ("--calib-batches", "calib_batches", int, "calibration batches (training split) for data-driven "

@@ -3,8 +3,9 @@
 :func:`attach_gates` puts a gate on every prunable group of a traced model. The gate
 multiplies the group's channels wherever they are made: after the group's normalisation
 layers (a scale before BatchNorm would be normalised away) and at producers whose output
-reaches no normalisation of the group, so residual-coupled channels (every conv feeding one
-sum) share one gate. Each gate is a real submodule, ``prunekit_gate`` of the first layer it
+is not normalised by them on every path (through concats, sums, activations...), so each
+channel is scaled once on its way to any consumer and residual-coupled channels (every conv
+feeding one sum) share one gate. Each gate is a real submodule, ``prunekit_gate`` of the first layer it
 scales (``prunekit_gate_<group index>``; not of the root, which an ``nn.Sequential`` would
 run as a layer), so
 ``.parameters()``, ``state_dict``, checkpoints, DDP and ``torch.compile`` see it;
@@ -15,10 +16,12 @@ so budgets, ``round_to``, ``min_channels`` and ``ignore`` hold as for any criter
 
 Gate kinds are registry plug-ins (:func:`register_gate`): ``scale`` (a plain multiplier
 starting at 1, the original function exactly), ``logit`` (``sigmoid(logit / T)`` with a
-temperature buffer that schedules can anneal) and ``scp`` (a relaxed-Bernoulli mask driven
-by the probability that a BatchNorm -> ReLU pair passes the channel, :mod:`prunekit.gates.scp`) and
+temperature buffer that schedules can anneal), ``scp`` (a relaxed-Bernoulli mask driven
+by the probability that a BatchNorm -> ReLU pair passes the channel, :mod:`prunekit.gates.scp`),
 ``mask`` (a fixed multiplier set from outside, no parameter: a hard 0/1 structure per step,
-:mod:`prunekit.gates.mask`).
+:mod:`prunekit.gates.mask`) and ``two_temperature`` (a relaxed-Bernoulli mask whose selection
+probability ``sigmoid(logit / T_select)`` has its own temperature besides the sampling one,
+:mod:`prunekit.gates.two_temperature`).
 Stochastic kinds keep their expectation apart (:meth:`Gate.expected_values`): it is what
 :meth:`GateSet.mask` gives the cost model and what :meth:`GateSet.fold` folds.
 Input-dependent kinds (``input_dependent = True``: ``se``, squeeze-excitation,
@@ -316,19 +319,66 @@ class GateSet(nn.Module):
         self._owners.clear()
 
 
-def _next_modules(graph: Any) -> dict[str, set[str]]:
-    """Module name -> the modules of the ops that first consume its ops' outputs (eval trace)."""
+_NORM_OPS = frozenset({"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"})
+
+
+def _first_layers(model: nn.Module, graph: Any) -> dict[str, tuple[frozenset[str], bool]]:
+    """Module name -> ``(layers, escapes)`` of what its output reaches (eval trace): the
+    modules of the first *layers* met along every dataflow path from the values the module
+    hands to other modules (a layer: a module with a handler, or a weighted or normalising op,
+    which consumes the channels), and whether some path reaches a model output without
+    meeting one. Ops that are not layers (concat, sum, activations, pooling, reshapes) pass the
+    channels on and are walked through."""
+    from prunekit.graph.tracer import WEIGHTED_OPS
+    from prunekit.handlers import handler_for
+
     ops = graph.ops("eval")
-    consumer_of: dict[int, Any] = {}
+    consumers: dict[int, list[Any]] = {}
     for op in ops:
         for v in op.in_values:
-            consumer_of.setdefault(v, op)
-    out: dict[str, set[str]] = {}
+            if v >= 0:
+                consumers.setdefault(v, []).append(op)
+    layer_of: dict[str, bool] = {}
+
+    def is_layer(op: Any) -> bool:
+        if op.name in WEIGHTED_OPS or op.name in _NORM_OPS:
+            return True
+        if op.module not in layer_of:
+            mod = model.get_submodule(op.module) if op.module else model
+            layer_of[op.module] = handler_for(mod) is not None
+        return layer_of[op.module]
+
+    # Ops are recorded in execution order, so a value's consumers come after its producer:
+    # walking the ops backwards, every consumer's outputs are resolved before they are needed.
+    reach: dict[int, tuple[frozenset[str], bool]] = {}
+    for op in reversed(ops):
+        for v in op.out_values:
+            layers: set[str] = set()
+            escapes = v not in consumers
+            for c in consumers.get(v, []):
+                if c.module == op.module:
+                    # Inside the same module (a layer's own ops, a functional forward): walk on.
+                    pass
+                elif is_layer(c):
+                    layers.add(c.module)
+                    continue
+                for w in c.out_values:
+                    more, out = reach.get(w, (frozenset(), False))
+                    layers |= more
+                    escapes |= out
+            reach[v] = (frozenset(layers), escapes)
+    result: dict[str, tuple[set[str], bool]] = {}
     for op in ops:
-        nxt = consumer_of.get(op.out_values[0]) if op.out_values else None
-        if nxt is not None:
-            out.setdefault(op.module, set()).add(nxt.module)
-    return out
+        layers, escapes = result.setdefault(op.module, (set(), False))
+        for v in op.out_values:
+            # Only what leaves the module: its ops that feed each other are walked through above.
+            if v in consumers and all(c.module == op.module for c in consumers[v]):
+                continue
+            more, out = reach[v]
+            layers |= more
+            escapes = escapes or out
+        result[op.module] = (layers, escapes)
+    return {name: (frozenset(layers), escapes) for name, (layers, escapes) in result.items()}
 
 
 def _forward_order(graph: Any) -> dict[str, int]:
@@ -339,12 +389,14 @@ def _forward_order(graph: Any) -> dict[str, int]:
     return order
 
 
-def _sites(model: nn.Module, group: Any, next_modules: dict[str, set[str]],
+def _sites(model: nn.Module, group: Any, reach: dict[str, tuple[frozenset[str], bool]],
            at: str = "auto") -> list[tuple[str, nn.Module, np.ndarray, Any]]:
     """(module name, module, gate index per output position, its handler) of every place
-    group ``group``'s gate multiplies (``next_modules`` from :func:`_next_modules`): with
-    ``at="auto"`` the group's norms and the producers whose output reaches none of them,
-    with ``at="producers"`` every producer (before any norm)."""
+    group ``group``'s gate multiplies (``reach`` from :func:`_first_layers`): with
+    ``at="auto"`` the group's norms and the producers whose output is not normalised by them
+    on every path, with ``at="producers"`` every producer (before any norm). A producer that
+    reaches one of the norms on one path and another layer or a model output on another is
+    gated at its output too: no one site scales its channels exactly once on both paths."""
     from prunekit.handlers import handler_for
 
     norms, producers = {}, {}
@@ -363,8 +415,14 @@ def _sites(model: nn.Module, group: Any, next_modules: dict[str, set[str]],
     if at == "producers":
         norms, covered = {}, set()
     else:
-        # A producer whose output goes straight into one of the group's norms is gated there.
-        covered = {p for p in producers if next_modules.get(p, set()) & norms.keys()}
+        # A producer is gated by the group's norms when every path from its output meets one
+        # of them first (directly, or through a concat, a sum, an activation...): gating it at
+        # its own output as well would scale its channels twice on the way through the norm.
+        covered = set()
+        for p in producers:
+            layers, escapes = reach.get(p, (frozenset(), True))
+            if layers and not escapes and layers <= norms.keys():
+                covered.add(p)
     out = []
     for name, (mod, chan, h) in list(norms.items()) + [(n, v) for n, v in producers.items() if n not in covered]:
         out.append((name, mod, np.where(chan >= 0, chan, group.size), h))
@@ -392,11 +450,11 @@ def attach_gates(model: nn.Module, graph: Any, *, kind: str = "logit", groups: l
         raise PruningError(f"attach_gates: {exc.args[0]}") from None
     gs = GateSet()
     gs.groups = [g for g in (groups if groups is not None else graph.groups) if g.n_prunable > 0]
-    next_modules = _next_modules(graph)
+    reach = _first_layers(model, graph)
     order = _forward_order(graph)
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     for g in gs.groups:
-        sites = _sites(model, g, next_modules, at)
+        sites = _sites(model, g, reach, at)
         if not sites:
             gs.ungated.append(g.name)
             continue
@@ -445,3 +503,4 @@ from prunekit.gates import autopruner as _autopruner  # noqa: E402,F401
 from prunekit.gates import mask as _mask  # noqa: E402,F401
 from prunekit.gates import scp as _scp  # noqa: E402,F401
 from prunekit.gates import se as _se  # noqa: E402,F401
+from prunekit.gates import two_temperature as _two_temperature  # noqa: E402,F401

@@ -55,9 +55,9 @@ def register(name: str) -> Callable[[Method], Method]:
 
 
 def _load_all() -> None:
-    from prunekit.methods import (autopruner, block_drop, cacp, cap, channel_pruning, criterion,  # noqa: F401
-                                  dais, functionality, iterative, ofa, pai, partition, resconv, scp, slimming, svd,
-                                  trp, ucp)
+    from prunekit.methods import (autopruner, block_drop, cacp, cap, channel_pruning, colombo_gao,  # noqa: F401
+                                  criterion, dais, functionality, iterative, ofa, pai, partition, resconv, scp,
+                                  slimming, svd, trp, ucp)
 
 
 def get(name: str) -> Method:

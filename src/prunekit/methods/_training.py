@@ -1,5 +1,6 @@
 """What the methods that prune while training share: the training convention, the expected
-cost of soft masks against the budget, per-epoch trajectories and the final budget report.
+cost of soft masks against the budget, per-epoch trajectories, the final budget report and
+the re-initialisation of a network retrained from scratch.
 
 The convention (every method with ``trains = True``)::
 
@@ -241,9 +242,10 @@ def inverse_positions(index: Tensor, size: int) -> np.ndarray | None:
     return None if (pos < 0).any() else pos
 
 
-def own_param_group(optimizer: torch.optim.Optimizer, params: Iterable[Tensor], lr: float) -> None:
+def own_param_group(optimizer: torch.optim.Optimizer, params: Iterable[Tensor], lr: float, **options: Any) -> None:
     """Move ``params`` out of ``optimizer``'s param groups into one group of their own at
-    learning rate ``lr`` (the LR schedule scales it like the others). Call it from
+    learning rate ``lr`` (the LR schedule scales it like the others) with the other group
+    ``options`` given (e.g. ``weight_decay=0.0``; the rest are the optimizer's defaults). Call it from
     :meth:`Callback.on_train_start`, which runs before the scheduler is built and before a
     checkpoint's optimizer state is loaded, so a resumed run has the same groups."""
     moved = {id(p) for p in params}
@@ -252,4 +254,26 @@ def own_param_group(optimizer: torch.optim.Optimizer, params: Iterable[Tensor], 
         taken += [p for p in group["params"] if id(p) in moved]
         group["params"] = [p for p in group["params"] if id(p) not in moved]
     if taken:
-        optimizer.add_param_group({"params": taken, "lr": lr, "initial_lr": lr})
+        optimizer.add_param_group({"params": taken, "lr": lr, "initial_lr": lr, **options})
+
+
+def reinitialise(model: nn.Module, who: str = "reinitialise") -> None:
+    """Re-initialise every parameter and buffer of ``model`` in place: ``reset_parameters()``
+    on every module that has it, ``reset_running_stats()`` on every norm that keeps statistics
+    (what a network retrained "from scratch" starts from; seed torch first for a reproducible
+    draw). Raises :class:`PruningError`, prefixed with ``who`` and before changing anything,
+    naming the tensors no module can reset (their module has neither method): such a network
+    must not keep trained values."""
+    kept = []
+    for name, mod in model.named_modules():
+        if not callable(getattr(mod, "reset_parameters", None)) and not callable(getattr(mod, "reset_running_stats", None)):
+            kept += [f"{name}.{t}" if name else t for t, v in (*mod._parameters.items(), *mod._buffers.items())
+                     if v is not None]
+    if kept:
+        raise PruningError(f"{who}: cannot re-initialise {', '.join(kept)} (their module has no "
+                           "reset_parameters()); retrain without re-initialising or give those modules one")
+    for mod in model.modules():
+        if callable(getattr(mod, "reset_parameters", None)):
+            mod.reset_parameters()
+        if callable(getattr(mod, "reset_running_stats", None)):
+            mod.reset_running_stats()

@@ -43,7 +43,8 @@ available, see ``PAPERS.md`` #11; the exact formulas are unverified):
     ``sigmoid(init)`` (0.73), and trains ``epochs`` epochs with the default fine-tuning
     schedule; no retraining after the search (the issue's design: the result is trained).
   * Under ``torchrun`` the indicator gradients are averaged over the ranks by hand (the
-    indicator step runs outside DistributedDataParallel); not tested with two processes.
+    indicator step runs outside DistributedDataParallel); two gloo processes end with the same
+    indicators and weights (``tests/methods/test_methods_ddp.py``).
 
 Measured (small CNN on scikit-learn's digits, trained to 98.6%, 10 epochs, 200 held-out
 images as ``val_loader``, default options): 99.4% test accuracy at 49.6% of the FLOPs with no
@@ -79,7 +80,7 @@ from prunekit.methods._training import (
 )
 from prunekit.recover.callbacks import Callback
 from prunekit.recover.config import TrainConfig
-from prunekit.recover.distributed import all_reduce_sum, get_world_size, is_distributed
+from prunekit.recover.distributed import average_gradients
 from prunekit.recover.train import steps_per_epoch, train
 from prunekit.runtime import infer_device
 
@@ -226,12 +227,7 @@ class _IndicatorSearch(Callback):
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y) + self.regulariser()
         loss.backward()
-        if is_distributed():
-            world = get_world_size()
-            for p in self.logits:
-                if p.grad is not None:
-                    all_reduce_sum(p.grad)
-                    p.grad.div_(world)
+        average_gradients(self.logits)  # this step runs outside DDP: average by hand
         self.optimizer.step()
         model.zero_grad(set_to_none=True)
 

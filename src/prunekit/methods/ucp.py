@@ -73,6 +73,7 @@ from prunekit.gates import GateSet, attach_gates
 from prunekit.gates.se import Excitation, SeGate
 from prunekit.graph import module_names
 from prunekit.methods import MethodResult, budget_config, register, take_batches
+from prunekit.methods._training import reinitialise
 from prunekit.recover.callbacks import Callback
 from prunekit.recover.config import TrainConfig
 from prunekit.recover.train import train
@@ -180,26 +181,6 @@ def train_attention(model: nn.Module, gates: GateSet, batches: Iterable[Any], *,
     return final["train_loss"] + final.get("train_extra_loss", 0.0)
 
 
-def reinitialise(model: nn.Module) -> None:
-    """Re-initialise every parameter and buffer of ``model`` in place: ``reset_parameters()``
-    on every module that has it, ``reset_running_stats()`` on every norm that keeps statistics.
-    Raises :class:`PruningError` naming the tensors no module can reset (their module has no
-    ``reset_parameters``): a "from scratch" network must not keep trained values."""
-    kept = []
-    for name, mod in model.named_modules():
-        resets = callable(getattr(mod, "reset_parameters", None))
-        if resets:
-            mod.reset_parameters()
-        if callable(getattr(mod, "reset_running_stats", None)):
-            mod.reset_running_stats()
-        elif not resets:
-            kept += [f"{name}.{t}" if name else t for t, v in (*mod._parameters.items(), *mod._buffers.items())
-                     if v is not None]
-    if kept:
-        raise PruningError(f"ucp from_scratch: cannot re-initialise {', '.join(kept)} (their module has no "
-                           "reset_parameters()); retrain without from_scratch or give those modules one")
-
-
 def default_retrain_config(epochs: int, seed: int) -> TrainConfig:
     """The authors' CIFAR retraining schedule over ``epochs``: SGD, lr 0.1, momentum 0.9,
     weight decay 1e-4, LR x0.1 at 50% and 75% of the epochs."""
@@ -254,7 +235,7 @@ def ucp(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None =
     retrained = None
     if from_scratch:
         torch.manual_seed(seed)
-        reinitialise(small)
+        reinitialise(small, who="ucp from_scratch")
         result = train(small, retrain_loader, retrain_config or default_retrain_config(retrain_epochs, seed),
                        progress=False)
         small.eval()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from datetime import timedelta
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -17,7 +18,9 @@ from torch import nn
 __all__ = [
     "all_gather_objects",
     "all_reduce_sum",
+    "average_gradients",
     "barrier",
+    "broadcast_buffers",
     "get_rank",
     "get_world_size",
     "init_distributed",
@@ -100,6 +103,39 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     t.copy_(buf.to(t.device))
     return t
+
+
+def average_gradients(params: Iterable[torch.Tensor]) -> None:
+    """Replace the gradient of each of ``params`` by its mean over all ranks, in place (no-op
+    when not distributed; parameters without a gradient are skipped, so every rank must have
+    gradients for the same ones). For parameters updated outside DistributedDataParallel's
+    backward pass (a second optimizer stepping on its own loss, as bi-level searches do)."""
+    if not is_distributed():
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            all_reduce_sum(p.grad)
+            p.grad.div_(world)
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Overwrite every buffer of ``module`` (BatchNorm running statistics, gate temperatures)
+    with rank ``src``'s values, in place (no-op when not distributed).
+
+    DistributedDataParallel broadcasts rank 0's buffers at the start of each forward pass, so
+    after the last step each rank holds its own update of them (its shard's batch
+    statistics); this makes the ranks' models identical again. Moved to the backend's device
+    for the broadcast and back, as :func:`all_reduce_sum` does.
+    """
+    if not is_distributed():
+        return
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    with torch.no_grad():
+        for buf in module.buffers():
+            tmp = buf.to(dev)
+            dist.broadcast(tmp, src=src)
+            buf.copy_(tmp.to(buf.device))
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -33,6 +33,7 @@ from prunekit.recover.config import TrainConfig, TrainResult, build_optimizer, b
 from prunekit.recover.distributed import (
     all_gather_objects,
     all_reduce_sum,
+    broadcast_buffers,
     get_rank,
     get_world_size,
     init_distributed,
@@ -266,8 +267,10 @@ def train(
     with a different number of callback states than ``callbacks`` raises ValueError (``hooks``
     and ``loss_fn_extra`` have no state and may differ). On KeyboardInterrupt the last
     completed epoch's checkpoint is already on disk and the interrupt is re-raised. Under
-    torchrun the model is wrapped in DistributedDataParallel, metrics are all-reduced and only
-    rank 0 writes files, logs and progress bars (and saves rank 0's callback states); pass the
+    torchrun the model is wrapped in DistributedDataParallel (every parameter that requires a
+    gradient when training starts, gates included, is averaged across ranks), the buffers
+    (BatchNorm statistics) are broadcast from rank 0 after every epoch so all ranks end each
+    epoch with the same model, metrics are all-reduced and only rank 0 writes files, logs and progress bars (and saves rank 0's callback states); pass the
     same ``run_dir`` on every rank (the RNG states of all ranks are gathered into rank 0's
     checkpoint, a collective call).
     """
@@ -364,6 +367,11 @@ def train(
                 channels_last=channels_last, teacher=teacher, callbacks=every, epoch=epoch, global_step=global_step,
                 steps=steps, show_progress=progress and main,
             )
+            if world > 1:
+                # The last forward passes left each rank its own running statistics (DDP
+                # broadcasts buffers only before a forward): make the epoch's model the same on
+                # every rank, for evaluation, callbacks, the checkpoint and the returned model.
+                broadcast_buffers(model)
             train_seconds += stats["seconds"]
             train_images += stats["train_images"]
             record: dict[str, Any] = {"epoch": epoch + 1, "step": global_step, "lr": lr, **stats}
