@@ -120,23 +120,32 @@ def layer_moments(model: nn.Module, layer: nn.Module, target_model: nn.Module, t
     :func:`output_rows`), over ``batches``: both models are called on every batch, without
     gradients. ``select`` may slice or sample each batch's rows. Returns the :class:`Moments`;
     the hooks are removed afterwards."""
-    cap_in, cap_out = Capture(layer, "in"), Capture(target_layer, "out")
-    mom: Moments | None = None
+    return paired_moments(model, [layer], target_model, [target_layer], batches, [select])[0]
+
+
+def paired_moments(model: nn.Module, layers: list[nn.Module], target_model: nn.Module, target_layers: list[nn.Module],
+                   batches: Iterable[Batch], selects: list[RowSelect | None]) -> list[Moments]:
+    """:func:`layer_moments` of several (layer, target layer, select) triples at once: each model
+    is called once per batch for all of them. Returns one :class:`Moments` per layer."""
+    caps_in = [Capture(layer, "in") for layer in layers]
+    caps_out = [Capture(layer, "out") for layer in target_layers]
+    moms: list[Moments | None] = [None] * len(layers)
     try:
         with torch.no_grad():
             for x, _ in batches:
                 call_on_device(model, x)
                 call_on_device(target_model, x)
-                assert cap_in.value is not None and cap_out.value is not None
-                xr, yr = unfold_rows(layer, cap_in.value), output_rows(target_layer, cap_out.value)
-                if select is not None:
-                    xr, yr = select(xr, yr, cap_in.value)
-                if mom is None:
-                    mom = Moments.empty(xr.shape[1], yr.shape[1])
-                mom.add(xr, yr)
+                for i, (layer, target, cin, cout) in enumerate(zip(layers, target_layers, caps_in, caps_out)):
+                    assert cin.value is not None and cout.value is not None
+                    xr, yr = unfold_rows(layer, cin.value), output_rows(target, cout.value)
+                    if selects[i] is not None:
+                        xr, yr = selects[i](xr, yr, cin.value)  # type: ignore[misc]
+                    if moms[i] is None:
+                        moms[i] = Moments.empty(xr.shape[1], yr.shape[1])
+                    moms[i].add(xr, yr)  # type: ignore[union-attr]
     finally:
-        cap_in.close()
-        cap_out.close()
-    if mom is None:
+        for cap in caps_in + caps_out:
+            cap.close()
+    if any(m is None for m in moms):
         raise ValueError("layer_moments needs at least one batch")
-    return mom
+    return moms  # type: ignore[return-value]

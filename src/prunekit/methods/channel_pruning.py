@@ -102,11 +102,9 @@ def _layer_by_layer(model: nn.Module, example_inputs: Any, cfg: PruneConfig, all
         if group is None or group.n_prunable < counts[name]:
             raise PruningError(f"channel_pruning: group {name} is not prunable the same way after the earlier groups")
         consumers = consumer_layers(current, group)
-        problems = []
-        for lname, mod, chan in consumers:
-            mom = pair_moments(current, model, total, calib, lname, positions, seed)
-            bias = mod.bias.detach().cpu() if mod.bias is not None else None
-            problems.append((mod.weight.detach().cpu().flatten(1), bias, mom, chan))
+        moments = pair_moments(current, model, total, calib, [n for n, _, _ in consumers], positions, seed)
+        problems = [(mod.weight.detach().cpu().flatten(1), mod.bias.detach().cpu() if mod.bias is not None else None,
+                     mom, chan) for (_, mod, chan), mom in zip(consumers, moments)]
         # A group no layer reads linearly (none to reconstruct) falls back as the lasso criterion does.
         scores = lasso_scores_towards(problems, group.size) if problems else np.asarray(l2(current, group), float)
         scores = np.where(group.prunable, scores, np.inf)

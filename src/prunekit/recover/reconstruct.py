@@ -33,7 +33,7 @@ from prunekit.features import (
     Moments,
     call_on_device,
     call_with_hooks,
-    layer_moments,
+    paired_moments,
     reconstructable,
     unfold_rows,
 )
@@ -142,28 +142,32 @@ def _write(layer: nn.Module, bn: nn.Module | None, w: Tensor, b: Tensor) -> None
             bn.running_mean.sub_(b.to(bn.running_mean))
 
 
-def pair_moments(pruned: nn.Module, original: nn.Module, plan: PruningPlan, batches: list[Batch], name: str,
-                 positions: int | None = 16, seed: int = 0) -> Moments:
-    """Least-squares sums of layer ``name``'s input in ``pruned`` against the same layer's
-    output in ``original``, restricted to the output channels ``plan`` keeps, over ``positions``
-    random output positions per sample (None: all) of every batch. Returns the :class:`Moments`."""
-    player, olayer = pruned.get_submodule(name), original.get_submodule(name)
-    keep_out = _kept(plan, name, 0)
-    gen = torch.Generator().manual_seed(seed)
+def pair_moments(pruned: nn.Module, original: nn.Module, plan: PruningPlan, batches: list[Batch], names: list[str],
+                 positions: int | None = 16, seed: int = 0) -> list[Moments]:
+    """Least-squares sums of each layer in ``names``: its input in ``pruned`` against the same
+    layer's output in ``original``, restricted to the output channels ``plan`` keeps, over
+    ``positions`` random output positions per sample (None: all) of every batch (each model
+    is called once per batch for all the layers). Returns one :class:`Moments` per name."""
 
-    def select(xr: Tensor, yr: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        if keep_out is not None:
-            yr = yr[:, keep_out]
-        pick = _sample(len(xr), positions, gen, len(xr) // inputs.shape[0])
-        return (xr[pick], yr[pick]) if pick is not None else (xr, yr)
+    def selector(name: str) -> Any:
+        keep_out = _kept(plan, name, 0)
+        gen = torch.Generator().manual_seed(seed)
 
-    return layer_moments(pruned, player, original, olayer, batches, select)
+        def select(xr: Tensor, yr: Tensor, inputs: Tensor) -> tuple[Tensor, Tensor]:
+            if keep_out is not None:
+                yr = yr[:, keep_out]
+            pick = _sample(len(xr), positions, gen, len(xr) // inputs.shape[0])
+            return (xr[pick], yr[pick]) if pick is not None else (xr, yr)
+        return select
+
+    return paired_moments(pruned, [pruned.get_submodule(n) for n in names], original,
+                          [original.get_submodule(n) for n in names], batches, [selector(n) for n in names])
 
 
 def _reconstruct_layer(pruned: nn.Module, original: nn.Module, plan: PruningPlan, batches: list[Batch],
                        name: str, bn: nn.Module | None, positions: int | None, seed: int) -> None:
     player = pruned.get_submodule(name)
-    mom = pair_moments(pruned, original, plan, batches, name, positions, seed)
+    (mom,) = pair_moments(pruned, original, plan, batches, [name], positions, seed)
     assert mom.xy is not None
     w, b = solve_least_squares(mom.xx, mom.xy, intercept=player.bias is not None or bn is not None)
     _write(player, bn, w, b)
