@@ -27,6 +27,8 @@ SAMPLES = {  # a factory without a sample fails below: add one when registering 
                       "norm": {"factory": "batch_norm", "args": {"dims": 2, "num_features": 6, "eps": 1e-5,
                                                                  "momentum": 0.1, "affine": True,
                                                                  "track_running_stats": True}}},
+    "partitioned_linear": {"in_features": 8, "in_ranges": [[0, 4], [4, 4]], "out_sizes": [3, 2], "bias": True,
+                           "parallel": True, "threads": 2},
 }
 
 
