@@ -129,17 +129,6 @@ def latency(model: nn.Module, data: mb.Data, args: argparse.Namespace, prefix: s
     return out
 
 
-def lr_from(path: Path, ds: str) -> float | None:
-    """The fine-tune LR ``methods.py`` tuned for ``ds`` (best validation top-1 of its complete
-    grid in the results JSON at ``path``), or None when that grid is missing or incomplete."""
-    if not path.exists():
-        return None
-    tuning = json.loads(path.read_text()).get("tuning", {}).get(ds, {})
-    if not all(str(lr) in tuning for lr in mb.LR_GRID):
-        return None
-    return float(max(tuning, key=lambda k: tuning[k]["val_top1"]))
-
-
 def _kept(run: dict[str, Any], b: int) -> float:
     """A run's latency at batch ``b`` over the baseline's timed beside it."""
     return run[f"latency_b{b}_ms"] / run[f"base_latency_b{b}_ms"]
@@ -232,13 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     fixed, args.ft_lr = args.ft_lr, {}
     for ds, (base, data) in loaded.items():
         results["baselines"][ds].update(latency(base, data, args))
-        reused = lr_from(Path(args.lr_from), ds)
-        if fixed is not None:
-            args.ft_lr[ds], source = fixed, "--ft-lr"
-        elif reused is not None:
-            args.ft_lr[ds], source = reused, f"tuned by methods.py, {Path(args.lr_from).name}"
-        else:
-            args.ft_lr[ds], source = mb.tune_lr(ds, base, data, args, results), "tuned here on validation"
+        args.ft_lr[ds], source = mb.choose_lr(ds, base, data, args, results, fixed)
         results["config"]["ft_lr"][ds] = args.ft_lr[ds]
         results["config"]["lr_source"][ds] = source
     write_json(results_path, results)
