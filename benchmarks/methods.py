@@ -488,14 +488,40 @@ def choose_lr(ds: str, base: nn.Module, data: Data, args: argparse.Namespace, re
               fixed: float | None) -> tuple[float, str]:
     """The fine-tune LR for ``ds`` of a benchmark that shares this protocol (``rank_depth.py``,
     ``many_budgets.py``), and where it comes from: ``fixed`` (``--ft-lr``), else the LR this
-    script tuned (results JSON ``args.lr_from``, its complete grid), else tuned on validation
-    by :func:`tune_lr` into ``results``. Returns (LR, source)."""
+    script tuned (results JSON ``args.lr_from``, its complete grid; an empty ``lr_from`` skips
+    it), else tuned on validation by :func:`tune_lr` into ``results``. Returns (LR, source)."""
     if fixed is not None:
         return fixed, "--ft-lr"
-    reused = lr_from(Path(args.lr_from), ds)
+    reused = lr_from(Path(args.lr_from), ds) if args.lr_from else None  # --lr-from '': tune here
     if reused is not None:
         return reused, f"tuned by methods.py, {Path(args.lr_from).name}"
     return tune_lr(ds, base, data, args, results), "tuned here on validation"
+
+
+def begin(args: argparse.Namespace, table: dict[str, Any], config: dict[str, Any]
+          ) -> tuple[Path, dict[str, Any], list[str], list[str], list[int]]:
+    """The start of a benchmark sharing this protocol (``rank_depth.py``, ``many_budgets.py``):
+    logging on, its results JSON (``args.results``), the data sets, rows of ``table`` and
+    seeds asked for, the machine and ``results['config']`` = ``config`` plus the fine-tune LRs
+    and their sources kept from the file. Returns (results path, results, data sets, rows, seeds)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    results_path = Path(args.results)
+    results = load_results(results_path)
+    datasets, rows, seeds = selection(args, table)
+    old = results.get("config", {})
+    results["machine"] = machine_info()
+    results["config"] = {**config, "ft_lr": old.get("ft_lr", {}), "lr_source": old.get("lr_source", {})}
+    return results_path, results, datasets, rows, seeds
+
+
+def set_lrs(args: argparse.Namespace, loaded: dict[str, tuple[nn.Module, Data]], results: dict[str, Any]) -> None:
+    """``args.ft_lr`` (``--ft-lr`` before) as a per-data-set dict from :func:`choose_lr`,
+    recorded with its source in ``results['config']``."""
+    fixed, args.ft_lr = args.ft_lr, {}
+    for ds, (base, data) in loaded.items():
+        args.ft_lr[ds], source = choose_lr(ds, base, data, args, results, fixed)
+        results["config"]["ft_lr"][ds] = args.ft_lr[ds]
+        results["config"]["lr_source"][ds] = source
 
 
 # --------------------------------------------------------------------------- report
