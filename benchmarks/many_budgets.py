@@ -483,7 +483,8 @@ def report(results: dict[str, Any], path: Path) -> None:
                                f"{TARGET_RATIO:g}x: {'met' if ok_ratio else 'not met'}); worst budget gap "
                                f"{100 * min(w):+.2f} pt (target ≥ −{100 * TARGET_GAP:.1f}: "
                                f"{'met' if ok_gap else 'not met'}){'' if complete else ' (not every budget has results)'}"
-                               f"; target {'MET' if ok_gap and ok_ratio and complete else 'not met'}.")
+                               f"; target {'MET' if ok_gap and ok_ratio and complete else 'not met'} "
+                               f"(over {summary[method]['seeds']} seed(s)).")
         if verdict:
             lines += ["### The issue's target", ""] + verdict + [""]
         searches = {k: v for k, v in results.get("searches", {}).items() if k.startswith(f"{ds}/")}
