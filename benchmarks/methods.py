@@ -379,8 +379,9 @@ def finetune_config(ctx: Ctx, steps: int | None = None) -> TrainConfig:
     if steps is not None and steps != ctx.ft_steps:
         epochs = max(epochs, math.ceil(steps / (ctx.ft_steps / epochs)))
         per_epoch = math.ceil(steps / epochs)
-    if ctx.args.max_steps:
-        per_epoch = min(per_epoch or ctx.args.max_steps, ctx.args.max_steps)
+    for cap in (ctx.args.ft_steps_per_epoch.get(ctx.data.name), ctx.args.max_steps):
+        if cap:
+            per_epoch = min(per_epoch or cap, cap)
     return TrainConfig(epochs=epochs, lr=ctx.args.ft_lr[ctx.data.name], momentum=0.9, weight_decay=5e-4,
                        schedule="cosine", batch_size=BATCH, seed=ctx.seed, max_steps_per_epoch=per_epoch,
                        tensorboard=False)
@@ -403,7 +404,9 @@ def extra_steps(results: dict[str, Any], ds: str, ft_steps: int, ft_s: float) ->
 def steps_of(ds: str, data: Data, args: argparse.Namespace) -> int:
     """Optimizer steps of the shared fine-tune on ``ds``."""
     per_epoch = math.ceil(len(data.train) / BATCH)
-    return args.ft_epochs[ds] * (min(per_epoch, args.max_steps) if args.max_steps else per_epoch)
+    for cap in (args.ft_steps_per_epoch.get(ds), args.max_steps):
+        per_epoch = min(per_epoch, cap) if cap else per_epoch
+    return args.ft_epochs[ds] * per_epoch
 
 
 Row = Callable[[Ctx], tuple[nn.Module, dict[str, Any]]]
@@ -468,6 +471,57 @@ def tune_lr(ds: str, base: nn.Module, data: Data, args: argparse.Namespace, resu
         log.info("%s: lr %g -> val top-1 %.4f", ds, lr, tuning[str(lr)]["val_top1"])
         write_json(Path(args.results), results)
     return float(max(tuning, key=lambda k: tuning[k]["val_top1"]))
+
+
+def lr_from(path: Path, ds: str) -> float | None:
+    """The fine-tune LR this script (``methods.py``) tuned for ``ds`` (best validation top-1 of
+    its complete grid in the results JSON at ``path``), or None when that grid is missing or incomplete."""
+    if not path.exists():
+        return None
+    tuning = json.loads(path.read_text()).get("tuning", {}).get(ds, {})
+    if not all(str(lr) in tuning for lr in LR_GRID):
+        return None
+    return float(max(tuning, key=lambda k: tuning[k]["val_top1"]))
+
+
+def choose_lr(ds: str, base: nn.Module, data: Data, args: argparse.Namespace, results: dict[str, Any],
+              fixed: float | None) -> tuple[float, str]:
+    """The fine-tune LR for ``ds`` of a benchmark that shares this protocol (``rank_depth.py``,
+    ``many_budgets.py``), and where it comes from: ``fixed`` (``--ft-lr``), else the LR this
+    script tuned (results JSON ``args.lr_from``, its complete grid; an empty ``lr_from`` skips
+    it), else tuned on validation by :func:`tune_lr` into ``results``. Returns (LR, source)."""
+    if fixed is not None:
+        return fixed, "--ft-lr"
+    reused = lr_from(Path(args.lr_from), ds) if args.lr_from else None  # --lr-from '': tune here
+    if reused is not None:
+        return reused, f"tuned by methods.py, {Path(args.lr_from).name}"
+    return tune_lr(ds, base, data, args, results), "tuned here on validation"
+
+
+def begin(args: argparse.Namespace, table: dict[str, Any], config: dict[str, Any]
+          ) -> tuple[Path, dict[str, Any], list[str], list[str], list[int]]:
+    """The start of a benchmark sharing this protocol (``rank_depth.py``, ``many_budgets.py``):
+    logging on, its results JSON (``args.results``), the data sets, rows of ``table`` and
+    seeds asked for, the machine and ``results['config']`` = ``config`` plus the fine-tune LRs
+    and their sources kept from the file. Returns (results path, results, data sets, rows, seeds)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    results_path = Path(args.results)
+    results = load_results(results_path)
+    datasets, rows, seeds = selection(args, table)
+    old = results.get("config", {})
+    results["machine"] = machine_info()
+    results["config"] = {**config, "ft_lr": old.get("ft_lr", {}), "lr_source": old.get("lr_source", {})}
+    return results_path, results, datasets, rows, seeds
+
+
+def set_lrs(args: argparse.Namespace, loaded: dict[str, tuple[nn.Module, Data]], results: dict[str, Any]) -> None:
+    """``args.ft_lr`` (``--ft-lr`` before) as a per-data-set dict from :func:`choose_lr`,
+    recorded with its source in ``results['config']``."""
+    fixed, args.ft_lr = args.ft_lr, {}
+    for ds, (base, data) in loaded.items():
+        args.ft_lr[ds], source = choose_lr(ds, base, data, args, results, fixed)
+        results["config"]["ft_lr"][ds] = args.ft_lr[ds]
+        results["config"]["lr_source"][ds] = source
 
 
 # --------------------------------------------------------------------------- report
@@ -550,6 +604,8 @@ def common_parser(description: str, rows: list[str], target_flops: float, result
                    help=f"fraction of FLOPs kept (default {target_flops})")
     p.add_argument("--calib-batches", type=int, default=8, help="calibration batches of 64 training images")
     p.add_argument("--ft-epochs", default=None, help="fine-tune epochs per data set, e.g. fashion-mnist=1,cifar10-partial=10")
+    p.add_argument("--ft-steps-per-epoch", default=None,
+                   help="cap on the fine-tune's steps per epoch per data set, e.g. fashion-mnist=80 (default: none)")
     p.add_argument("--ft-lr", type=float, default=None, help="fine-tune LR for every data set (default: tuned on validation)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=None, help="cap every training phase's steps (smoke tests only)")
@@ -572,13 +628,20 @@ def selection(args: argparse.Namespace, table: dict[str, Any]) -> tuple[list[str
     return datasets, rows, [int(s) for s in args.seeds.split(",") if s]
 
 
-def finish_args(args: argparse.Namespace, ft_epochs: dict[str, int] = FT_EPOCHS) -> argparse.Namespace:
-    """``args`` with ``ft_epochs`` parsed into a per-data-set dict over ``ft_epochs``."""
-    epochs = dict(ft_epochs)
-    for item in filter(None, (args.ft_epochs or "").split(",")):
+def per_dataset(text: str | None, defaults: dict[str, int] | None = None) -> dict[str, int]:
+    """``"fashion-mnist=1,cifar10-partial=10"`` as a dict of ints over ``defaults``."""
+    out = dict(defaults or {})
+    for item in filter(None, (text or "").split(",")):
         k, _, v = item.partition("=")
-        epochs[k] = int(v)
-    args.ft_epochs = epochs
+        out[k] = int(v)
+    return out
+
+
+def finish_args(args: argparse.Namespace, ft_epochs: dict[str, int] = FT_EPOCHS) -> argparse.Namespace:
+    """``args`` with ``ft_epochs`` parsed into a per-data-set dict over ``ft_epochs`` and
+    ``ft_steps_per_epoch`` into a per-data-set dict (no cap where absent)."""
+    args.ft_epochs = per_dataset(args.ft_epochs, ft_epochs)
+    args.ft_steps_per_epoch = per_dataset(args.ft_steps_per_epoch)
     return args
 
 

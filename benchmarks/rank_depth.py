@@ -59,7 +59,7 @@ from prunekit.measure import measure_latency  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import methods as mb  # noqa: E402  (benchmarks/methods.py: data, context, fine-tune, grid, intervals)
-from common import RESULTS_DIR, machine_info, machine_line, md_table, write_json  # noqa: E402
+from common import RESULTS_DIR, machine_line, md_table, write_json  # noqa: E402
 
 log = logging.getLogger("rank_depth")
 TARGET = 0.45
@@ -127,17 +127,6 @@ def latency(model: nn.Module, data: mb.Data, args: argparse.Namespace, prefix: s
         out[f"{prefix}latency_b{b}_ms"] = measure_latency(model, x, threads=args.threads,
                                                            min_run_time=args.latency_time).median_ms
     return out
-
-
-def lr_from(path: Path, ds: str) -> float | None:
-    """The fine-tune LR ``methods.py`` tuned for ``ds`` (best validation top-1 of its complete
-    grid in the results JSON at ``path``), or None when that grid is missing or incomplete."""
-    if not path.exists():
-        return None
-    tuning = json.loads(path.read_text()).get("tuning", {}).get(ds, {})
-    if not all(str(lr) in tuning for lr in mb.LR_GRID):
-        return None
-    return float(max(tuning, key=lambda k: tuning[k]["val_top1"]))
 
 
 def _kept(run: dict[str, Any], b: int) -> float:
@@ -214,33 +203,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    results_path = Path(args.results)
-    results = mb.load_results(results_path)
-    datasets, rows, seeds = mb.selection(args, ROWS)
-    old = results.get("config", {})
-    results["machine"] = machine_info()
-    results["config"] = {"target_flops": args.target_flops, "calib_batches": args.calib_batches,
-                         "ft_epochs": args.ft_epochs, "threads": args.threads, "latency_time": args.latency_time,
-                         "max_steps": args.max_steps, "ft_lr": old.get("ft_lr", {}), "lr_source": old.get("lr_source", {})}
+    results_path, results, datasets, rows, seeds = mb.begin(args, ROWS, {
+        "target_flops": args.target_flops, "calib_batches": args.calib_batches, "ft_epochs": args.ft_epochs,
+        "threads": args.threads, "latency_time": args.latency_time, "max_steps": args.max_steps})
     md = results_path.with_suffix(".md")
     if args.report_only:
         report(results, md)
         return 0
     torch.set_num_threads(args.threads)
     loaded = mb.load_all(args, datasets, results)
-    fixed, args.ft_lr = args.ft_lr, {}
     for ds, (base, data) in loaded.items():
         results["baselines"][ds].update(latency(base, data, args))
-        reused = lr_from(Path(args.lr_from), ds)
-        if fixed is not None:
-            args.ft_lr[ds], source = fixed, "--ft-lr"
-        elif reused is not None:
-            args.ft_lr[ds], source = reused, f"tuned by methods.py, {Path(args.lr_from).name}"
-        else:
-            args.ft_lr[ds], source = mb.tune_lr(ds, base, data, args, results), "tuned here on validation"
-        results["config"]["ft_lr"][ds] = args.ft_lr[ds]
-        results["config"]["lr_source"][ds] = source
+    mb.set_lrs(args, loaded, results)
     write_json(results_path, results)
 
     def measure(model: nn.Module, data: mb.Data) -> dict[str, Any]:
