@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from prunekit._perf import named_tensors
 from prunekit.graph import DependencyGraph, OpRecord
+from prunekit.graph.dependency import ChannelGroup
 from prunekit.plan import AttrFix, PruningPlan, Slice
 from prunekit.surgery.validate import Mismatch, Shapes
 
@@ -33,13 +34,13 @@ def channel_plan(model: nn.Module, graph: DependencyGraph, removed: list[np.ndar
     return PruningPlan((base, *fixes), dict(meta or {})), expected
 
 
-def removed_channels(graph: DependencyGraph, plan: PruningPlan) -> list[np.ndarray]:
-    """The inverse of :func:`channel_plan`: the local channels of each group of ``graph`` that
-    ``plan`` (a channel plan of the traced model) removes, read off the kept indices of the
-    group's members (a channel is removed where a member's slice drops its index)."""
+def removed_channels(groups: list[ChannelGroup], plan: PruningPlan) -> list[np.ndarray]:
+    """The inverse of :func:`channel_plan`: the local channels of each of ``groups`` (a traced
+    graph's) that ``plan`` (a channel plan of that model) removes, read off the kept indices of
+    the groups' members (a channel is removed where a member's slice drops its index)."""
     keep = plan.keep
     out = []
-    for g in graph.groups:
+    for g in groups:
         gone = np.zeros(g.size, dtype=bool)
         for m in g.members:
             kept = keep.get(m.tensor, {}).get(m.dim)

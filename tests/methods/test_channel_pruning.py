@@ -100,7 +100,7 @@ def test_removed_channels_inverts_channel_plan() -> None:
     removed = [np.sort(rng.choice(np.flatnonzero(g.prunable), size=g.n_prunable // 2, replace=False))
                if g.n_prunable > 1 else np.zeros(0, dtype=np.int64) for g in graph.groups]
     plan, _ = channel_plan(model, graph, removed)
-    back = removed_channels(graph, plan)
+    back = removed_channels(graph.groups, plan)
     assert [r.tolist() for r in back] == [r.tolist() for r in removed]
 
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from prunekit._perf import named_tensors
 from prunekit.graph.opcost import CONV_OPS, op_cost
+from prunekit.planning import removed_channels
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,6 @@ class CostModel:
                 log.warning("cost model: formulas count %.4g FLOPs, the model %.4g", self.base_flops, measured)
             self._flops.const += measured - self.base_flops
             self.base_flops = measured
-        self._members = list(graph.members)
         self._params = self._build_params(graph, model)
         self.base_params = float(self._params(torch.ones(self.n)))
         self.latency_table = latency_table
@@ -166,19 +166,7 @@ class CostModel:
     def mask_of_plan(self, plan: Any) -> Tensor:
         """The binary mask of a channel plan made on this graph (e.g. by :func:`prunekit.prune`,
         repairs included): a channel is removed when a sliced tensor dim drops its positions."""
-        m = torch.ones(self.n, dtype=torch.float64)
-        keep = plan.keep
-        for mem in self._members:
-            kept = keep.get(mem.tensor, {}).get(mem.dim)
-            if kept is None:
-                continue
-            gone = np.ones(len(mem.atoms), dtype=bool)
-            gone[np.asarray(kept, dtype=np.int64)] = False
-            chans = self._chan[mem.atoms[gone]]
-            chans = chans[chans >= 0]
-            if len(chans):
-                m[torch.from_numpy(chans)] = 0.0
-        return m
+        return self.mask_of(removed_channels(self.groups, plan))
 
     def flops(self, mask: Tensor) -> Tensor:
         """FLOPs (as ``count_flops`` counts them) with the channels of ``mask`` kept."""

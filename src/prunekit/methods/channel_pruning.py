@@ -93,7 +93,7 @@ def _layer_by_layer(model: nn.Module, example_inputs: Any, cfg: PruneConfig, all
     order. Returns the pruned model, the composed plan, the reconstructed layers and the order
     of the groups."""
     graph0 = pk.trace(model, example_inputs, ignore=cfg.ignore)
-    counts = {g.name: len(r) for g, r in zip(graph0.groups, removed_channels(graph0, allocation)) if len(r)}
+    counts = {g.name: len(r) for g, r in zip(graph0.groups, removed_channels(graph0.groups, allocation)) if len(r)}
     order = [name for name in _execution_order(model, graph0, calib[0]) if name in counts]
     current, total, layers = copy.deepcopy(model), PruningPlan(), []
     for name in order:
