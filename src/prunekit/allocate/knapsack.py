@@ -63,17 +63,9 @@ def knapsack_removal(groups: list[ChannelGroup], scores: list[np.ndarray], cost:
         cap = min(g.n_prunable, g.size - min_channels, int(math.floor(max_group_ratio * g.size)))
         caps.append(max(cap, 0))
     counts = [0] * len(groups)
-    offsets = np.concatenate([[0], np.cumsum([g.size for g in groups])]).astype(np.int64)
-
-    def mask_now() -> torch.Tensor:
-        m = torch.ones(int(offsets[-1]), dtype=torch.float64)
-        for gi, n in enumerate(counts):
-            if n:
-                m[torch.from_numpy(offsets[gi] + orders[gi][:n])] = 0.0
-        return m
-
+    offsets = cost.offsets  # type: ignore[attr-defined]  # the cost model's groups are these, in this order
     while True:
-        mask = mask_now().requires_grad_(True)
+        mask = cost.mask_of([o[:n] for o, n in zip(orders, counts)]).requires_grad_(True)  # type: ignore[attr-defined]
         value = cost.measure(kind, mask)  # type: ignore[attr-defined]
         if float(value.detach()) <= goal * (1 + 1e-12):
             break
