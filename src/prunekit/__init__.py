@@ -17,6 +17,7 @@ _EXPORTS = {
     "prune": "prunekit.api",
     "plan_for": "prunekit.api",
     "PruneConfig": "prunekit.config",
+    "ModeInputs": "prunekit.runtime",
     "apply_plan": "prunekit.surgery",
     "save": "prunekit.persist",
     "load": "prunekit.persist",

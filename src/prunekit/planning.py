@@ -118,7 +118,7 @@ def _new_shape(shape: tuple[int, ...], lab: Tensor, gone: np.ndarray, cache: dic
     if counts is None:
         a = lab.numpy()
         counts = [None] * a.ndim
-        for d in range(a.ndim):
+        for d in range(a.ndim if a.size else 0):  # an empty label tells no channel apart: sizes stay
             if a.shape[d] > 1:
                 # A position survives if any element of its slice is untracked or kept.
                 moved = np.moveaxis(a, d, 0).reshape(a.shape[d], -1)

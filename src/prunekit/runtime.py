@@ -15,6 +15,7 @@ tuple *as a single argument*, wrap it: ``(my_list,)``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import shutil
@@ -32,6 +33,32 @@ if TYPE_CHECKING:
     from prunekit.graph.meta import MetaStandIns
 
 
+@dataclasses.dataclass(frozen=True)
+class ModeInputs:
+    """Example inputs that differ between eval and training mode: ``train`` is what the
+    model takes in training mode (a torchvision detector's ``(images, targets)``), ``eval``
+    what it takes otherwise (``(images,)``). Wherever prunekit runs a model in training
+    mode (tracing, validation) it passes ``train``; everywhere else (FLOPs, latency,
+    criteria, export) ``eval``.
+
+    >>> import torch
+    >>> x = ModeInputs(eval=(torch.zeros(1),), train=(torch.zeros(1), {"y": 1}))
+    >>> len(inputs_for(x, "train")), len(inputs_for(x, "eval")), inputs_for(torch.zeros(2), "train").shape
+    (2, 1, torch.Size([2]))
+    """
+
+    eval: Any
+    train: Any
+
+
+def inputs_for(example_inputs: Any, mode: str) -> Any:
+    """The example inputs to run a model with in ``mode`` ('eval' or 'train'): the matching
+    field of a :class:`ModeInputs`, any other inputs as they are."""
+    if isinstance(example_inputs, ModeInputs):
+        return example_inputs.train if mode == "train" else example_inputs.eval
+    return example_inputs
+
+
 def call_model(model: nn.Module | Any, example_inputs: Any) -> Any:
     """Call ``model`` with ``example_inputs`` in any of the supported forms.
 
@@ -42,6 +69,8 @@ def call_model(model: nn.Module | Any, example_inputs: Any) -> Any:
     Returns:
         Whatever ``model(...)`` returns.
     """
+    if isinstance(example_inputs, ModeInputs):
+        example_inputs = example_inputs.eval
     if isinstance(example_inputs, (tuple, list)):
         return model(*example_inputs)
     if isinstance(example_inputs, dict):
@@ -59,6 +88,11 @@ def call(model: nn.Module, example_inputs: Any, swapped: MetaStandIns | None = N
     if swapped is None:
         return call_model(model, example_inputs)
     old = [(store, key, store[key]) for store, key, _ in swapped.slots]
+    # A forward may cache tensors in plain attributes (torchvision's anchor generator keeps
+    # ``cell_anchors`` moved to the input's device): on the meta device those caches would
+    # outlive the call and break every later real forward, so each module's attributes are
+    # put back as they were.
+    attrs = [(m.__dict__, dict(m.__dict__)) for m in unique_modules(model)]
     try:
         for store, key, stand in swapped.slots:
             store[key] = stand
@@ -66,6 +100,10 @@ def call(model: nn.Module, example_inputs: Any, swapped: MetaStandIns | None = N
     finally:
         for store, key, orig in old:
             store[key] = orig
+        for d, saved in attrs:
+            if d.keys() != saved.keys() or any(d[k] is not v for k, v in saved.items()):
+                d.clear()
+                d.update(saved)
 
 
 def model_device(model: nn.Module) -> torch.device | None:
@@ -90,6 +128,8 @@ def to_device(obj: Any, device: torch.device) -> Any:
     """Recursively move tensors in ``obj`` (tensor/tuple/list/dict) to ``device``."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
+    if isinstance(obj, ModeInputs):
+        return ModeInputs(to_device(obj.eval, device), to_device(obj.train, device))
     if isinstance(obj, tuple):
         return tuple(to_device(o, device) for o in obj)
     if isinstance(obj, list):
@@ -103,6 +143,8 @@ def first_tensor(obj: Any) -> torch.Tensor | None:
     """Return the first tensor found depth-first in ``obj``, or ``None``."""
     if isinstance(obj, torch.Tensor):
         return obj
+    if isinstance(obj, ModeInputs):
+        return first_tensor(obj.eval)
     if isinstance(obj, (tuple, list)):
         items: Any = obj
     elif isinstance(obj, dict):

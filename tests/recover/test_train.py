@@ -278,3 +278,41 @@ def test_config_validation() -> None:
     res = train(_mlp(), make_loader(_blobs(30), batch_size=10, shuffle=True, seed=0),
                 TrainConfig(epochs=1, optimizer="adamw", lr=1e-2, weight_decay=0.01), progress=False)
     assert res.epochs_completed == 1
+
+
+class _OwnLoss(nn.Module):
+    """Computes its own loss in training mode, torchvision-detector style: called as
+    ``model(images, targets)`` with lists, returns a dict of losses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None):  # type: ignore[no-untyped-def]
+        out = self.fc(torch.stack(images))
+        if not self.training:
+            return out
+        y = torch.stack([t["y"] for t in targets])
+        return {"a": ((out - y) ** 2).mean(), "b": 0.5 * out.abs().mean()}
+
+
+def test_model_loss_trains_on_the_sum_of_the_models_losses() -> None:
+    torch.manual_seed(0)
+    model = _OwnLoss()
+    images = [torch.randn(3) for _ in range(4)]
+    targets = [{"y": torch.randn(2)} for _ in range(4)]
+    batches = [(images, targets)]
+    # Oracle: one plain SGD step on the summed losses, by hand.
+    ref = copy.deepcopy(model)
+    losses = ref(images, targets)
+    (losses["a"] + losses["b"]).backward()
+    with torch.no_grad():
+        expected = {n: p - 0.1 * p.grad for n, p in ref.named_parameters()}
+    cfg = TrainConfig(epochs=1, lr=0.1, momentum=0.0, weight_decay=0.0, schedule="constant", model_loss=True,
+                      tensorboard=False)
+    result = train(model, batches, cfg, progress=False)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n])
+    assert result.final["train_loss"] == pytest.approx(float(losses["a"] + losses["b"]), rel=1e-6)
+    with pytest.raises(ValueError, match="model_loss"):
+        train(model, batches, cfg, val_loader=batches, progress=False)

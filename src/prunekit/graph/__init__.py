@@ -18,6 +18,7 @@ from prunekit.graph.meta import MetaStandIns, meta_tensors
 from prunekit.graph.residual import ResidualBlock, find_blocks
 from prunekit.graph.shapes import record_shapes
 from prunekit.graph.tracer import Member, OpRecord, TraceState, Tracer, under
+from prunekit.runtime import ModeInputs
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,17 @@ def trace(model: nn.Module, example_inputs: Any, *, ignore: Iterable[nn.Module |
                 continue  # training mode runs the very same ops: nothing more to learn
             tracer = Tracer(model, state)
             tracer.ignored_prefixes = ignored
-            tracer.run(example_inputs, mode, meta=meta, swapped=swapped)
+            try:
+                tracer.run(example_inputs, mode, meta=meta, swapped=swapped)
+            except Exception as exc:
+                if meta or mode != "train" or "eval" not in state.ops or isinstance(example_inputs, ModeInputs):
+                    raise
+                # Eval mode ran: the inputs are fine for it, training mode wants others.
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise PruningError(
+                    f"example_inputs: the model runs in eval mode but fails in training mode ({type(exc).__name__}: "
+                    f"{first}); give training-mode inputs with prunekit.ModeInputs(eval=..., train=...) "
+                    "(a detector wants (images, targets)), or trace eval mode only (modes=('eval',))") from exc
         state.meta = meta
         return state
 

@@ -73,6 +73,8 @@ def elementwise(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs:
     """Broadcasting element-wise op: aligned channels of all operands are coupled."""
     out = outs[0]
     nd = out.ndim
+    if name == "where" and len(args) + len(kwargs) == 1:
+        return [zeros_like_shape(tuple(o.shape)) for o in outs]  # where(cond): the indices of true elements
     if len(ins) == 1 and len(outs) == 1 and ins[0].ndim == nd:
         return [tr.lab(ins[0])]  # unary: the output carries the input's channels
     if len(ins) == 2 and len(outs) == 1 and ins[0].ndim == nd == ins[1].ndim:
@@ -239,6 +241,18 @@ def spatial(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dic
         return [zeros_like_shape(tuple(o.shape)) for o in outs]
     return [lab.reshape(lab.shape[:2] + (1,) * (o.ndim - 2)) if o.ndim >= 2 else zeros_like_shape(tuple(o.shape))
             for o in outs]
+
+
+@register_rule("torchvision::roi_align", "torchvision::roi_pool")
+def roi_pool(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+             ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """RoI pooling (``roi_align(features, rois, ...)``): each box's output channel c pools
+    feature channel c, so channels pass through; the rois are coordinates, whose size is
+    fixed (any channels that reached them are blocked)."""
+    rois = _arg(args, kwargs, 1, "rois")
+    if isinstance(rois, Tensor):
+        tr.block(tr.lab(rois), f"op '{name}' in module '{tr.current}' reads them as box coordinates")
+    return spatial(tr, name, func, args, kwargs, ins, outs)
 
 
 _REDUCE = """mean sum nansum amax amin max min std var norm logsumexp prod all any argmax argmin median nanmean

@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 
 from prunekit.graph.meta import MetaStandIns, meta_shortcut, meta_tensors, to_meta
 from prunekit.graph.tracer import call_outputs, op_name
-from prunekit.runtime import call, model_mode
+from prunekit.runtime import call, inputs_for, model_mode
 
 
 class ShapeRecorder(TorchFunctionMode):
@@ -42,6 +42,7 @@ def record_shapes(model: nn.Module, example_inputs: Any, mode: str, *, meta: boo
     error: str | None = None
     try:
         swapped = (swapped if swapped is not None else meta_tensors(model)) if meta else None
+        example_inputs = inputs_for(example_inputs, mode)
         inputs = to_meta(example_inputs) if meta else example_inputs
         with model_mode(model, mode), torch.no_grad(), rec:
             call(model, inputs, swapped)

@@ -24,7 +24,7 @@ from prunekit._perf import named_tensors, walk
 from prunekit.graph.labels import compact, zeros_like_shape
 from prunekit.graph.meta import MetaStandIns, meta_shortcut, meta_tensors, to_meta
 from prunekit.graph.unionfind import UnionFind
-from prunekit.runtime import call, model_mode
+from prunekit.runtime import call, inputs_for, model_mode
 
 
 @dataclass
@@ -74,6 +74,30 @@ class OpRecord:
     in_values: list[int] = field(default_factory=list)
     out_values: list[int] = field(default_factory=list)
     in_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    data_dependent: bool = False  # its output shapes depend on input *values* (see data_dependent)
+
+
+VALUE_SHAPED_OPS = frozenset({"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "unique_dim",
+                              "torchvision::nms", "torchvision::batched_nms", "bincount", "histc"})
+"""Ops whose output shapes depend on their input values (how many boxes survive NMS,
+which elements are non-zero); see :func:`data_dependent`."""
+
+
+def data_dependent(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], ins: list[Tensor]) -> bool:
+    """Whether the output shapes of this call depend on tensor *values*, not only on the
+    input shapes: the ops of :data:`VALUE_SHAPED_OPS`, ``where(cond)`` with one argument,
+    indexing with a boolean mask, ``repeat_interleave`` with tensor repeats. Validation
+    compares such shapes (and those computed from them) on their channel dims only."""
+    if name in VALUE_SHAPED_OPS:
+        return True
+    if name == "where":
+        return len(args) + len(kwargs) == 1
+    if name in ("getitem", "index"):
+        index = args[1] if len(args) > 1 else kwargs.get("indices", kwargs.get("index"))
+        return any(t.dtype == torch.bool for t in tensors_in(index))
+    if name == "repeat_interleave":
+        return any(isinstance(a, Tensor) for a in args[1:2]) or isinstance(kwargs.get("repeats"), Tensor)
+    return False
 
 
 @dataclass
@@ -377,7 +401,8 @@ class Tracer:
             OpRecord(len(self.ops), name, self.current, [tuple(t.shape) for t in outs], list(labs), in_labs,
                      *((_strip_tensors(args), _strip_tensors(kwargs)) if name in SIZE_ARG_OPS else ((), {})),
                      in_values, list(range(first, self.n_values)),
-                     [tuple(t.shape) for t in ins] if name in WEIGHTED_OPS else [])
+                     [tuple(t.shape) for t in ins] if name in WEIGHTED_OPS else [],
+                     data_dependent(name, args, kwargs, ins))
         )
 
     def new_values(self, tensors: list[Tensor]) -> list[int]:
@@ -430,6 +455,7 @@ class Tracer:
         hooks.append(_module.register_module_forward_hook(post, always_call=True))
         try:
             swapped = (swapped if swapped is not None else meta_tensors(model)) if meta else None
+            example_inputs = inputs_for(example_inputs, mode)
             inputs = to_meta(example_inputs) if meta else example_inputs
             if swapped is not None:
                 for name, t in swapped.items():

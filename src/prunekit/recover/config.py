@@ -30,6 +30,10 @@ class TrainConfig:
     distillation term when a teacher is passed to :func:`prunekit.recover.train`.
     ``batch_size`` is recorded for the code that builds loaders; ``train`` uses the loader it
     is given. ``no_decay_norm_bias`` exempts biases and 1-D (norm) parameters from weight decay.
+    ``model_loss``: the model computes its own loss, as torchvision's detectors do in training
+    mode: it is called as ``model(inputs, targets)`` and returns a dict of losses, whose sum is
+    minimised (no accuracy, teacher or validation top-1 then; inputs and targets may be lists
+    of tensors and dicts).
     """
 
     epochs: int = 10
@@ -57,6 +61,7 @@ class TrainConfig:
     sync_bn: bool = False
     deterministic: bool = False
     tensorboard: bool = True
+    model_loss: bool = False
 
     def __post_init__(self) -> None:
         """Validate option values early, with the option's name in the message."""

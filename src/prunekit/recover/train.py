@@ -43,6 +43,7 @@ from prunekit.recover.distributed import (
 from prunekit.recover.evaluate import evaluate
 from prunekit.recover.losses import distillation_loss
 from prunekit.runtime import infer_device as model_device  # the model's device, CPU for one without tensors
+from prunekit.runtime import to_device
 
 __all__ = ["CHECKPOINT_NAME", "LOG_NAME", "TrainConfig", "TrainResult", "evaluate", "steps_per_epoch", "train"]
 
@@ -148,22 +149,24 @@ def _train_one_epoch(
     shown -= _POSTFIX_EVERY_S  # the first step shows the loss at once
     try:
         for i, (x, y) in enumerate(batches):
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            if channels_last and x.ndim == 4:
+            x, y = to_device(x, device), to_device(y, device)
+            if channels_last and isinstance(x, Tensor) and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             for cb in callbacks:
                 cb.on_batch_start(model, global_step + 1)
             with autocast():
-                logits = net(x)
-                teacher_logits = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(x)
-                loss, _, _ = distillation_loss(
-                    logits, y, teacher_logits, alpha=cfg.kd_alpha, temperature=cfg.kd_temperature,
-                    label_smoothing=cfg.label_smoothing,
-                )
+                if cfg.model_loss:
+                    logits, loss = None, _summed_losses(net(x, y))
+                else:
+                    logits = net(x)
+                    teacher_logits = None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            teacher_logits = teacher(x)
+                    loss, _, _ = distillation_loss(
+                        logits, y, teacher_logits, alpha=cfg.kd_alpha, temperature=cfg.kd_temperature,
+                        label_smoothing=cfg.label_smoothing,
+                    )
                 extra = None
                 for cb in callbacks:
                     term = cb.extra_loss(model, (x, y))
@@ -185,10 +188,11 @@ def _train_one_epoch(
             global_step += 1
             for cb in callbacks:
                 cb.on_step(model, global_step)
-            n = y.shape[0]
+            n = len(x) if isinstance(x, (list, tuple)) else x.shape[0]
             with torch.no_grad():
                 sums[0] += loss.detach().double() * n
-                sums[1] += (logits.argmax(dim=1) == y).sum()
+                if logits is not None:
+                    sums[1] += (logits.argmax(dim=1) == y).sum()
                 sums[2] += n
                 if extra is not None:
                     sums[3] += extra.detach().double() * n
@@ -223,6 +227,17 @@ def _train_one_epoch(
     if sums[4].item() > 0:
         stats["train_extra_loss"] = float(sums[3].item()) / count
     return stats, global_step
+
+
+def _summed_losses(out: Any) -> Tensor:
+    """The loss of a model that computes its own (``TrainConfig.model_loss``): the sum of
+    the dict of losses it returns (or the one loss tensor)."""
+    if isinstance(out, dict) and out and all(isinstance(v, Tensor) for v in out.values()):
+        return sum(out.values())  # type: ignore[return-value]
+    if isinstance(out, Tensor) and out.numel() == 1:
+        return out.reshape(())
+    raise TypeError(f"TrainConfig.model_loss: the model returned {type(out).__name__}; expected a dict of loss "
+                    "tensors (torchvision detection models in training mode) or one scalar loss")
 
 
 def train(
@@ -275,6 +290,9 @@ def train(
     checkpoint, a collective call).
     """
     wall_start = time.perf_counter()
+    if cfg.model_loss and (teacher is not None or val_loader is not None):
+        raise ValueError("TrainConfig.model_loss: a model that computes its own loss trains without teacher and "
+                         "val_loader (evaluate it with its own metric)")
     if not is_distributed() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         init_distributed()
     rank, world = get_rank(), get_world_size()

@@ -86,14 +86,14 @@ def check_structure(original: nn.Module, pruned: nn.Module, example_inputs: Any,
     and every module a Replace step put in has the tensors its factory builds (unless a
     later step slices, replaces or drops it, or a module around or inside it). Returns a
     message naming the first problem, or None when all holds."""
-    from prunekit.runtime import call, model_mode
+    from prunekit.runtime import call, inputs_for, model_mode
 
     for mode in ("eval", "train"):
         outs = []
         for name, m in (("original", original), ("pruned", pruned)):
             try:
                 with model_mode(m, mode), torch.no_grad():
-                    outs.append(tree_flatten(call(m, example_inputs))[0])
+                    outs.append(tree_flatten(call(m, inputs_for(example_inputs, mode)))[0])
             except Exception as exc:  # noqa: BLE001 - reported, not raised
                 return f"{name} model fails in {mode} mode: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         a, b = outs
