@@ -138,3 +138,29 @@ def test_training_mode_inputs_and_no_meta_caches_left_behind() -> None:
         torch.testing.assert_close(small(x), ref(x))
         small.train(), ref.train()
         torch.testing.assert_close(small(x, torch.ones(2, 4))["loss"], ref(x, torch.ones(2, 4))["loss"])
+
+
+class IntegerRearranged(nn.Module):
+    """An integer tensor rearranged like a float one (torchvision's RPN: ``levels.reshape(1,
+    -1).expand_as(objectness)``): its values are level ids, not channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores = self.c2(torch.relu(self.c1(x))).flatten(1)  # (1, H*W)
+        levels = torch.arange(scores.shape[1]).remainder(4).reshape(1, -1).expand_as(scores)
+        return scores * (levels + 1)
+
+
+def test_rearranged_integer_tensors_carry_no_channels() -> None:
+    torch.manual_seed(0)
+    model, x = IntegerRearranged().eval(), torch.randn(1, 3, 6, 6)
+    graph = pk.trace(model, x, ignore=["c2"])
+    expand = next(op for op in graph.ops("eval") if op.name == "expand_as")
+    assert not bool(expand.out_labs[0].any())  # the level ids 1..4 were read as atoms 1..4 before
+    small, plan = pk.prune(model, x, ratio=0.5, graph=graph, return_plan=True)
+    assert plan.meta["repairs"] == [] and small.c1.out_channels == 4
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked_reference(model, graph, plan)(x))

@@ -68,6 +68,19 @@ class MetaQueries(nn.Module):
         return self.fc(y.reshape(b, c, -1).mean(-1))
 
 
+class RoIHead(nn.Module):
+    """Features pooled over fixed boxes by RoI Align (the Fast R-CNN pattern)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 2 * 2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rois = torch.tensor([[0.0, 1.0, 1.0, 6.0, 6.0]], device=x.device)
+        return self.fc(torchvision.ops.roi_align(self.conv(x), rois, (2, 2)).flatten(1))
+
+
 def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
     return lambda: timm.create_model(name, pretrained=False, **kw)
 
@@ -85,6 +98,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any]]] = {
         "timm_vit_tiny": (_timm("vit_tiny_patch16_224", img_size=32), _image),
         "timm_efficientnet_b0": (_timm("efficientnet_b0"), _image)} if timm is not None else {}),
     "token_mixer": (TokenMixer, lambda: torch.randint(0, 10, (2, 16))),
+    "roi_head": (RoIHead, lambda: torch.randn(1, 3, 8, 8)),
 }
 
 

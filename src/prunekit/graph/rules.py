@@ -124,6 +124,11 @@ def shape_op(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: di
     """Pure rearrangement: run the same op on the label tensors (exact for any indexing)."""
 
     data = [x for x in tensors_in((args, kwargs)) if x.is_floating_point() or x.is_complex()]
+    self_ = args[0] if args else None
+    if isinstance(self_, Tensor) and not (self_.is_floating_point() or self_.is_complex()):
+        # Rearranging an integer tensor (``levels.expand_as(scores)``): its values are data,
+        # not atoms, and carry no channels whatever the float arguments carry.
+        return [zeros_like_shape(tuple(o.shape)) for o in outs]
     if not any(bool((tr.lab(x) != 0).any()) for x in data):
         return [zeros_like_shape(tuple(o.shape)) for o in outs]
 
@@ -179,6 +184,12 @@ def pad(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[st
     return spatial(tr, name, func, args, kwargs, ins, outs)
 
 
+def _broadcasts(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``to`` (a masked write of one value per
+    element does not: ``x[mask] = values`` takes one per *selected* element)."""
+    return len(shape) <= len(to) and all(a in (1, b) for a, b in zip(reversed(shape), reversed(to)))
+
+
 def _need_values(tr: Tracer, name: str, indices: list[Tensor]) -> None:
     """Index tensors whose values decide the channel flow must have values: a meta one
     stops the meta trace (which is then redone with real tensors)."""
@@ -197,7 +208,8 @@ def setitem(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dic
     blocked: pruning one would shift the positions the index picks (``y[:, :2] = b`` would
     then overwrite a live channel)."""
     target, index, value = args[0], args[1], args[2]
-    if isinstance(index, Tensor) and index.dtype == torch.bool and index.shape == target.shape:
+    if isinstance(index, Tensor) and index.dtype == torch.bool and index.shape == target.shape and (
+            not isinstance(value, Tensor) or value.numel() == 1 or _broadcasts(tuple(value.shape), tuple(target.shape))):
         # A full-shape mask is ``x.masked_fill(m, y)``: element-wise, and exact for a mask
         # computed from x itself (``x[x < 0] = 0``), with no index values needed.
         return elementwise(tr, name, func, args, kwargs, [t for t in (target, index, value) if isinstance(t, Tensor)],
