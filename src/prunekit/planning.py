@@ -17,7 +17,7 @@ from prunekit.graph.dependency import ChannelGroup
 from prunekit.plan import AttrFix, PruningPlan, Slice
 from prunekit.surgery.validate import Mismatch, Shapes
 
-__all__ = ["blame", "channel_plan", "expected_shapes", "removed_atoms", "removed_channels"]
+__all__ = ["blame", "channel_plan", "expected_shapes", "mixed_ops", "removed_atoms", "removed_channels"]
 
 
 def channel_plan(model: nn.Module, graph: DependencyGraph, removed: list[np.ndarray],
@@ -31,7 +31,24 @@ def channel_plan(model: nn.Module, graph: DependencyGraph, removed: list[np.ndar
         return PruningPlan((), dict(meta or {})), {}
     expected = expected_shapes(graph, gone)
     fixes = attribute_fixes(model, graph, expected)
-    return PruningPlan((base, *fixes), dict(meta or {})), expected
+    meta = dict(meta or {})
+    inexact = mixed_ops(graph, gone)
+    if inexact:
+        meta["inexact"] = inexact
+    return PruningPlan((base, *fixes), meta), expected
+
+
+def mixed_ops(graph: DependencyGraph, gone: Tensor) -> list[str]:
+    """The ops (normalisations, softmaxes over channels) that combine a removed channel with
+    kept ones: there the pruned model computes something other than the original with those
+    channels silenced, so the prune is not exact (fine-tuning recovers it). Empty when the
+    prune is exact. Goes to ``plan.meta["inexact"]``."""
+    g = gone.numpy()
+    out: list[str] = []
+    for atoms, what in graph.state.mixing:
+        if g[atoms].any() and what not in out:
+            out.append(what)
+    return out
 
 
 def removed_channels(groups: list[ChannelGroup], plan: PruningPlan) -> list[np.ndarray]:

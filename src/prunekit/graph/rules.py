@@ -59,7 +59,7 @@ _UNARY = """relu relu6 gelu silu sigmoid tanh hardswish hardsigmoid hardtanh lea
 softplus softsign logsigmoid tanhshrink dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout
 neg abs exp exp2 expm1 log log2 log10 log1p sqrt rsqrt erf erfc sin cos reciprocal square sign clamp clip clamp_min
 clamp_max threshold contiguous clone detach float half double bfloat16 to type type_as requires_grad cpu cuda
-nan_to_num softmax log_softmax softmin pos normalize cumsum cumprod logical_not bitwise_not isnan isinf isfinite
+nan_to_num pos logical_not bitwise_not isnan isinf isfinite
 zeros_like ones_like empty_like full_like rand_like randn_like attr.data sigmoid attr.real round floor ceil trunc
 frac gelu_ fill zero hardshrink softshrink rrelu silu_ copy""".split()
 _BINARY = """add sub rsub mul div true_divide truediv floor_divide floordiv maximum minimum pow fmod remainder mod
@@ -108,6 +108,25 @@ def elementwise(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs:
         result = torch.where(result != 0, result, lab)
     result = compact(result)
     return [result if o.ndim == nd else zeros_like_shape(tuple(o.shape)) for o in outs]
+
+
+_MIXING_DIM = {"softmax": 1, "log_softmax": 1, "softmin": 1, "normalize": 2, "cumsum": 1, "cumprod": 1,
+               "logcumsumexp": 1}  # op -> position of its ``dim`` argument
+
+
+@register_rule(*_MIXING_DIM)
+def mixing_along(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """An op along one dim (softmax, L2 normalisation, cumulative sum): shape-preserving, so
+    channels pass; along a dim that carries channels, every output depends on all of them,
+    which :meth:`Tracer.mixes` records (the prune is then not exact there)."""
+    x = args[0]
+    default = 1 if name == "normalize" else None
+    dim = _arg(args, kwargs, _MIXING_DIM[name], "dim", default)
+    lab = tr.lab(x)
+    if isinstance(dim, int) and x.ndim:
+        tr.mixes(lab, [dim], f"'{name}' over dim {dim}")
+    return [lab]
 
 
 # ---------------------------------------------------------------------- shape ops
@@ -386,6 +405,7 @@ def layer_norm(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: 
         if any(s > 1 for s in lab.shape[x.ndim - n:]):
             tr.block(lab, f"'{name}' over several dims in module '{tr.current}'")
         return [lab]
+    tr.mixes(lab, [-1], f"'{name}' (statistics over the channels)")
     vec = tr.channel_vector(x, -1)
     w = _arg(args, kwargs, 2, "weight")
     b = _arg(args, kwargs, 3, "bias") if name == "layer_norm" else None
@@ -400,6 +420,7 @@ def group_norm(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: 
     """GroupNorm: every group keeps the same count, so position i is tied across groups."""
     x = args[0]
     groups = _arg(args, kwargs, 1, "num_groups")
+    tr.mixes(tr.lab(x), [1], f"'{name}' (statistics over the channels of a group)")
     vec = tr.channel_vector(x, 1)
     blocks = vec.view(groups, -1)
     for g in range(1, groups):

@@ -137,6 +137,9 @@ class TraceState:
     members: list[Member] = field(default_factory=list)
     param_elems: list[tuple[str, Tensor]] = field(default_factory=list)
     blocked: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    # Atoms an op mixes (a normalisation or softmax over channels), with the op: removing
+    # one changes the op's other outputs, so the prune is no longer exact there.
+    mixing: list[tuple[np.ndarray, str]] = field(default_factory=list)
     grids: dict[tuple[Any, ...], np.ndarray] = field(default_factory=dict)
     ops: dict[str, list[OpRecord]] = field(default_factory=dict)
     calls: dict[str, list[ModuleCall]] = field(default_factory=dict)
@@ -260,6 +263,16 @@ class Tracer:
         nz = nz[nz != 0]
         if nz.numel():
             self.state.blocked.append((np.unique(nz.numpy()), reason))
+
+    def mixes(self, lab: Tensor, dims: Iterable[int], what: str) -> None:
+        """Record that an op combines the channels ``lab`` carries along ``dims`` (a
+        statistic or softmax over them): pruning them changes the op's other outputs."""
+        dims = [d % lab.ndim for d in dims] if lab.ndim else []
+        if any(lab.shape[d] > 1 for d in dims):
+            atoms = np.unique(lab.numpy())
+            atoms = atoms[atoms != 0]
+            if atoms.size:
+                self.state.mixing.append((atoms, f"{what} in module '{self.current}'"))
 
     def name_of(self, t: Tensor) -> str | None:
         """Qualified parameter/buffer name of ``t``, or None for an activation."""
