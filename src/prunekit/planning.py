@@ -15,6 +15,7 @@ from prunekit._perf import named_tensors
 from prunekit.graph import DependencyGraph, OpRecord
 from prunekit.graph.dependency import ChannelGroup
 from prunekit.plan import AttrFix, PruningPlan, Slice
+from prunekit.surgery.replace import replacement_steps
 from prunekit.surgery.validate import Mismatch, Shapes
 
 __all__ = ["blame", "channel_plan", "expected_shapes", "removed_atoms", "removed_channels"]
@@ -23,15 +24,16 @@ __all__ = ["blame", "channel_plan", "expected_shapes", "removed_atoms", "removed
 def channel_plan(model: nn.Module, graph: DependencyGraph, removed: list[np.ndarray],
                  meta: dict[str, Any] | None = None) -> tuple[PruningPlan, dict[str, Shapes]]:
     """The plan removing ``removed`` (local channels per group of ``graph.groups``): one
-    Slice step and its attribute fixes; and the op output shapes the pruned model must
-    produce, per traced mode (empty for an empty plan)."""
+    Slice step, its attribute fixes and the Replace steps of modules whose class cannot run
+    their sliced tensors (:func:`~prunekit.surgery.replace.replacement_steps`); and the op
+    output shapes the pruned model must produce, per traced mode (empty for an empty plan)."""
     gone = removed_atoms(graph, removed)
     base = make_slice(model, graph, gone)
     if not base.keep:
         return PruningPlan((), dict(meta or {})), {}
     expected = expected_shapes(graph, gone)
     fixes = attribute_fixes(model, graph, expected)
-    return PruningPlan((base, *fixes), dict(meta or {})), expected
+    return PruningPlan((base, *fixes, *replacement_steps(model, base)), dict(meta or {})), expected
 
 
 def removed_channels(groups: list[ChannelGroup], plan: PruningPlan) -> list[np.ndarray]:
