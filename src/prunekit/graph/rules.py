@@ -174,8 +174,17 @@ def _tie_equal_pieces(tr: Tracer, name: str, args: tuple[Any, ...], kwargs: dict
 @register_rule("pad")
 def pad(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
         ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
-    """Constant padding is a rearrangement; reflect/replicate padding is spatial."""
+    """Padding (or cropping, with negative sizes) only dims along which the channels do not
+    vary keeps the label: a padded position holds the same value in every channel, so it
+    belongs to each channel's slice ("same" padding in front of a conv). Constant padding
+    of a dim the channels vary along (the channel dim itself) is a rearrangement whose new
+    positions carry no channel; reflect/replicate padding there is spatial."""
     mode = _arg(args, kwargs, 2, "mode", "constant")
+    x, sizes = args[0], _arg(args, kwargs, 1, "pad")
+    lab = tr.lab(x)
+    padded = [x.ndim - 1 - i // 2 for i, n in enumerate(sizes) if n != 0]
+    if lab.ndim == x.ndim == outs[0].ndim and all(lab.shape[d] == 1 for d in padded):
+        return [lab]
     if mode == "constant":
         return shape_op(tr, name, func, args, kwargs, ins, outs)
     return spatial(tr, name, func, args, kwargs, ins, outs)
@@ -301,11 +310,15 @@ def conv(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[s
     c_in, c_out = x.shape[1], out.shape[1]
     vec = tr.channel_vector(x, 1)
     in_dim, out_dim = (0, 1) if transposed else (1, 0)
-    if groups == c_in == c_out and w.shape[in_dim] == 1 and not transposed:
-        # Depthwise: output channel c is a function of input channel c only.
-        tr.add_member(w, 0, vec, "norm")
-        tr.add_member(bias, 0, vec, "norm")
-        return [vec.view(1, -1, *([1] * (out.ndim - 2)))]
+    if groups == c_in and (c_out == c_in or (groups > 1 and c_out % c_in == 0)) and w.shape[in_dim] == 1 \
+            and not transposed:
+        # Depthwise, with a channel multiplier k = c_out / c_in (1 for plain depthwise):
+        # outputs c*k .. c*k+k-1 are functions of input channel c only, so each input channel
+        # goes with its k outputs (they carry its atom).
+        outs_vec = vec.repeat_interleave(c_out // c_in)
+        tr.add_member(w, 0, outs_vec, "norm")
+        tr.add_member(bias, 0, outs_vec, "norm")
+        return [outs_vec.view(1, -1, *([1] * (out.ndim - 2)))]
     ipg, opg = c_in // groups, c_out // groups
     atoms = tr.new_atoms(c_out, tr.current or name)
     if groups > 1:
