@@ -43,9 +43,9 @@ class NeedsRealTensors(Exception):
 
 
 SIZE_ARG_OPS = frozenset({"view", "reshape", "expand", "broadcast_to", "unflatten", "split", "split_with_sizes",
-                          "layer_norm", "rms_norm"})
+                          "layer_norm", "rms_norm", "conv1d", "conv2d", "conv3d"})
 """Ops whose non-tensor arguments hold sizes that pruning may have to rewrite (the only
-ones whose arguments an :class:`OpRecord` keeps)."""
+ones whose arguments an :class:`OpRecord` keeps; a depthwise conv's ``groups``)."""
 
 
 WEIGHTED_OPS = frozenset({"conv1d", "conv2d", "conv3d", "linear", "matmul", "bmm", "mm", "addmm", "baddbmm",
