@@ -116,8 +116,9 @@ class LayerHandler:
     def replacement(self, module: nn.Module) -> nn.Module | None:
         """A module computing exactly what ``module`` computes with its current (sliced)
         tensors, to be put in its place when ``module``'s own class cannot run them (the
-        widths pruning left break a contract of the class); None when it can. Surgery adds a
-        :class:`~prunekit.plan.Replace` step for it, so the module's class must have a
+        widths pruning left break a contract of the class); None when it can. It must hold
+        the same tensors under the same names (its state dict is ``module``'s), since surgery
+        adds a :class:`~prunekit.plan.Replace` step that ``keeps_tensors``; its class needs a
         registered factory (:mod:`prunekit.surgery.factories`). None by default."""
         return None
 

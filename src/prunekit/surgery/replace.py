@@ -30,9 +30,10 @@ def replacement_steps(model: nn.Module, step: Slice) -> list[Replace]:
     """The Replace steps that must follow ``step`` (a channel slice of ``model``): one for each
     module whose handler says its class cannot run its sliced tensors
     (:meth:`~prunekit.handlers.LayerHandler.replacement`, e.g. an ``nn.MultiheadAttention``
-    that lost heads and embedding channels in different numbers), carrying the replacement's
-    tensors. Each such module is sliced on its own copy to ask; ``model`` is not changed. The
-    root module cannot be replaced: a root that would need it is left to validation."""
+    that lost heads and embedding channels in different numbers); the replacement takes
+    over the module's tensors (``keeps_tensors``), so later slices still describe it. Each
+    such module is sliced on its own copy to ask; ``model`` is not changed. The root module
+    cannot be replaced: a root that would need it is left to validation."""
     from prunekit.handlers import LayerHandler, handler_for
     from prunekit.surgery import apply_plan
 
@@ -48,7 +49,7 @@ def replacement_steps(model: nn.Module, step: Slice) -> list[Replace]:
         shapes = {n[len(prefix):]: s for n, s in step.shapes.items() if n.startswith(prefix)}
         new = handler.replacement(apply_plan(mod, PruningPlan((Slice(local, shapes),))))
         if new is not None:
-            steps.append(replace_step(name, new))
+            steps.append(Replace(name, *describe(new), keeps_tensors=True))
     return steps
 
 
@@ -80,9 +81,10 @@ def apply_structural(model: nn.Module, step: Step, journal: Any) -> None:
     if isinstance(step, Replace):
         parent, key, old = _locate(model, step.module, "replace")
         new = build(step.factory, step.args)
-        if step.state is not None:
+        state = step.state if step.state is not None else old.state_dict() if step.keeps_tensors else None
+        if state is not None:
             try:
-                new.load_state_dict(step.state, strict=True)
+                new.load_state_dict(state, strict=True)
             except RuntimeError as exc:
                 raise PruningError(f"plan replaces '{step.module}': its tensors do not fit factory "
                                    f"'{step.factory}': {str(exc).splitlines()[0]}") from None
