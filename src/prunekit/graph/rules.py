@@ -525,10 +525,14 @@ def mha(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[st
     Heads stay where their count is fixed by a tensor the code made: a 3-D ``attn_mask``
     (``batch * heads`` rows), ``static_k``/``static_v``, or head-averaged attention weights
     that are used (their values depend on which heads exist). Per-head weights
-    (``average_attn_weights=False``) carry the heads along dim 1. The stock module cannot
-    hold independent widths: :mod:`prunekit.surgery` replaces a module pruned so by
-    :class:`prunekit.surgery.mha.PrunedMultiheadAttention`, whose attention function has
-    this name and signature, so this rule traces it too."""
+    (``average_attn_weights=False``) carry the heads along dim 1.
+
+    The stock module needs ``embed_dim == num_heads * head_dim``. Coupling the two counts
+    would tie the residual width to every layer's head count; instead heads and embedding
+    prune independently and :mod:`prunekit.surgery` replaces a module whose widths then
+    disagree by :class:`prunekit.surgery.mha.PrunedMultiheadAttention` (an exact equivalent
+    holding the same tensors), whose attention function has this name and signature, so this
+    rule traces it too."""
     bound = _MHA_SIGNATURE.bind(*args, **kwargs)
     bound.apply_defaults()
     a = bound.arguments
