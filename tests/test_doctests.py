@@ -9,7 +9,7 @@ import pytest
 
 
 @pytest.mark.parametrize("module", ["prunekit.api", "prunekit.graph", "prunekit.handlers", "prunekit.gates",
-                                    "prunekit.allocate.cost", "prunekit.surgery.factories", "prunekit.surgery.partitioned",
+                                    "prunekit.allocate.cost", "prunekit.surgery.factories", "prunekit.surgery.mha", "prunekit.surgery.partitioned",
                                     "prunekit.decompose", "prunekit.methods.ofa"])
 def test_docstring_examples(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)

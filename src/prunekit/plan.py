@@ -80,21 +80,29 @@ class Replace:
 
     ``state`` optionally holds the new module's tensors for applying the step in memory
     (e.g. the factors of an SVD); it is not part of the JSON form or of equality, because a
-    saved model's tensors live in its weights file and are loaded after the plan is applied."""
+    saved model's tensors live in its weights file and are loaded after the plan is applied.
+    ``keeps_tensors``: the new module holds the replaced one's tensors, under the same names
+    and shapes, and takes them over when ``state`` is None (a module class swapped for one
+    that runs the widths pruning left, e.g. ``nn.MultiheadAttention``); slices after such a
+    step still belong to the plan's channel part (:attr:`PruningPlan.keep`)."""
 
     module: str
     factory: str
     args: dict[str, Any]
     state: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    keeps_tensors: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (without ``state``)."""
-        return {"kind": "replace", "module": self.module, "factory": self.factory, "args": self.args}
+        out = {"kind": "replace", "module": self.module, "factory": self.factory, "args": self.args}
+        if self.keeps_tensors:
+            out["keeps_tensors"] = True
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Replace":
         """Inverse of :meth:`to_dict`."""
-        return cls(data["module"], data["factory"], dict(data["args"]))
+        return cls(data["module"], data["factory"], dict(data["args"]), keeps_tensors=bool(data.get("keeps_tensors")))
 
 
 DROP_MODES = ("identity", "zero", "remove")
@@ -134,7 +142,8 @@ class PruningPlan:
     """Ordered steps plus free-form ``meta`` (what was asked, what was measured).
 
     ``keep``, ``shapes`` and ``attrs`` give the *channel part*: the slices and attribute
-    fixes before the first structural step (the whole plan of a channel-pruning run)."""
+    fixes before the first structural step (the whole plan of a channel-pruning run; a
+    Replace that ``keeps_tensors`` does not end it)."""
 
     steps: tuple[Step, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
@@ -149,6 +158,8 @@ class PruningPlan:
     def _channel_part(self) -> list[Step]:
         out = []
         for s in self.steps:
+            if isinstance(s, Replace) and s.keeps_tensors:
+                continue  # the tensors, their names and the slices' indices stay valid across it
             if isinstance(s, STRUCTURAL):
                 break
             out.append(s)

@@ -15,6 +15,7 @@ from prunekit._perf import named_tensors
 from prunekit.graph import DependencyGraph, OpRecord
 from prunekit.graph.dependency import ChannelGroup
 from prunekit.plan import AttrFix, PruningPlan, Slice
+from prunekit.surgery.replace import replacement_steps
 from prunekit.surgery.validate import Mismatch, Shapes
 
 __all__ = ["blame", "channel_plan", "expected_shapes", "mixed_ops", "removed_atoms", "removed_channels"]
@@ -23,19 +24,23 @@ __all__ = ["blame", "channel_plan", "expected_shapes", "mixed_ops", "removed_ato
 def channel_plan(model: nn.Module, graph: DependencyGraph, removed: list[np.ndarray],
                  meta: dict[str, Any] | None = None) -> tuple[PruningPlan, dict[str, Shapes]]:
     """The plan removing ``removed`` (local channels per group of ``graph.groups``): one
-    Slice step and its attribute fixes; and the op output shapes the pruned model must
-    produce, per traced mode (empty for an empty plan)."""
+    Slice step, its attribute fixes and the Replace steps of modules whose class cannot run
+    their sliced tensors (:func:`~prunekit.surgery.replace.replacement_steps`); and the op
+    output shapes the pruned model must produce, per traced mode (empty for an empty plan)."""
     gone = removed_atoms(graph, removed)
     base = make_slice(model, graph, gone)
     if not base.keep:
         return PruningPlan((), dict(meta or {})), {}
     expected = expected_shapes(graph, gone)
     fixes = attribute_fixes(model, graph, expected)
+    group_fixes, notes = depthwise_group_fixes(model, graph, expected)
     meta = dict(meta or {})
+    if notes:
+        meta["inferred_attrs"] = notes
     inexact = mixed_ops(graph, gone)
     if inexact:
         meta["inexact"] = inexact
-    return PruningPlan((base, *fixes), meta), expected
+    return PruningPlan((base, *fixes, *group_fixes, *replacement_steps(model, base)), meta), expected
 
 
 def mixed_ops(graph: DependencyGraph, gone: Tensor) -> list[str]:
@@ -175,6 +180,45 @@ def attribute_fixes(model: nn.Module, graph: DependencyGraph, expected: dict[str
                     conflict.add(key)
                 wanted[key] = new_val
     return [AttrFix(m, a, v) for (m, a), v in wanted.items() if (m, a) not in conflict]
+
+
+_DEPTHWISE_OPS = ("conv1d", "conv2d", "conv3d")
+
+
+def depthwise_group_fixes(model: nn.Module, graph: DependencyGraph,
+                          expected: dict[str, Shapes]) -> tuple[list[AttrFix], list[str]]:
+    """Fixes of module attributes passed as ``groups`` to a functional depthwise conv
+    (``F.conv2d(x, self.filt, groups=self.channels)``, a blur pool), and a note per fix.
+
+    What the argument means comes from the op: a depthwise conv's ``groups`` is its input
+    channel count (the traced ``groups`` equals it), so it must follow the pruned count. Which
+    attribute supplied it is found by value, and only in the module that made the call, never
+    in one with a layer handler (``nn.Conv2d`` fixes its own ``groups``); each such fix is
+    noted (``plan.meta["inferred_attrs"]``). A ``groups`` computed from the input's shape
+    needs no fix; one found nowhere is left to validation, which then keeps the group whole."""
+    from prunekit.handlers import handler_for
+
+    fixes: dict[tuple[str, str], Any] = {}
+    notes: list[str] = []
+    for mode, ops in graph.state.ops.items():
+        for op, new in zip(ops, expected[mode]):
+            if op.name not in _DEPTHWISE_OPS or not op.in_shapes or len(op.in_shapes[0]) < 2:
+                continue
+            groups = op.args[6] if len(op.args) > 6 else op.kwargs.get("groups", 1)
+            c_in, c_out, new_out = op.in_shapes[0][1], op.out_shapes[0][1], new[0][1]
+            if not isinstance(groups, int) or groups < 2 or groups != c_in or c_out % c_in or new_out == c_out:
+                continue
+            try:
+                owner = model.get_submodule(op.module) if op.module else model
+            except AttributeError:
+                continue
+            attr = None if handler_for(owner) is not None else _find_attr(model, op.module, groups)
+            if attr is None or (op.module, attr) in fixes:
+                continue
+            fixes[(op.module, attr)] = value = new_out * groups // c_out
+            notes.append(f"{op.module + '.' if op.module else ''}{attr}: {groups} -> {value} "
+                         f"(the groups of depthwise '{op.name}', found by value in the module that called it)")
+    return [AttrFix(m, a, v) for (m, a), v in fixes.items()], notes
 
 
 def _target(args: tuple[Any, ...], start: int) -> list[Any]:

@@ -175,3 +175,32 @@ def test_l2_out_is_the_filter_l2_norm() -> None:
     # filter c: its weight row and its bias entry (both 'out' members); the head's 7s are not counted
     np.testing.assert_allclose(criteria.get("l2_out")(model, group), np.sqrt([1 + 4 + 4, 0.25 + 0.25 + 0, 9 + 0 + 16]))
     assert "l2_out" in criteria.list_criteria()
+
+
+def test_attention_heads_no_site_sees_fall_back_to_l2() -> None:
+    """nn.MultiheadAttention's heads exist only inside its fused call (out_proj, their
+    consumer, never runs its own forward): activation criteria score them by l2, reported,
+    instead of all-zero statistics."""
+    torch.manual_seed(0)
+    embed, attn = nn.Linear(6, 16), nn.MultiheadAttention(16, 4, batch_first=True)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.attn, self.head = embed, attn, nn.Linear(16, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            return self.head((h + self.attn(h, h, h, need_weights=False)[0]).mean(1))
+
+    model = Model().eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 5, 6, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(2)]
+    graph = pk.trace(model, batches[0][0])
+    heads = [grp for grp in graph.groups if grp.name == "attn"]
+    for name in ("activation", "apoz", "taylor_act", "functionality"):
+        fallbacks: dict[str, str] = {}
+        scores = criteria.score_groups(model, heads, name, loader=batches, batches=2, fallbacks=fallbacks)
+        want = criteria.score_groups(model, heads, "l2")
+        np.testing.assert_allclose(scores[0], want[0])
+        assert fallbacks["attn"].startswith(f"{name} -> l2")

@@ -35,7 +35,10 @@ def test_gates_at_one_compute_the_original_exactly(name: str, model: nn.Module, 
     with torch.no_grad():
         want = {mode: _run(model, x, mode) for mode in ("eval", "train")}
     gates = attach_gates(model, graph, kind="scale")
-    assert len(gates.gates) > 0 and not gates.ungated
+    # nn.MultiheadAttention's heads live inside one fused call: no module output carries them,
+    # so they hold no gate (gate-based methods rank them by l2). Every other group has one.
+    heads = [g.name for g in graph.groups if g.name.endswith("self_attention")]
+    assert len(gates.gates) > 0 and gates.ungated == heads and (name == "vit") == bool(heads)
     with torch.no_grad():
         for mode in ("eval", "train"):
             assert torch.equal(_run(model, x, mode), want[mode])
@@ -320,3 +323,25 @@ def test_each_channel_is_gated_once_where_producers_reach_a_norm_through_other_o
             want = cls.oracle(model, x, scales)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         gates = attach_gates(model, graph, kind="scale")
+
+
+def test_attention_out_proj_holds_no_gate_and_fold_keeps_the_function() -> None:
+    """nn.MultiheadAttention uses out_proj's weight without calling it: a gate there would never
+    act, and folding into it would change the model."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
+                              num_classes=5).eval()
+    torch.nn.init.normal_(model.heads.head.weight)
+    x = torch.randn(2, 3, 32, 32)
+    graph = pk.trace(model, x)
+    gates = attach_gates(model, graph, kind="scale")
+    assert not [s for s in gates._sites if s.name.endswith("out_proj")]
+    with torch.no_grad():
+        for gate in gates.gates.values():
+            next(gate.parameters()).copy_(torch.rand(gate.size) * 2 - 0.5)
+        gated = model(x)
+        gates.fold()
+        gates.detach()
+        assert torch.allclose(model(x), gated, rtol=1e-4, atol=1e-5)

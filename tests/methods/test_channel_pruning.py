@@ -121,3 +121,23 @@ def test_layerwise_conv_net_reaches_the_allocated_architecture() -> None:
     with torch.no_grad():
         err = (res.model(x) - model(x)).pow(2).mean() / model(x).pow(2).mean()
     assert float(err) < 0.5  # reconstruction keeps the function close (a plain removal is far off)
+
+
+def test_attention_heads_no_layer_reads_fall_back_to_l2() -> None:
+    """nn.MultiheadAttention's heads are read by out_proj's weight inside one fused call (out_proj
+    never runs its own forward, so no reconstruction problem exists for them): the heads removed
+    are those with the smallest L2 norm over their q/k/v rows, biases and out_proj columns."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=4, hidden_dim=16, mlp_dim=32,
+                              num_classes=3).eval()
+    attn = model.encoder.layers[0].self_attention
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    res = methods.get("channel_pruning")(model, x[:1], loader=[(x[:4], None), (x[4:], None)], ratio=0.5)
+    with torch.no_grad():
+        w, b, o = attn.in_proj_weight.view(3, 4, 4, 16), attn.in_proj_bias.view(3, 4, 4), attn.out_proj.weight
+        norms = (w.pow(2).sum((0, 2, 3)) + b.pow(2).sum((0, 2)) + o.view(16, 4, 4).pow(2).sum((0, 2))).sqrt()
+    kept = sorted(np.argsort(norms.numpy())[2:].tolist())
+    rows = [r for t in range(3) for h in kept for r in range(16 * t + 4 * h, 16 * t + 4 * h + 4)]
+    assert res.plan.keep["encoder.layers.encoder_layer_0.self_attention.in_proj_weight"][0] == rows

@@ -92,3 +92,22 @@ def test_sequential_corrects_accumulated_error() -> None:
         with torch.no_grad():
             errs[mode] = float(((m(x) - model(x)) ** 2).mean())
     assert errs["sequential"] <= errs["oneshot"] * 1.01
+
+
+@pytest.mark.parametrize("mode", ["oneshot", "sequential"])
+def test_attention_out_proj_is_left_alone(mode: str) -> None:
+    """nn.MultiheadAttention uses out_proj's weight without calling it: out_proj lost its
+    inputs (heads) but has no input to fit to, so it keeps its pruned weights; the MLP's
+    second layer, which lost inputs too, is rewritten."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=4, hidden_dim=16, mlp_dim=32,
+                              num_classes=3).eval()
+    small, plan = pk.prune(model, torch.randn(1, 3, 16, 16), ratio=0.5, return_plan=True)
+    out_proj = "encoder.layers.encoder_layer_0.self_attention.out_proj"
+    assert plan.keep[f"{out_proj}.weight"][1]  # it did lose inputs
+    before = small.get_submodule(out_proj).weight.detach().clone()
+    names = reconstruct(small, model, plan, _batches((4, 3, 16, 16)), mode=mode)
+    assert "encoder.layers.encoder_layer_0.mlp.3" in names and out_proj not in names
+    assert torch.equal(small.get_submodule(out_proj).weight, before)

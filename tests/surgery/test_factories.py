@@ -29,6 +29,9 @@ SAMPLES = {  # a factory without a sample fails below: add one when registering 
                                                                  "track_running_stats": True}}},
     "partitioned_linear": {"in_features": 8, "in_ranges": [[0, 4], [4, 4]], "out_sizes": [3, 2], "bias": True,
                            "parallel": True, "threads": 2},
+    "multihead_attention": {"embed_dim": 10, "num_heads": 3, "head_dim": 4, "kdim": 6, "vdim": 5, "out_dim": 7,
+                            "bias": True, "add_bias_kv": True, "add_zero_attn": False, "dropout": 0.0,
+                            "batch_first": True, "packed": False},
 }
 
 

@@ -201,3 +201,35 @@ def test_check_structure_skips_replaced_modules_that_later_steps_change() -> Non
                                                       "kernel_size": [1, 1]}), Drop("branch.1", "identity")))
     msg = check_structure(model, apply_plan(model, dropped_plan), x, wrong)
     assert msg is not None and "Replace 'branch.0'" in msg
+
+
+class _Attend(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        return self.head((h + self.attn(h, h, h, need_weights=False)[0]).mean(1))
+
+
+def test_a_replace_that_keeps_tensors_leaves_later_slices_in_the_channel_part() -> None:
+    """Two rounds: the first replaces the attention (heads and embedding pruned apart), the
+    second slices the replacement. The composed plan's keep chains both slices; its JSON form
+    (no tensors in it) applied to the original takes the original's tensors over and gives the
+    twice-pruned model exactly."""
+    torch.manual_seed(0)
+    model, x = _Attend().eval(), torch.randn(2, 5, 6)
+    once, p1 = pk.prune(model, x, ratio=0.0, group_ratios={"attn": 0.5}, return_plan=True)
+    twice, p2 = pk.prune(once, x, ratio=0.0, group_ratios={"embed (+1 coupled)": 0.5}, return_plan=True)
+    (rep,) = [s for s in p1.steps if isinstance(s, Replace)]
+    assert rep.keeps_tensors and rep.factory == "multihead_attention"
+    plan = compose(p1, p2)
+    kept_rows = plan.keep["attn.in_proj_weight"]
+    assert len(kept_rows[0]) == 3 * 8 and len(kept_rows[1]) == 8  # heads from round 1, embedding from round 2
+    rebuilt = apply_plan(model, PruningPlan.from_json(plan.to_json()))
+    assert type(rebuilt.attn).__name__ == "PrunedMultiheadAttention"
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), twice(x), rtol=0, atol=0)

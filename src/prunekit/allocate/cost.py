@@ -10,9 +10,11 @@ A position carrying one channel survives with ``m[c]``, one carrying several (a 
 position shared by every head) with ``1 - prod(1 - m[c])``, an untracked one always. At a
 binary mask this is exactly the pruned model's count; between, it is a polynomial in the
 mask, so gates and policies can differentiate it. The per-op formulas are
-:func:`prunekit.graph.opcost.op_cost`; ops whose channels pruning never changes
-(nn.MultiheadAttention keeps its own) are constant terms, and whatever the model counts
-that no formula covers is a constant remainder.
+:func:`prunekit.graph.opcost.op_cost` (``nn.MultiheadAttention``'s call is five terms,
+:func:`~prunekit.graph.opcost.mha_terms`: its projections scale with its heads and the
+embedding widths they read and write, its attention with its heads); ops whose channels
+pruning never changes are constant terms, and whatever the model counts that no formula
+covers is a constant remainder.
 Parameters are the same polynomial over tensors and their sliced dims.
 
 >>> import torch, torchvision, prunekit as pk
@@ -37,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from prunekit._perf import named_tensors
-from prunekit.graph.opcost import CONV_OPS, op_cost
+from prunekit.graph.opcost import CONV_OPS, mha_terms, op_cost
 from prunekit.planning import removed_channels
 
 log = logging.getLogger(__name__)
@@ -228,6 +230,11 @@ class CostModel:
         layers: dict[str, tuple[_Factor | None, _Factor | None]] = {}
         produced = {v: lab for op in ops for v, lab in zip(op.out_values, op.out_labs)}
         for op in ops:
+            if op.name == "multi_head_attention_forward" and len(op.in_shapes) > 2:
+                for flops, widths in mha_terms(op):  # heads and embedding scale different terms
+                    coefs.append(float(flops))
+                    factors.append([f for w in widths if (f := self._mha_factor(op, w, produced)) is not None])
+                continue
             spec = op_cost(op)
             if spec is None:
                 continue
@@ -248,6 +255,20 @@ class CostModel:
                 f_out = out[0] if len(out) == 1 else None
                 layers.setdefault(op.module, (f_in if contract_dim is not None else f_out, f_out))
         return _Polynomial(0.0, coefs, factors), layers
+
+    def _mha_factor(self, op: Any, width: str, produced: dict[int, Tensor]) -> _Factor | None:
+        """The factor of one width of :func:`~prunekit.graph.opcost.mha_terms` (None: a width
+        no channel of which can go)."""
+        if width == "inner":
+            lab = op.aux_labs.get("inner")
+        elif width == "out":
+            lab = op.out_labs[0] if op.out_labs else None
+        else:
+            v = op.in_values[("query", "key", "value").index(width)]
+            lab = produced.get(v)
+        if lab is None or lab.ndim == 0 or lab.shape[-1] == 1:
+            return None
+        return self._factor(lab, lab.ndim - 1)
 
     def _build_params(self, graph: Any, model: nn.Module) -> _Polynomial:
         dims: dict[str, dict[int, _Factor]] = {}

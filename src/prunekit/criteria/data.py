@@ -257,12 +257,14 @@ def _observe(model: nn.Module, groups: list[ChannelGroup], batches: Iterable[Bat
              fallbacks: dict[int, str] | None = None) -> dict[int, np.ndarray]:
     """Per group index, the sum over batches and sites of ``stat(view)`` (one value per
     observed channel, see :func:`site_views`) mapped to the group's channels; ``fallbacks``
-    receives the groups read elsewhere than at their activation output."""
-    totals = {g.index: np.zeros(g.size) for g in groups}
+    receives the groups read elsewhere than at their activation output. A group none of whose
+    sites ever ran has no entry."""
+    sizes = {g.index: g.size for g in groups}
+    totals: dict[int, np.ndarray] = {}
     for gi, chan, view in site_views(model, groups, batches, with_grad=with_grad, fallbacks=fallbacks):
         vals = stat(view).double().cpu().numpy()
         ok = chan >= 0
-        np.add.at(totals[gi], chan[ok], vals[ok])
+        np.add.at(totals.setdefault(gi, np.zeros(sizes[gi])), chan[ok], vals[ok])
     return totals
 
 
@@ -289,7 +291,20 @@ def _activation_stat(name: str, stat: Callable[[Tensor], Tensor], with_grad: boo
         model, groups, calibration_batches(ctx.get("loader"), batches, name), stat=stat, with_grad=with_grad,
         fallbacks=fallbacks))
     report_site_fallback(name, group, fallbacks, ctx)
+    if group.index not in totals:
+        return unobserved_fallback(name, model, group, ctx)
     return totals[group.index]
+
+
+def unobserved_fallback(criterion: str, model: nn.Module, group: ChannelGroup, ctx: dict[str, Any]) -> np.ndarray:
+    """``l2`` scores for a group whose activations no site saw (no layer reading or writing its
+    channels runs its own forward: ``nn.MultiheadAttention``'s heads, inside one fused call),
+    reported as a fallback instead of all-zero statistics."""
+    from prunekit.criteria import l2, report_fallback
+
+    report_fallback(ctx, group, f"{criterion} -> l2: no layer that reads or writes the group's channels runs "
+                                "a forward of its own to observe")
+    return l2(model, group, **ctx)
 
 
 def report_site_fallback(criterion: str, group: ChannelGroup, fallbacks: dict[int, str], ctx: dict[str, Any]) -> None:

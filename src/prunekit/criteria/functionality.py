@@ -20,7 +20,7 @@ import torch
 from scipy.cluster.hierarchy import linkage
 
 from prunekit.criteria.data import (DEFAULT_BATCHES, _all_groups, _cached, calibration_batches, report_site_fallback,
-                                    site_views)
+                                    site_views, unobserved_fallback)
 from prunekit.graph.dependency import ChannelGroup
 from torch import nn
 
@@ -83,4 +83,6 @@ def functionality_scores(model: nn.Module, group: ChannelGroup, ctx: dict[str, A
         model, groups, calibration_batches(ctx.get("loader"), batches, "functionality"),
         seed=int(ctx.get("seed", 0)), fallbacks=fallbacks))
     report_site_fallback("functionality", group, fallbacks, ctx)
+    if feats[group.index].shape[1] == 0:
+        return unobserved_fallback("functionality", model, group, ctx)
     return redundancy_order(feats[group.index])

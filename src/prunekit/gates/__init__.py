@@ -396,7 +396,10 @@ def _sites(model: nn.Module, group: Any, reach: dict[str, tuple[frozenset[str], 
     ``at="auto"`` the group's norms and the producers whose output is not normalised by them
     on every path, with ``at="producers"`` every producer (before any norm). A producer that
     reaches one of the norms on one path and another layer or a model output on another is
-    gated at its output too: no one site scales its channels exactly once on both paths."""
+    gated at its output too: no one site scales its channels exactly once on both paths. A
+    producer whose forward never runs in the trace (``nn.MultiheadAttention.out_proj``, whose
+    weight the attention uses directly) is no site: a hook there would never scale anything,
+    and folding into it would change the model."""
     from prunekit.handlers import handler_for
 
     norms, producers = {}, {}
@@ -410,7 +413,8 @@ def _sites(model: nn.Module, group: Any, reach: dict[str, tuple[frozenset[str], 
             continue
         if m.role == "norm" and h.is_norm:
             norms.setdefault(name, (mod, m.channel, h))
-        elif m.role == "out" and h.out_channel_dim(mod, 2) is not None and h.weight_dims(mod)[0] is not None:
+        elif m.role == "out" and h.out_channel_dim(mod, 2) is not None and h.weight_dims(mod)[0] is not None \
+                and name in reach:  # a layer whose forward never runs (an attention's out_proj) holds no gate
             producers.setdefault(name, (mod, m.channel, h))
     if at == "producers":
         norms, covered = {}, set()

@@ -12,7 +12,7 @@ import math
 
 from prunekit.graph.tracer import OpRecord
 
-__all__ = ["CONV_OPS", "op_cost"]
+__all__ = ["CONV_OPS", "mha_terms", "op_cost"]
 
 CONV_OPS = frozenset({"conv1d", "conv2d", "conv3d"})
 MATMUL_OPS = frozenset({"linear", "matmul", "mm", "bmm"})
@@ -47,8 +47,21 @@ def op_cost(op: OpRecord) -> tuple[int, int | None] | None:
         q, k, v = s[0], s[1], s[2]
         return 2 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1]), None  # q @ k^T, then the weights @ v
     if name == "multi_head_attention_forward" and len(s) > 2:
-        q = s[0]  # (target length, batch, embed dim), or unbatched (target length, embed dim)
-        tgt, n, e, src = q[0], q[1] if len(q) == 3 else 1, q[-1], s[1][0]
-        projections = 2 * n * e * e * (2 * tgt + 2 * src)  # q and output over the targets, k and v over the sources
-        return projections + 4 * n * tgt * src * e, None  # q @ k^T, then the weights @ v
+        return sum(flops for flops, _ in mha_terms(op)), None
     return None
+
+
+def mha_terms(op: OpRecord) -> list[tuple[int, tuple[str, ...]]]:
+    """The FLOPs of an ``nn.MultiheadAttention`` call (op ``multi_head_attention_forward``) as
+    terms ``(FLOPs at the traced shapes, the widths it is proportional to)``; widths are
+    ``"query"``, ``"key"``, ``"value"`` (those inputs' last dims), ``"inner"`` (the q/k/v inner
+    channels, :attr:`OpRecord.aux_labs`) and ``"out"`` (the output's last dim): the q, k, v
+    and output projections, then ``q @ k^T`` and the weights ``@ v``."""
+    q, k, v = op.in_shapes[0], op.in_shapes[1], op.in_shapes[2]  # (length, batch, width), unbatched (length, width)
+    tgt, n, src = q[0], q[1] if len(q) == 3 else 1, k[0]
+    inner_lab = op.aux_labs.get("inner")
+    inner = inner_lab.shape[0] if inner_lab is not None else q[-1]
+    out = op.out_shapes[0][-1]
+    return [(2 * n * tgt * q[-1] * inner, ("query", "inner")), (2 * n * src * k[-1] * inner, ("key", "inner")),
+            (2 * n * src * v[-1] * inner, ("value", "inner")), (4 * n * tgt * src * inner, ("inner",)),
+            (2 * n * tgt * inner * out, ("inner", "out"))]

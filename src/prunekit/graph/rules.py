@@ -8,9 +8,11 @@ an unknown op can never produce a wrong model, only a less pruned one.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
@@ -196,8 +198,17 @@ def _tie_equal_pieces(tr: Tracer, name: str, args: tuple[Any, ...], kwargs: dict
 @register_rule("pad")
 def pad(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
         ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
-    """Constant padding is a rearrangement; reflect/replicate padding is spatial."""
+    """Padding (or cropping, with negative sizes) only dims along which the channels do not
+    vary keeps the label: a padded position holds the same value in every channel, so it
+    belongs to each channel's slice ("same" padding in front of a conv). Constant padding
+    of a dim the channels vary along (the channel dim itself) is a rearrangement whose new
+    positions carry no channel; reflect/replicate padding there is spatial."""
     mode = _arg(args, kwargs, 2, "mode", "constant")
+    x, sizes = args[0], _arg(args, kwargs, 1, "pad")
+    lab = tr.lab(x)
+    padded = [x.ndim - 1 - i // 2 for i, n in enumerate(sizes) if n != 0]
+    if lab.ndim == x.ndim == outs[0].ndim and all(lab.shape[d] == 1 for d in padded):
+        return [lab]
     if mode == "constant":
         return shape_op(tr, name, func, args, kwargs, ins, outs)
     return spatial(tr, name, func, args, kwargs, ins, outs)
@@ -330,11 +341,15 @@ def conv(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[s
     c_in, c_out = x.shape[1], out.shape[1]
     vec = tr.channel_vector(x, 1)
     in_dim, out_dim = (0, 1) if transposed else (1, 0)
-    if groups == c_in == c_out and w.shape[in_dim] == 1 and not transposed:
-        # Depthwise: output channel c is a function of input channel c only.
-        tr.add_member(w, 0, vec, "norm")
-        tr.add_member(bias, 0, vec, "norm")
-        return [vec.view(1, -1, *([1] * (out.ndim - 2)))]
+    if groups == c_in and (c_out == c_in or (groups > 1 and c_out % c_in == 0)) and w.shape[in_dim] == 1 \
+            and not transposed:
+        # Depthwise, with a channel multiplier k = c_out / c_in (1 for plain depthwise):
+        # outputs c*k .. c*k+k-1 are functions of input channel c only, so each input channel
+        # goes with its k outputs (they carry its atom).
+        outs_vec = vec.repeat_interleave(c_out // c_in)
+        tr.add_member(w, 0, outs_vec, "norm")
+        tr.add_member(bias, 0, outs_vec, "norm")
+        return [outs_vec.view(1, -1, *([1] * (out.ndim - 2)))]
     ipg, opg = c_in // groups, c_out // groups
     atoms = tr.new_atoms(c_out, tr.current or name)
     if groups > 1:
@@ -522,14 +537,90 @@ def sdpa(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[s
     return [compact(rep)]
 
 
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
 @register_rule("multi_head_attention_forward")
 def mha(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
         ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
-    """``nn.MultiheadAttention`` ties embed_dim to its inner width: its channels stay."""
-    for t in args[:3]:
-        if isinstance(t, Tensor):
-            tr.block(tr.lab(t), f"nn.MultiheadAttention '{tr.current}' ties embed_dim to its q/k/v width")
-    return [zeros_like_shape(tuple(o.shape)) for o in outs]
+    """``nn.MultiheadAttention``'s attention: three kinds of channels.
+
+    * The embedding channels of query, key and value: consumed by dim 1 of the packed
+      ``in_proj_weight`` (one dim for all three inputs, which it therefore ties) or of
+      ``q/k/v_proj_weight``.
+    * The q/k/v inner channels, produced by dim 0 of the projection (``in_proj_weight``'s
+      rows in three thirds, q, k, v; ``in_proj_bias``; ``bias_k``/``bias_v``): they go by
+      whole heads, since q and k of a head are contracted together and scaled by
+      ``1/sqrt(head_dim)``, and head ``h``'s values reach ``out_proj``'s input columns of
+      head ``h``. A head is one channel (num_heads shrinks, head_dim stays).
+    * ``out_proj``'s outputs: new channels (the residual add couples them to its stream).
+
+    Heads stay where their count is fixed by a tensor the code made: a 3-D ``attn_mask``
+    (``batch * heads`` rows), ``static_k``/``static_v``, or head-averaged attention weights
+    that are used (their values depend on which heads exist). Per-head weights
+    (``average_attn_weights=False``) carry the heads along dim 1.
+
+    The stock module needs ``embed_dim == num_heads * head_dim``. Coupling the two counts
+    would tie the residual width to every layer's head count; instead heads and embedding
+    prune independently and :mod:`prunekit.surgery` replaces a module whose widths then
+    disagree by :class:`prunekit.surgery.mha.PrunedMultiheadAttention` (an exact equivalent
+    holding the same tensors), whose attention function has this name and signature, so this
+    rule traces it too."""
+    bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    heads, separate = a["num_heads"], a["use_separate_proj_weight"]
+    inner = a["q_proj_weight"].shape[0] if separate else a["in_proj_weight"].shape[0] // 3
+    module = tr.current or name
+    qkv = tr.new_atoms(3 * inner, module)
+    per_head = tr.tie_rows(qkv.view(3, heads, inner // heads).transpose(0, 1).reshape(heads, -1))
+    q_at, k_at, v_at = qkv.view(3, inner)
+    _mha_inputs(tr, a, separate, qkv)
+    tr.add_member(a["in_proj_bias"], 0, qkv, "out")
+    for bias, atoms in ((a["bias_k"], k_at), (a["bias_v"], v_at)):
+        if isinstance(bias, Tensor):
+            tr.add_member(bias, bias.ndim - 1, atoms, "out")
+    mask = a["attn_mask"]
+    fixed = [what for what, bad in (("a 3-D attn_mask", isinstance(mask, Tensor) and mask.dim() == 3),
+                                    ("static_k", a["static_k"] is not None), ("static_v", a["static_v"] is not None))
+             if bad]
+    if fixed:
+        tr.block(per_head, f"{fixed[0]} in nn.MultiheadAttention '{module}' fixes its head count")
+    w_out = a["out_proj_weight"]
+    tr.add_member(w_out, 1, v_at, "in")
+    out_name = tr.name_of(w_out)
+    atoms = tr.new_atoms(w_out.shape[0], out_name.rpartition(".")[0] if out_name else module)
+    tr.add_member(w_out, 0, atoms, "out")
+    tr.add_member(a["out_proj_bias"], 0, atoms, "out")
+    tr.aux_labs["inner"] = q_at
+    labs = [atoms.view(*([1] * (outs[0].ndim - 1)), -1)]
+    if len(outs) > 1:  # the attention weights
+        weights = outs[1]
+        if a["average_attn_weights"]:
+            tr.block_if_used(weights, per_head, f"the head-averaged attention weights of nn.MultiheadAttention "
+                                                f"'{module}' are used")
+            labs.append(zeros_like_shape(tuple(weights.shape)))
+        else:  # (batch, heads, target, source), unbatched (heads, target, source)
+            labs.append(per_head.view(*([1] * (weights.ndim - 3)), heads, 1, 1))
+    return labs
+
+
+def _mha_inputs(tr: Tracer, a: dict[str, Any], separate: bool, qkv: Tensor) -> None:
+    """Members of the q/k/v projections: rows are the inner channels, columns consume the
+    query's, key's and value's last dim (a packed weight's one column dim consumes all three)."""
+    thirds = qkv.view(3, -1)
+    seen: list[Tensor] = []
+    for i, (x, w_name) in enumerate(((a["query"], "q_proj_weight"), (a["key"], "k_proj_weight"),
+                                     (a["value"], "v_proj_weight"))):
+        w = a[w_name] if separate else a["in_proj_weight"]
+        if separate:
+            tr.add_member(w, 0, thirds[i], "out")
+        elif i == 0:
+            tr.add_member(w, 0, qkv, "out")
+        if any(x is y for y in seen) and not separate:
+            continue  # the same tensor through the same weight dim: one member is enough
+        seen.append(x)
+        tr.add_member(w, 1, tr.channel_vector(x, -1), "in")
 
 
 # ---------------------------------------------------------------------- created tensors

@@ -43,9 +43,9 @@ class NeedsRealTensors(Exception):
 
 
 SIZE_ARG_OPS = frozenset({"view", "reshape", "expand", "broadcast_to", "unflatten", "split", "split_with_sizes",
-                          "layer_norm", "rms_norm"})
+                          "layer_norm", "rms_norm", "conv1d", "conv2d", "conv3d"})
 """Ops whose non-tensor arguments hold sizes that pruning may have to rewrite (the only
-ones whose arguments an :class:`OpRecord` keeps)."""
+ones whose arguments an :class:`OpRecord` keeps; a depthwise conv's ``groups``)."""
 
 
 WEIGHTED_OPS = frozenset({"conv1d", "conv2d", "conv3d", "linear", "matmul", "bmm", "mm", "addmm", "baddbmm",
@@ -75,6 +75,9 @@ class OpRecord:
     out_values: list[int] = field(default_factory=list)
     in_shapes: list[tuple[int, ...]] = field(default_factory=list)
     data_dependent: bool = False  # its output shapes depend on input *values* (see data_dependent)
+    aux_labs: dict[str, Tensor] = field(default_factory=dict)
+    """Labels of channels the op makes and uses inside, which no tensor carries (an attention
+    op's q/k/v inner channels, ``"inner"``): what its cost depends on besides its inputs and outputs."""
 
 
 VALUE_SHAPED_OPS = frozenset({"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "unique_dim",
@@ -214,6 +217,9 @@ class Tracer:
         self.n_values = 0
         self.calls: list[ModuleCall] = []
         self.open_calls: list[int] = [-1]
+        self.aux_labs: dict[str, Tensor] = {}  # set by a rule, moved into its op's record
+        self._if_used: list[tuple[Tensor, Tensor, str]] = []  # set by a rule, resolved into self.pending
+        self.pending: list[tuple[int, Tensor, str]] = []  # (value id, atoms, reason): blocked if the value is used
         if not self.state.module_params:
             self.state.module_params = {n: sum(p.numel() for p in m._parameters.values() if p is not None)
                                         for n, m in walk(model)}
@@ -273,6 +279,12 @@ class Tracer:
             atoms = atoms[atoms != 0]
             if atoms.size:
                 self.state.mixing.append((atoms, f"{what} in module '{self.current}'"))
+
+    def block_if_used(self, t: Tensor, atoms: Tensor, reason: str) -> None:
+        """Block ``atoms`` if an op output ``t`` (of the op being recorded) is read by a later op
+        or reaches the model output: for a tensor whose values, not its shape, depend on those
+        channels (head-averaged attention weights), and which the code may well discard."""
+        self._if_used.append((t, atoms, reason))
 
     def name_of(self, t: Tensor) -> str | None:
         """Qualified parameter/buffer name of ``t``, or None for an activation."""
@@ -410,12 +422,16 @@ class Tracer:
         self.n_values = first + len(outs)
         for v, t in enumerate(outs, first):
             value_ids[id(t)] = v
+        for t, atoms, reason in self._if_used:
+            self.pending.append((value_ids[id(t)], atoms, reason))
+        self._if_used = []
+        aux, self.aux_labs = self.aux_labs, {}
         self.ops.append(
             OpRecord(len(self.ops), name, self.current, [tuple(t.shape) for t in outs], list(labs), in_labs,
                      *((_strip_tensors(args), _strip_tensors(kwargs)) if name in SIZE_ARG_OPS else ((), {})),
                      in_values, list(range(first, self.n_values)),
                      [tuple(t.shape) for t in ins] if name in WEIGHTED_OPS else [],
-                     data_dependent(name, args, kwargs, ins))
+                     data_dependent(name, args, kwargs, ins), aux)
         )
 
     def new_values(self, tensors: list[Tensor]) -> list[int]:
@@ -480,6 +496,7 @@ class Tracer:
             for t in tree_flatten(out)[0]:
                 if isinstance(t, Tensor):
                     self.block(self.lab(t), "it reaches the model output")
+            self._resolve_pending([t for t in tree_flatten(out)[0] if isinstance(t, Tensor)])
         finally:
             for h in hooks:
                 h.remove()
@@ -487,12 +504,24 @@ class Tracer:
         self.state.calls[mode] = self.calls
         self.ops = []
         self.calls = []
+        self.pending = []
         self.open_calls = [-1]
         self.value_ids.clear()
         self.n_values = 0
         self.values.clear()
         self.keep_alive.clear()
         self.stack = [""]
+
+
+    def _resolve_pending(self, outputs: list[Tensor]) -> None:
+        """Apply the :meth:`block_if_used` blocks whose value an op read or the model returned."""
+        if not self.pending:
+            return
+        used = {v for op in self.ops for v in op.in_values}
+        used.update(self.value_ids.get(id(t), -1) for t in outputs)
+        for value, atoms, reason in self.pending:
+            if value in used:
+                self.block(atoms, reason)
 
 
 class _Mode(TorchFunctionMode):

@@ -113,6 +113,15 @@ class LayerHandler:
         through ``put(module, name, value)``; ``previous`` is :meth:`snapshot_attrs` taken
         before slicing (None: take the current attributes)."""
 
+    def replacement(self, module: nn.Module) -> nn.Module | None:
+        """A module computing exactly what ``module`` computes with its current (sliced)
+        tensors, to be put in its place when ``module``'s own class cannot run them (the
+        widths pruning left break a contract of the class); None when it can. It must hold
+        the same tensors under the same names (its state dict is ``module``'s), since surgery
+        adds a :class:`~prunekit.plan.Replace` step that ``keeps_tensors``; its class needs a
+        registered factory (:mod:`prunekit.surgery.factories`). None by default."""
+        return None
+
     def flops(self, module: nn.Module, input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> int:
         """FLOPs of one forward on an input of ``input_shape`` giving ``output_shape``, counted
         like ``torch.utils.flop_counter`` (2 per multiply-add of matmul/conv-like ops;

@@ -15,8 +15,23 @@ _CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _depthwise(attrs: dict[str, Any]) -> bool:
-    """One input and one output channel per group (from ``in_channels/out_channels/groups``)."""
-    return attrs["groups"] > 1 and attrs["groups"] == attrs["in_channels"] == attrs["out_channels"]
+    """One input channel per group, with its ``k = out_channels / in_channels`` outputs (a
+    channel multiplier; ``k = 1``: plain depthwise), from ``in_channels/out_channels/groups``."""
+    return attrs["groups"] > 1 and attrs["groups"] == attrs["in_channels"] \
+        and attrs["out_channels"] % attrs["in_channels"] == 0
+
+
+def _multiplier(attrs: dict[str, Any]) -> int:
+    """Outputs per input channel of a depthwise conv (see :func:`_depthwise`)."""
+    return attrs["out_channels"] // attrs["in_channels"]
+
+
+def _whole_blocks(keep: Tensor, k: int) -> bool:
+    """Whether output indices ``keep`` are whole blocks ``c*k .. c*k+k-1``, in order."""
+    if len(keep) % k:
+        return False
+    rows = keep.long().view(-1, k)
+    return bool((rows[:, 0] % k == 0).all() and (rows == rows[:, :1] + torch.arange(k, device=keep.device)).all())
 
 
 @register_handler
@@ -49,13 +64,16 @@ class ConvHandler(LayerHandler):
 
     def fix_attrs(self, module: nn.Module, put: Put, previous: dict[str, Any] | None) -> None:
         """``in_channels``/``out_channels`` from the weight (times ``groups``); a depthwise conv
-        stays depthwise, so its ``groups`` follows its channel count."""
+        stays depthwise with its channel multiplier, so its ``groups`` follows its input
+        channel count."""
         w = module.weight
         if not isinstance(w, Tensor):
             return
-        if _depthwise(previous or self.snapshot_attrs(module)):
-            c_in = c_out = w.shape[0]
-            put(module, "groups", c_out)
+        prev = previous or self.snapshot_attrs(module)
+        if _depthwise(prev):
+            c_out = w.shape[0]
+            c_in = c_out // _multiplier(prev)
+            put(module, "groups", c_in)
         elif module.transposed:
             c_in, c_out = w.shape[0], w.shape[1] * module.groups
         else:
@@ -73,14 +91,21 @@ class ConvHandler(LayerHandler):
 
     def slice(self, module: nn.Module, dim_kind: str, keep: Tensor) -> None:
         """Keep output (weight's out dim, bias) or input channels (weight's in dim); a depthwise
-        conv's in and out channels are the same. Other grouped convs are not sliced here
-        (each group must keep as many channels)."""
+        conv's in and out channels are the same (with a multiplier ``k``, keeping input channel
+        ``c`` keeps its outputs ``c*k .. c*k+k-1``, and output channels must come in such whole
+        blocks). Other grouped convs are not sliced here (each group must keep as many channels)."""
         if dim_kind not in ("out", "in"):
             raise ValueError(f"dim_kind={dim_kind!r}: 'out' or 'in'")
-        depthwise = _depthwise(self.snapshot_attrs(module))
+        attrs = self.snapshot_attrs(module)
+        depthwise = _depthwise(attrs)
         if module.groups > 1 and not depthwise:
             raise NotImplementedError(f"slicing a grouped {type(module).__name__} (groups={module.groups})")
         if depthwise:
+            k = _multiplier(attrs)
+            if dim_kind == "in":
+                keep = (keep.long()[:, None] * k + torch.arange(k, device=keep.device)).reshape(-1)
+            elif not _whole_blocks(keep, k):
+                raise ValueError(f"a depthwise conv with {k} outputs per input keeps its outputs in whole blocks")
             dims = {"weight": 0, "bias": 0}
         else:
             out_dim, in_dim = self.weight_dims(module)
@@ -203,13 +228,15 @@ class ConvHandler(LayerHandler):
 
     def resized(self, module: nn.Module, in_fraction: float, out_fraction: float) -> nn.Module | None:
         """The same conv class and configuration with scaled widths, kept multiples of
-        ``groups``; a depthwise conv has one width (scaled by ``out_fraction``). None for
-        transposed convs (not rebuilt)."""
+        ``groups``; a depthwise conv has one width (scaled by ``out_fraction``, its channel
+        multiplier kept). None for transposed convs (not rebuilt)."""
         if module.transposed:
             return None
         g = module.groups
-        if _depthwise(self.snapshot_attrs(module)):
-            cin = cout = g = max(1, round(module.out_channels * out_fraction))
+        attrs = self.snapshot_attrs(module)
+        if _depthwise(attrs):  # one width (scaled by out_fraction), its multiplier kept
+            cin = g = max(1, round(module.in_channels * out_fraction))
+            cout = cin * _multiplier(attrs)
         else:
             cin = g * max(1, round(module.in_channels * in_fraction / g))
             cout = g * max(1, round(module.out_channels * out_fraction / g))

@@ -101,7 +101,8 @@ def _layer_by_layer(model: nn.Module, example_inputs: Any, cfg: PruneConfig, all
         group = next((g for g in graph.groups if g.name == name), None)
         if group is None or group.n_prunable < counts[name]:
             raise PruningError(f"channel_pruning: group {name} is not prunable the same way after the earlier groups")
-        consumers = consumer_layers(current, group)
+        ran = {c.name for c in graph.state.calls["eval"]}  # an attention's out_proj is used, never called
+        consumers = [c for c in consumer_layers(current, group) if c[0] in ran]
         moments = pair_moments(current, model, total, calib, [n for n, _, _ in consumers], positions, seed)
         problems = [(mod.weight.detach().cpu().flatten(1), mod.bias.detach().cpu() if mod.bias is not None else None,
                      mom, chan) for (_, mod, chan), mom in zip(consumers, moments)]

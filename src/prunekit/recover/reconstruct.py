@@ -72,16 +72,23 @@ def _kept(plan: PruningPlan, name: str, dim: int) -> list[int] | None:
     return plan.keep.get(f"{name}.weight", {}).get(dim)
 
 
-def _following_bn(model: nn.Module, layer_names: list[str], batch: Batch) -> dict[str, nn.Module]:
+def _following_bn(model: nn.Module, layer_names: list[str], batch: Batch) -> tuple[dict[str, nn.Module], set[str]]:
     """For each layer, the normalisation with running statistics (batch norm, tracking
-    instance norm; by its handler) whose input is exactly that layer's output."""
+    instance norm; by its handler) whose input is exactly that layer's output; and the layers
+    whose forward ran (``nn.MultiheadAttention`` uses its ``out_proj``'s weight without
+    calling it: such a layer has no input to fit to)."""
     out_ids: dict[int, str] = {}
     found: dict[str, nn.Module] = {}
     handles = []
     mods = dict(model.named_modules())
+    ran: set[str] = set()
+
+    def seen(name: str, out: Any) -> None:
+        out_ids[id(out)] = name
+        ran.add(name)
+
     for name in layer_names:
-        handles.append(mods[name].register_forward_hook(
-            lambda m, a, o, name=name: out_ids.__setitem__(id(o), name)))
+        handles.append(mods[name].register_forward_hook(lambda m, a, o, name=name: seen(name, o)))
 
     def note(bn: nn.Module, args: tuple[Any, ...]) -> None:
         if id(args[0]) in out_ids:
@@ -92,7 +99,7 @@ def _following_bn(model: nn.Module, layer_names: list[str], batch: Batch) -> dic
         if handler is not None and handler.is_norm and hasattr(m, "running_mean"):
             handles.append(m.register_forward_pre_hook(note))
     call_with_hooks(model, batch[0], handles)
-    return found
+    return found, ran
 
 
 def _sample(rows: int, positions: int | None, gen: torch.Generator, per_sample: int) -> Tensor | None:
@@ -110,7 +117,8 @@ def reconstruct(pruned: nn.Module, original: nn.Module, plan: PruningPlan, batch
     """Rewrite, in place, the weights of ``pruned``'s layers that lost input channels so that
     they reproduce ``original``'s outputs on the calibration ``batches`` (a re-iterable list of
     ``(inputs, targets)``). ``layers`` limits which layers (default: every ungrouped conv /
-    linear whose inputs were pruned); ``positions`` random output positions per sample are
+    linear whose inputs were pruned; a layer whose forward never runs, such as an attention's
+    ``out_proj``, is left alone); ``positions`` random output positions per sample are
     used (None: all). Returns the names of the rewritten layers, in order."""
     if mode not in ("sequential", "oneshot"):
         raise ValueError(f"mode={mode!r}: 'sequential' or 'oneshot'")
@@ -124,7 +132,10 @@ def reconstruct(pruned: nn.Module, original: nn.Module, plan: PruningPlan, batch
     if not names:
         return []
     with model_mode(pruned, "eval"), model_mode(original, "eval"):
-        bns = _following_bn(pruned, names, batches[0])  # in eval too: a training forward would update BN statistics
+        bns, ran = _following_bn(pruned, names, batches[0])  # in eval too: a training forward would update BN statistics
+        names = [n for n in names if n in ran]
+        if not names:
+            return []
         if mode == "oneshot":
             _reconstruct_oneshot(pruned, original, plan, batches, names, bns, positions, seed)
         else:

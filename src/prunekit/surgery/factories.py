@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from prunekit.errors import PruningError
 from prunekit.registry import Registry
+from prunekit.surgery.mha import PrunedMultiheadAttention
 from prunekit.surgery.partitioned import PartitionedLinear
 
 Factory = Callable[..., nn.Module]
@@ -135,6 +136,17 @@ def partitioned_linear(*, in_features: int, in_ranges: list[list[int]], out_size
     return PartitionedLinear(in_features, in_ranges, out_sizes, bias=bias, parallel=parallel, threads=threads)
 
 
+@register_factory("multihead_attention")
+def multihead_attention(*, embed_dim: int, num_heads: int, head_dim: int, kdim: int, vdim: int, out_dim: int,
+                        bias: bool = True, add_bias_kv: bool = False, add_zero_attn: bool = False,
+                        dropout: float = 0.0, batch_first: bool = False, packed: bool = True) -> nn.Module:
+    """:class:`~prunekit.surgery.mha.PrunedMultiheadAttention` with these widths (its tensors
+    freshly initialised)."""
+    return PrunedMultiheadAttention(embed_dim, num_heads, head_dim=head_dim, kdim=kdim, vdim=vdim, out_dim=out_dim,
+                                    bias=bias, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, dropout=dropout,
+                                    batch_first=batch_first, packed=packed)
+
+
 def _tup(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
@@ -168,6 +180,8 @@ def describe(module: nn.Module) -> tuple[str, dict[str, Any]]:
                                  dict(zip(("factory", "args"), describe(module.norm)))}
     if kind is PartitionedLinear:
         return "partitioned_linear", module.factory_args()
+    if kind is PrunedMultiheadAttention:
+        return "multihead_attention", module.factory_args()
     if kind is nn.Sequential:
         return "sequential", {"modules": [dict(zip(("factory", "args"), describe(m))) for m in module]}
     raise PruningError(f"no factory describes {kind.__name__}: register one with "

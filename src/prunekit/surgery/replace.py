@@ -11,11 +11,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from prunekit._perf import walk
 from prunekit.errors import PruningError
 from prunekit.plan import Drop, PruningPlan, Replace, Slice, Step
 from prunekit.surgery.factories import Zero, build, describe
 
-__all__ = ["apply_structural", "replace_step", "check_structure"]
+__all__ = ["apply_structural", "replace_step", "replacement_steps", "check_structure"]
 
 
 def replace_step(module_name: str, new: nn.Module) -> Replace:
@@ -23,6 +24,33 @@ def replace_step(module_name: str, new: nn.Module) -> Replace:
     :func:`~prunekit.surgery.factories.describe`) at ``module_name``, carrying its tensors."""
     factory, args = describe(new)
     return Replace(module_name, factory, args, state={k: v.detach() for k, v in new.state_dict().items()})
+
+
+def replacement_steps(model: nn.Module, step: Slice) -> list[Replace]:
+    """The Replace steps that must follow ``step`` (a channel slice of ``model``): one for each
+    module whose handler says its class cannot run its sliced tensors
+    (:meth:`~prunekit.handlers.LayerHandler.replacement`, e.g. an ``nn.MultiheadAttention``
+    that lost heads and embedding channels in different numbers); the replacement takes
+    over the module's tensors (``keeps_tensors``), so later slices still describe it. Each
+    such module is sliced on its own copy to ask; ``model`` is not changed. The root module
+    cannot be replaced: a root that would need it is left to validation."""
+    from prunekit.handlers import LayerHandler, handler_for
+    from prunekit.surgery import apply_plan
+
+    steps = []
+    for name, mod in walk(model):
+        handler = handler_for(mod)
+        if not name or handler is None or type(handler).replacement is LayerHandler.replacement:
+            continue
+        prefix = name + "."
+        local = {n[len(prefix):]: dims for n, dims in step.keep.items() if n.startswith(prefix)}
+        if not local:
+            continue
+        shapes = {n[len(prefix):]: s for n, s in step.shapes.items() if n.startswith(prefix)}
+        new = handler.replacement(apply_plan(mod, PruningPlan((Slice(local, shapes),))))
+        if new is not None:
+            steps.append(Replace(name, *describe(new), keeps_tensors=True))
+    return steps
 
 
 def _locate(model: nn.Module, name: str, what: str) -> tuple[nn.Module, str, nn.Module]:
@@ -53,9 +81,10 @@ def apply_structural(model: nn.Module, step: Step, journal: Any) -> None:
     if isinstance(step, Replace):
         parent, key, old = _locate(model, step.module, "replace")
         new = build(step.factory, step.args)
-        if step.state is not None:
+        state = step.state if step.state is not None else old.state_dict() if step.keeps_tensors else None
+        if state is not None:
             try:
-                new.load_state_dict(step.state, strict=True)
+                new.load_state_dict(state, strict=True)
             except RuntimeError as exc:
                 raise PruningError(f"plan replaces '{step.module}': its tensors do not fit factory "
                                    f"'{step.factory}': {str(exc).splitlines()[0]}") from None
