@@ -81,6 +81,19 @@ class RoIHead(nn.Module):
         return self.fc(torchvision.ops.roi_align(self.conv(x), rois, (2, 2)).flatten(1))
 
 
+class ChannelSoftmax(nn.Module):
+    """A softmax over channels and an L2 normalisation over channels (SSD's L2Norm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.normalize(self.conv(x).softmax(dim=1), dim=1)
+        return self.fc(y.mean((2, 3)))
+
+
 def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
     return lambda: timm.create_model(name, pretrained=False, **kw)
 
@@ -99,6 +112,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any]]] = {
         "timm_efficientnet_b0": (_timm("efficientnet_b0"), _image)} if timm is not None else {}),
     "token_mixer": (TokenMixer, lambda: torch.randint(0, 10, (2, 16))),
     "roi_head": (RoIHead, lambda: torch.randn(1, 3, 8, 8)),
+    "channel_softmax": (ChannelSoftmax, lambda: torch.randn(1, 3, 4, 4)),
 }
 
 
