@@ -20,9 +20,10 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from prunekit._perf import named_tensors, walk
+from prunekit._perf import named_tensors, unique_modules, walk
 from prunekit.graph.labels import compact, zeros_like_shape
 from prunekit.graph.meta import MetaStandIns, meta_shortcut, meta_tensors, to_meta
+from prunekit.graph.sizes import mark_attributes, mark_shape
 from prunekit.graph.unionfind import UnionFind
 from prunekit.runtime import call, inputs_for, model_mode
 
@@ -391,7 +392,8 @@ class Tracer:
             out = func(*args, **kwargs)
         outs = call_outputs(func, args, out)
         if not outs:
-            return out
+            # A size read from a tensor is marked as such: an op given it needs no attribute fix.
+            return mark_shape(op_name(func), out)
         self._record(func, args, kwargs, outs)
         return out
 
@@ -491,7 +493,9 @@ class Tracer:
                     self.tensor_names.setdefault(id(t), name)
                 self.keep_alive.extend(swapped.values())
             self.new_values(tensors_in(inputs))  # keyword inputs included (a pre-hook sees positional ones only)
-            with model_mode(model, mode), torch.no_grad(), _Mode(self):
+            # Int attributes are marked with their module and name for the pass: the size
+            # arguments an op records then say which attribute they came from (graph.sizes).
+            with model_mode(model, mode), torch.no_grad(), mark_attributes(names, unique_modules(model)), _Mode(self):
                 out = call(model, inputs, swapped)
             for t in tree_flatten(out)[0]:
                 if isinstance(t, Tensor):
