@@ -350,9 +350,12 @@ class Tracer:
         same index along ``dim``; those elements' atoms must therefore go together. Indices
         that mix tracked and untracked elements are blocked (their size is fixed elsewhere).
         """
-        lab = self.lab(t)
         dim = dim % t.ndim
-        size = t.shape[dim]
+        return self.label_vector(self.lab(t), dim, t.shape[dim])
+
+    def label_vector(self, lab: Tensor, dim: int, size: int) -> Tensor:
+        """:meth:`channel_vector` of a tensor of label ``lab`` whose dim ``dim`` has ``size``
+        entries (for rules that work on labels of intermediate results, such as einsum's)."""
         if lab.numel() == lab.shape[dim]:  # varies along ``dim`` only (or nowhere): nothing to tie
             vec = lab.reshape(-1)
             return vec.expand(size).clone() if vec.numel() == 1 else vec
@@ -369,6 +372,18 @@ class Tracer:
             first = self.tie_rows(moved).unsqueeze(1)
         vec = moved[:, 0] if moved.shape[1] == 1 else first[:, 0]
         return vec.expand(size).clone() if vec.numel() == 1 else vec
+
+    def produced(self, lab: Tensor) -> bool:
+        """Whether some atom of ``lab`` is, or is joined with, a channel some layer produced
+        (an atom of an active source), rather than only raw parameter elements (which become
+        channels only when joined with produced ones) or nothing."""
+        atoms = np.unique(lab.numpy())
+        atoms = atoms[atoms != 0]
+        active = [np.arange(s.start, s.stop) for s in self.state.sources if s.active]
+        if not len(atoms) or not active:
+            return False
+        uf = self.state.uf
+        return bool(np.isin(uf.find(atoms), uf.find(np.concatenate(active))).any())
 
     def add_grid(self, lab: Tensor) -> None:
         """Remember a label varying along 2+ dims: its kept set must be a product set."""
