@@ -524,10 +524,13 @@ def matmul_like(tr: Tracer, name: str, lab_a: Tensor, a: Tensor, b: Tensor, lab_
         tr.add_member(b, 1, atoms, "out")
         return [atoms.view(*([1] * (nd - 1)), -1)]
     if not batch_varies:
-        if la.shape[-1] > 1 or lb.shape[-2] > 1:
-            # Channels along the contracted dim pair index by index. Where neither operand
-            # varies along it (attention weights @ single-head values), each carries its
-            # channels on its other dim only, and nothing is contracted across channels.
+        # Channels along the contracted dim pair index by index. An operand constant along it
+        # carries its channels on its other dim; raw parameter elements against such an
+        # operand (a learned bias in the attention weights @ single-head values) are a
+        # fixed-size tensor, not channels: nothing to tie then.
+        a_var = la.shape[-1] > 1 and (lb.shape[-2] > 1 or tr.produced(la))
+        b_var = lb.shape[-2] > 1 and (la.shape[-1] > 1 or tr.produced(lb))
+        if a_var or b_var:
             va = _last_vec(tr, la, -1, a.shape[-1])
             vb = _last_vec(tr, lb, -2, b.shape[-2])
             if bool(((va != 0) ^ (vb != 0)).any()):
@@ -538,8 +541,15 @@ def matmul_like(tr: Tracer, name: str, lab_a: Tensor, a: Tensor, b: Tensor, lab_
         rows = rows if la.shape[-2] > 1 else torch.zeros_like(rows)
         cols = cols if lb.shape[-1] > 1 else torch.zeros_like(cols)
         if bool((rows != 0).any()) and bool((cols != 0).any()):
-            tr.block(torch.cat([rows.reshape(-1), cols.reshape(-1)]), f"'{name}' in module '{tr.current}' mixes channels of both operands")
-            return [zeros_like_shape(tuple(out.shape))]
+            # One side may hold raw parameter elements only: a fixed-size tensor, dropped.
+            if not tr.produced(cols):
+                cols = torch.zeros_like(cols)
+            elif not tr.produced(rows):
+                rows = torch.zeros_like(rows)
+            else:
+                tr.block(torch.cat([rows.reshape(-1), cols.reshape(-1)]),
+                         f"'{name}' in module '{tr.current}' mixes channels of both operands")
+                return [zeros_like_shape(tuple(out.shape))]
         res = rows if bool((rows != 0).any()) else cols
         return [compact(res)]
     # Batched product whose batch dims carry channels (attention heads): everything in one
