@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = ["AttrInt", "ShapeInt", "mark_attributes", "mark_shape"]
@@ -174,8 +175,8 @@ def _marked(value: Any, module: str, attr: str) -> Any:
 def mark_attributes(named_modules: dict[int, str], modules: list[nn.Module]) -> Iterator[None]:
     """Within the block, the int attributes (and int list/tuple attributes) of ``modules`` are
     :class:`AttrInt` naming their module (``named_modules``: id -> qualified name) and
-    attribute; afterwards the originals are back, and an attribute the forward reassigned to
-    a marked value holds a plain copy of it."""
+    attribute; afterwards the originals are back, and an attribute the forward set to a
+    marked value (or a list, tuple or ``torch.Size`` of them) holds plain ints."""
     swapped: list[tuple[nn.Module, str, Any, Any]] = []
     for mod in modules:
         name = named_modules.get(id(mod))
@@ -193,9 +194,12 @@ def mark_attributes(named_modules: dict[int, str], modules: list[nn.Module]) -> 
         yield
     finally:
         for mod, key, original, marked in swapped:
+            if mod.__dict__.get(key) is marked:
+                mod.__dict__[key] = original
+        for mod in modules:  # what the forward stored (a cached shape) holds plain ints again
             d = mod.__dict__
-            current = d.get(key, original)
-            if current is marked:
-                d[key] = original
-            elif isinstance(current, (AttrInt, ShapeInt)):
-                d[key] = int(current)
+            for key, value in list(d.items()):
+                if isinstance(value, (AttrInt, ShapeInt)):
+                    d[key] = int(value)
+                elif type(value) in (list, tuple, torch.Size) and any(isinstance(v, (AttrInt, ShapeInt)) for v in value):
+                    d[key] = type(value)(int(v) if isinstance(v, int) else v for v in value)
