@@ -126,3 +126,17 @@ def test_gpt2_with_its_head_ignored_keeps_the_tied_embedding_consistent() -> Non
     assert small.lm_head.weight.shape[0] == 1000 and small.lm_head.weight.shape[1] < 64
     with torch.no_grad():
         assert small(**x).logits.shape == model(**x).logits.shape
+
+
+def test_tracing_a_fresh_model_leaves_it_working() -> None:
+    """transformers installs output-capturing hooks on a model's first forward and flags that
+    it did: tracing (on the meta device) first must keep the flag with the hooks, or the next
+    forward installs them twice and SegFormer's decoder receives every hidden state twice."""
+    torch.manual_seed(0)
+    model = build_hf_model("segformer")
+    twin = build_hf_model("segformer")
+    twin.load_state_dict(model.state_dict())
+    x = hf_example_inputs(model)
+    pk.trace(model, x, ignore=hf_head_modules(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x).logits, twin(**x).logits, rtol=0, atol=0)

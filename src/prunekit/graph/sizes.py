@@ -180,7 +180,7 @@ def mark_attributes(named_modules: dict[int, str], modules: list[nn.Module]) -> 
     swapped: list[tuple[nn.Module, str, Any, Any]] = []
     for mod in modules:
         name = named_modules.get(id(mod))
-        if name is None:
+        if name is None or isinstance(mod, torch.jit.ScriptModule):  # scripted code keeps its own types
             continue
         d = mod.__dict__
         for key, value in list(d.items()):
