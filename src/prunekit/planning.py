@@ -205,11 +205,12 @@ def depthwise_group_fixes(model: nn.Module, graph: DependencyGraph,
     (``F.conv2d(x, self.filt, groups=self.channels)``, a blur pool), and a note per fix.
 
     What the argument means comes from the op: a depthwise conv's ``groups`` is its input
-    channel count (the traced ``groups`` equals it), so it must follow the pruned count. Which
-    attribute supplied it is found by value, and only in the module that made the call, never
-    in one with a layer handler (``nn.Conv2d`` fixes its own ``groups``); each such fix is
-    noted (``plan.meta["inferred_attrs"]``). A ``groups`` computed from the input's shape
-    needs no fix; one found nowhere is left to validation, which then keeps the group whole."""
+    channel count (the traced ``groups`` equals it), so it must follow the pruned count.
+    Which attribute supplied it is its recorded provenance (:mod:`prunekit.graph.sizes`),
+    never one of a module with a layer handler (``nn.Conv2d`` fixes its own ``groups``);
+    each such fix is noted (``plan.meta["inferred_attrs"]``). A ``groups`` computed from the
+    input's shape names no attribute and needs no fix; one hard-coded is left to
+    validation, which then keeps the group whole."""
     from prunekit.handlers import handler_for
 
     fixes: dict[tuple[str, str], Any] = {}
@@ -220,18 +221,19 @@ def depthwise_group_fixes(model: nn.Module, graph: DependencyGraph,
                 continue
             groups = op.args[6] if len(op.args) > 6 else op.kwargs.get("groups", 1)
             c_in, c_out, new_out = op.in_shapes[0][1], op.out_shapes[0][1], new[0][1]
-            if not isinstance(groups, int) or groups < 2 or groups != c_in or c_out % c_in or new_out == c_out:
+            if not isinstance(groups, AttrInt) or groups < 2 or groups != c_in or c_out % c_in or new_out == c_out:
                 continue
             try:
-                owner = model.get_submodule(op.module) if op.module else model
+                owner = model.get_submodule(groups.module) if groups.module else model
             except AttributeError:
                 continue
-            attr = None if handler_for(owner) is not None else _find_attr(model, op.module, groups)
-            if attr is None or (op.module, attr) in fixes:
+            value = groups.solve(new_out * int(groups) // c_out)
+            key = (groups.module, groups.attr)
+            if handler_for(owner) is not None or value is None or groups.index is not None or key in fixes:
                 continue
-            fixes[(op.module, attr)] = value = new_out * groups // c_out
-            notes.append(f"{op.module + '.' if op.module else ''}{attr}: {groups} -> {value} "
-                         f"(the groups of depthwise '{op.name}', found by value in the module that called it)")
+            fixes[key] = value
+            notes.append(f"{groups.module + '.' if groups.module else ''}{groups.attr}: {int(groups)} -> {value} "
+                         f"(the groups of depthwise '{op.name}' in '{op.module}', computed from this attribute)")
     return [AttrFix(m, a, v) for (m, a), v in fixes.items()], notes
 
 
