@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from prunekit._perf import named_tensors
 from prunekit.graph import DependencyGraph, OpRecord
 from prunekit.graph.dependency import ChannelGroup
-from prunekit.graph.sizes import AttrInt
+from prunekit.graph.provenance import AttrInt
 from prunekit.plan import AttrFix, PruningPlan, Slice
 from prunekit.surgery.replace import replacement_steps
 from prunekit.surgery.validate import Mismatch, Shapes
@@ -154,7 +154,7 @@ def attribute_fixes(model: nn.Module, graph: DependencyGraph, expected: dict[str
     """Module attributes that hold a size an op was called with and that must change.
 
     For view/reshape/expand/unflatten targets, split sizes and layer-norm shapes whose value
-    changes, the size's provenance (recorded while tracing, see :mod:`prunekit.graph.sizes`)
+    changes, the size's provenance (recorded while tracing, see :mod:`prunekit.graph.provenance`)
     names the attribute it was computed from (``num_heads``, ``split_size``, ``expand_chs //
     2``, an entry of a ``split_sizes`` list); that attribute is solved for the new size. A
     size read from a tensor's shape follows the pruned tensors by itself and names none, and
@@ -206,7 +206,7 @@ def depthwise_group_fixes(model: nn.Module, graph: DependencyGraph,
 
     What the argument means comes from the op: a depthwise conv's ``groups`` is its input
     channel count (the traced ``groups`` equals it), so it must follow the pruned count.
-    Which attribute supplied it is its recorded provenance (:mod:`prunekit.graph.sizes`),
+    Which attribute supplied it is its recorded provenance (:mod:`prunekit.graph.provenance`),
     never one of a module with a layer handler (``nn.Conv2d`` fixes its own ``groups``);
     each such fix is noted (``plan.meta["inferred_attrs"]``). A ``groups`` computed from the
     input's shape names no attribute and needs no fix; one hard-coded is left to

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 from prunekit._perf import named_tensors, unique_modules, walk
 from prunekit.graph.labels import compact, zeros_like_shape
 from prunekit.graph.meta import MetaStandIns, meta_shortcut, meta_tensors, to_meta
-from prunekit.graph.sizes import mark_attributes, mark_shape
+from prunekit.graph.provenance import mark_attributes, mark_shape
 from prunekit.graph.unionfind import UnionFind
 from prunekit.runtime import call, inputs_for, model_mode
 
@@ -407,10 +407,24 @@ class Tracer:
             out = func(*args, **kwargs)
         outs = call_outputs(func, args, out)
         if not outs:
-            # A size read from a tensor is marked as such: an op given it needs no attribute fix.
-            return mark_shape(op_name(func), out)
+            # A size read from a tensor along a dim pruning may change is marked as such: an
+            # op given it needs no attribute fix.
+            return mark_shape(op_name(func), args, kwargs, out, self._varying_dims(args))
         self._record(func, args, kwargs, outs)
         return out
+
+    def _varying_dims(self, args: tuple[Any, ...]) -> list[bool]:
+        """For a call on a tensor (``args[0]``), which of its dims pruning may change: those
+        its label varies along; every dim of a parameter or buffer (it may be sliced along
+        any); none of an untracked tensor. Empty when ``args[0]`` is no tensor."""
+        t = args[0] if args else None
+        if not isinstance(t, Tensor):
+            return []
+        v = self.values.get(id(t))
+        if v is None:
+            return [id(t) in self.tensor_names] * t.ndim
+        lab = v[1]
+        return [lab.ndim == t.ndim and lab.shape[d] > 1 for d in range(t.ndim)]
 
     def _record(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Tensor]) -> None:
         from prunekit.graph.rules import apply_rule

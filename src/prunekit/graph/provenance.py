@@ -9,7 +9,8 @@ rewritten. To know which is which, while a model is traced:
   attribute) is swapped for an :class:`AttrInt` that remembers the module and attribute
   (and the position in the sequence), restored when the pass ends;
 * every size the forward reads from a tensor (``x.shape``, ``x.size(1)``, ``x.numel()``,
-  ``len(x)``) is a :class:`ShapeInt`.
+  ``len(x)``) along a dim pruning may change (one its channels vary along) is a
+  :class:`ShapeInt`; the other dims' sizes (batch, tokens) are constants like literals.
 
 Both are ``int`` subclasses, so the model computes exactly what it would with plain ints.
 Arithmetic keeps the mark where the result is still an exact function of one attribute: an
@@ -36,7 +37,8 @@ __all__ = ["AttrInt", "ShapeInt", "mark_attributes", "mark_shape"]
 
 
 class ShapeInt(int):
-    """An int read from a tensor's shape (or computed from one): it names no attribute."""
+    """An int read from a tensor's shape along a dim pruning may change (or computed from
+    one): it follows the pruned tensors by itself and names no attribute."""
 
     def __reduce__(self) -> tuple[Any, ...]:
         return int, (int(self),)  # a copy or pickle of a model that kept one holds a plain int
@@ -151,16 +153,26 @@ _SHAPE_QUERIES = frozenset({"attr.shape", "size", "numel", "len"})
 """Tensor methods whose int results are sizes read from the tensor (see :func:`mark_shape`)."""
 
 
-def mark_shape(name: str, out: Any) -> Any:
-    """``out`` with its ints as :class:`ShapeInt` when ``name`` (a canonical op name) reads a
-    tensor's size, else ``out`` unchanged."""
-    if name not in _SHAPE_QUERIES:
+def mark_shape(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, varies: list[bool]) -> Any:
+    """``out``, the result of the call ``name(*args, **kwargs)``, with the sizes it read as
+    :class:`ShapeInt` where ``name`` reads a tensor's size (``x.shape``, ``x.size(d)``,
+    ``x.numel()``, ``len(x)``) along a dim pruning may change (``varies[d]``: the tensor's
+    channels vary along it); sizes of the other dims (batch, tokens, space) never change
+    and stay plain ints, constants like any literal. Any other result comes back unchanged."""
+    if name not in _SHAPE_QUERIES or not varies:
         return out
-    if type(out) is int:
-        return ShapeInt(out)
-    if isinstance(out, tuple) and all(type(v) is int for v in out):
-        return type(out)(ShapeInt(v) for v in out)  # torch.Size keeps int subclasses
-    return out
+    if isinstance(out, tuple) and len(out) == len(varies) and all(type(v) is int for v in out):
+        return type(out)(ShapeInt(v) if vary else v for v, vary in zip(out, varies))  # torch.Size keeps them
+    if type(out) is not int:
+        return out
+    if name == "numel":
+        tainted = any(varies)
+    elif name == "len":
+        tainted = varies[0]
+    else:
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        tainted = isinstance(dim, int) and -len(varies) <= dim < len(varies) and varies[dim]
+    return ShapeInt(out) if tainted else out
 
 
 def _marked(value: Any, module: str, attr: str) -> Any:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.graph.sizes import AttrInt, ShapeInt, mark_attributes, mark_shape
+from prunekit.graph.provenance import AttrInt, ShapeInt, mark_attributes, mark_shape
 from prunekit.plan import SetAttr
 from prunekit.surgery.reference import masked_reference
 
@@ -36,8 +36,11 @@ def test_anything_computed_with_a_shape_is_a_shape() -> None:
     groups = AttrInt(2, "attn", "num_key_value_groups")
     for value in (kv * groups, groups * kv, kv + groups, groups // kv, kv - 1, -kv):
         assert isinstance(value, ShapeInt) and not isinstance(value, AttrInt)
-    assert type(mark_shape("size", torch.Size([2, 3]))[1]) is ShapeInt
-    assert mark_shape("add", 3) == 3 and type(mark_shape("add", 3)) is int
+    shape = mark_shape("attr.shape", (), {}, torch.Size([2, 3]), [False, True])  # channels along dim 1 only
+    assert type(shape[1]) is ShapeInt and type(shape[0]) is int
+    assert type(mark_shape("size", (None, 1), {}, 3, [False, True])) is ShapeInt
+    assert type(mark_shape("size", (None, 0), {}, 2, [False, True])) is int
+    assert mark_shape("add", (), {}, 3, [True]) == 3 and type(mark_shape("add", (), {}, 3, [True])) is int
     assert type(pickle.loads(pickle.dumps(kv))) is int and type(copy.deepcopy(groups)) is int
 
 
@@ -84,5 +87,34 @@ def test_split_sizes_follow_their_attributes_and_nothing_else_changes() -> None:
     kept_b = plan.keep["b.weight"][0]
     assert small.b.out_channels == 5 and small.sizes == [sum(i < 6 for i in kept_b), sum(i >= 6 for i in kept_b)]
     assert small.unrelated == 4 and not [s for s in plan.steps if isinstance(s, SetAttr) and s.attr == "unrelated"]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked_reference(model, graph, plan)(x), rtol=0, atol=1e-5)
+
+
+class HeadsInBatch(nn.Module):
+    """Attention that folds heads into the batch dim: ``reshape(b * self.heads, n, d)`` with
+    ``b`` read from the input (a dim pruning never changes, so a constant)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = 4
+        self.qkv, self.proj = nn.Linear(8, 3 * 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (t.reshape(b, n, self.heads, 4).transpose(1, 2).reshape(b * self.heads, n, 4)
+                   for t in self.qkv(x).chunk(3, -1))
+        y = torch.bmm((q @ k.transpose(1, 2)).softmax(-1), v)
+        return self.proj(y.reshape(b, self.heads, n, 4).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_an_attribute_times_a_batch_size_is_solved_back() -> None:
+    """By hand: 2 of 4 heads go, so ``heads`` becomes 2 (``b * heads`` = 4 with b = 2 solves to
+    2); the output equals the masked original."""
+    torch.manual_seed(0)
+    model, x = HeadsInBatch().eval(), torch.randn(2, 5, 8)
+    graph = pk.trace(model, x, ignore=["proj"])
+    small, plan = pk.prune(model, x, ratio=0.5, graph=graph, return_plan=True)
+    assert not plan.meta["repairs"] and small.heads == 2 and small.qkv.out_features == 24
     with torch.no_grad():
         torch.testing.assert_close(small(x), masked_reference(model, graph, plan)(x), rtol=0, atol=1e-5)
