@@ -1,8 +1,12 @@
 """Coverage benchmark: does structured pruning at ratio 0.5 work on every model of a zoo?
 
-For each torchvision classification model and a varied list of timm models, one model is
-built (seeded, ``weights=None`` / ``pretrained=False``, eval mode) and two deep copies of it
-are pruned at ratio 0.5 with the final classifier ignored: first by prunekit
+For each torchvision classification model, a varied list of timm models and the tiny
+HuggingFace transformers configs bundled with prunekit (``hf:bert``, ``gpt2``, ``llama`` with
+grouped-query attention, ``vit``, ``swin``, ``segformer``: built from the config with their
+task head, fed token ids and an attention mask or pixel values), one model is built
+(seeded, ``weights=None`` / ``pretrained=False`` / from a config, eval mode) and two deep
+copies of it are pruned at ratio 0.5 with the final classifier (an HF model's task head)
+ignored: first by prunekit
 (``pk.trace`` + ``pk.prune``), then by Torch-Pruning (``MagnitudePruner`` + ``step()``),
 in the same process. Each model runs in its own subprocess (``--one``) under a timeout so
 one crash or hang cannot stop the run. Results are written after every model to
@@ -12,6 +16,7 @@ Usage::
 
     python benchmarks/coverage.py                       # everything (timm, then torchvision)
     python benchmarks/coverage.py --only timm           # one zoo
+    python benchmarks/coverage.py --only hf             # the bundled transformers configs
     python benchmarks/coverage.py --models resnet18,vit_b_16 --only torchvision
     python benchmarks/coverage.py --redo --models timm/levit_128
 """
@@ -80,8 +85,24 @@ def timm_names() -> list[str]:
     return [n for n in TIMM_MODELS if n in available]
 
 
+def hf_names() -> list[str]:
+    """The transformers configs bundled with prunekit (empty, and logged, without transformers)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        log.warning("transformers is not installed: the hf models are skipped")
+        return []
+    from prunekit.zoo.hf import hf_config_names
+
+    return hf_config_names()
+
+
 def construct(source: str, name: str) -> nn.Module:
     """Build a randomly initialised model (never downloads weights)."""
+    if source == "hf":
+        from prunekit.zoo.hf import build_hf_model
+
+        return build_hf_model(name)
     if source == "torchvision":
         import torchvision
 
@@ -94,15 +115,35 @@ def construct(source: str, name: str) -> nn.Module:
 
 
 def input_size(source: str, name: str, model: nn.Module) -> tuple[int, ...]:
-    """(C, H, W) input: 224x224 for torchvision (299 for inception_v3), timm's pretrained_cfg."""
+    """Input size without the batch: (C, H, W), 224x224 for torchvision (299 for inception_v3),
+    timm's pretrained_cfg; for an HF model (tokens,) or (C, H, W) from its config."""
+    if source == "hf":
+        from prunekit.zoo.hf import hf_default_shape
+
+        return tuple(hf_default_shape(model)[1:])
     if source == "torchvision":
         return (3, 299, 299) if name == "inception_v3" else (3, 224, 224)
     return tuple(model.pretrained_cfg["input_size"])
 
 
+def example_input(source: str, model: nn.Module, size: tuple[int, ...], seed: int) -> Any:
+    """The seeded example input of batch 1: a tensor, or an HF model's keyword inputs (token
+    ids and an all-ones attention mask, or pixel values)."""
+    if source == "hf":
+        from prunekit.zoo.hf import hf_example_inputs
+
+        return hf_example_inputs(model, (1, *size), seed=seed)
+    return torch.randn(1, *size, generator=torch.Generator().manual_seed(seed))
+
+
 def find_classifiers(source: str, model: nn.Module) -> list[nn.Module]:
-    """The final classifier(s): timm's ``get_classifier()`` (a tuple for distilled heads), or
-    for torchvision the last ``nn.Linear``/conv whose output size is ``NUM_CLASSES``."""
+    """The final classifier(s): timm's ``get_classifier()`` (a tuple for distilled heads), an HF
+    model's task head (its top-level modules besides the base model), or for torchvision the
+    last ``nn.Linear``/conv whose output size is ``NUM_CLASSES``."""
+    if source == "hf":
+        from prunekit.zoo.hf import hf_head_modules
+
+        return [model.get_submodule(n) for n in hf_head_modules(model)]
     if source == "timm":
         clf = model.get_classifier()
         clfs = list(clf) if isinstance(clf, (tuple, list)) else [clf]
@@ -119,15 +160,17 @@ def find_classifiers(source: str, model: nn.Module) -> list[nn.Module]:
 
 
 def mixing_norm(model: nn.Module) -> bool:
-    """Whether the model has channel-mixing normalisation (LayerNorm / GroupNorm / LayerNorm2d)."""
-    kinds: list[type] = [nn.LayerNorm, nn.GroupNorm]
+    """Whether the model has channel-mixing normalisation (LayerNorm / GroupNorm / LayerNorm2d,
+    RMSNorm, or a layer class named like one: transformers' ``LlamaRMSNorm``)."""
+    kinds: list[type] = [nn.LayerNorm, nn.GroupNorm, nn.RMSNorm]
     try:
         from timm.layers import LayerNorm2d
 
         kinds.append(LayerNorm2d)
     except ImportError:
         pass
-    return any(isinstance(m, tuple(kinds)) for m in model.modules())
+    return any(isinstance(m, tuple(kinds)) or any(k in type(m).__name__.lower() for k in ("layernorm", "rmsnorm"))
+               for m in model.modules())
 
 
 def meta_param_count(source: str, name: str) -> float | None:
@@ -174,20 +217,20 @@ def first_tensor(out: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def eval_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Eval-mode output tensor of ``model`` on ``x``."""
+def eval_output(model: nn.Module, x: Any) -> torch.Tensor:
+    """Eval-mode output tensor of ``model`` on ``x`` (keyword inputs for a dict)."""
     model.eval()
-    return first_tensor(model(x))
+    return first_tensor(model(**x) if isinstance(x, dict) else model(x))
 
 
-def flops(model: nn.Module, x: torch.Tensor) -> int:
+def flops(model: nn.Module, x: Any) -> int:
     """FLOPs of one forward (prunekit counts nn.MultiheadAttention and CPU attention too)."""
     from prunekit.measure import count_flops
 
     return count_flops(model, x)
 
 
-def measure_ratios(small: nn.Module, base: dict[str, Any], x: torch.Tensor) -> dict[str, Any]:
+def measure_ratios(small: nn.Module, base: dict[str, Any], x: Any) -> dict[str, Any]:
     """Params and FLOPs of the pruned model relative to the original."""
     from prunekit.measure import count_params
 
@@ -197,7 +240,7 @@ def measure_ratios(small: nn.Module, base: dict[str, Any], x: torch.Tensor) -> d
     return out
 
 
-def run_prunekit(model: nn.Module, x: torch.Tensor, clfs: list[nn.Module], base: dict[str, Any]) -> dict[str, Any]:
+def run_prunekit(model: nn.Module, x: Any, clfs: list[nn.Module], base: dict[str, Any]) -> dict[str, Any]:
     """Trace + prune with prunekit; check the output shape, measure ratios and exactness."""
     import prunekit as pk
     from prunekit.surgery.reference import masked_reference
@@ -237,7 +280,7 @@ def run_prunekit(model: nn.Module, x: torch.Tensor, clfs: list[nn.Module], base:
     return rec
 
 
-def run_torch_pruning(model: nn.Module, x: torch.Tensor, clfs: list[nn.Module], base: dict[str, Any],
+def run_torch_pruning(model: nn.Module, x: Any, clfs: list[nn.Module], base: dict[str, Any],
                       fresh: Callable[[], tuple[nn.Module, list[nn.Module]]] | None = None) -> dict[str, Any]:
     """Prune with Torch-Pruning's MagnitudePruner (L2 group importance) and check the result;
     ``fresh`` makes new copies (it prunes in place) for the warm repeat timings."""
@@ -322,7 +365,7 @@ def run_one(source: str, name: str, out_path: Path, max_params: float) -> None:
         clfs = find_classifiers(source, model)
         rec.update(build_s=time.perf_counter() - t0, input=list(size),
                    classifier=[type(c).__name__ for c in clfs], mixing_norm=mixing_norm(model))
-        x = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
+        x = example_input(source, model, size, seed=0)
         base = {"params": count_params(model)}
         rec["params"] = base["params"]
         if base["params"] > max_params:
@@ -331,7 +374,7 @@ def run_one(source: str, name: str, out_path: Path, max_params: float) -> None:
             return
         y0 = eval_output(model, x)
         base["out_shape"] = list(y0.shape)
-        x2 = torch.randn(1, *size, generator=torch.Generator().manual_seed(1))
+        x2 = example_input(source, model, size, seed=1)
         # how much the output depends on the input: near 0 means the exactness check is weak
         rec["input_sensitivity"] = float((eval_output(model, x2) - y0).abs().max() / (y0.abs().max() + 1e-12))
         try:
@@ -411,11 +454,11 @@ def spawn_one(source: str, name: str, timeout: float, max_params: float, threads
 
 def select_models(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(source, name) pairs to run: timm first, then torchvision ordered by size (small first)."""
-    sources = [args.only] if args.only else ["timm", "torchvision"]
+    sources = [args.only] if args.only else ["timm", "torchvision", "hf"]
     wanted = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     todo: list[tuple[str, str]] = []
     for source in sources:
-        names = timm_names() if source == "timm" else torchvision_names()
+        names = timm_names() if source == "timm" else hf_names() if source == "hf" else torchvision_names()
         if wanted is not None:
             asked = [w.split("/", 1)[1] if w.startswith(source + "/") else w for w in wanted
                      if "/" not in w or w.startswith(source + "/")]
@@ -508,7 +551,7 @@ def summary(models: dict[str, dict[str, Any]]) -> list[str]:
     rows = []
     ratios_all: list[float] = []
     warm_all: list[float] = []
-    for source in ("torchvision", "timm"):
+    for source in ("torchvision", "timm", "hf"):
         recs = {k: r for k, r in models.items() if r.get("source") == source}
         if not recs:
             continue
@@ -610,7 +653,7 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
     lines += ["## Torch-Pruning failures by cause", ""] + failure_groups(models, "torch_pruning") + [""]
     header = ["model", "params M", "mix norm", "pk", "pk params", "pk FLOPs", "pk exact err", "repairs",
               "pk time s", "TP", "TP params", "TP FLOPs", "TP time s", "time pk/TP", "warm pk/TP", "notes"]
-    for source in ("torchvision", "timm"):
+    for source in ("torchvision", "timm", "hf"):
         rows = model_rows(models, source)
         if rows:
             lines += [f"## {source}", "", md_table(header, rows), ""]
@@ -630,7 +673,7 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["torchvision", "timm"], help="run one zoo only")
+    p.add_argument("--only", choices=["torchvision", "timm", "hf"], help="run one zoo only")
     p.add_argument("--models", help="comma-separated model names (or source/name) to run")
     p.add_argument("--redo", action="store_true", help="rerun models already in the results")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per model (default 600)")

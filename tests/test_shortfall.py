@@ -52,3 +52,13 @@ def test_a_prune_that_does_what_was_asked_is_silent() -> None:
         _, plan2 = pk.prune(model, x, target_flops=0.5, return_plan=True)
     assert "shortfall" not in plan.meta and "shortfall" not in plan2.meta
     assert plan.meta["channels_removed"] == 8
+
+
+def test_a_model_with_no_prunable_channel_at_all_warns() -> None:
+    """Every channel reaches the output: a ratio can ask for nothing, yet nothing was done
+    (GPT-2 before its Conv1D had a rule came back unpruned without a word)."""
+    model, x = nn.Sequential(nn.Conv2d(3, 4, 1)).eval(), torch.randn(1, 3, 4, 4)
+    with pytest.warns(pk.PruningShortfallWarning, match="removed 0 of 4 channels") as record:
+        _, plan = pk.prune(model, x, ratio=0.5, return_plan=True)
+    assert plan.is_empty and "no channel of the model is prunable" in plan.meta["shortfall"]
+    assert len(record) == 1

@@ -177,6 +177,9 @@ def _with_shortfall(plan: PruningPlan, cfg: PruneConfig, budget: Budget | None, 
         # A few channels' rounding is no shortfall: below 8 asked, only "nothing at all" is.
         if (removed == 0 and (asked >= 1 or cfg.ratios or cfg.group_ratios)) or (asked >= 8 and removed < _RATIO_FRACTION * asked):
             why = f"removed {removed} channels where ratio={cfg.ratio:g} asks for about {asked:.0f}"
+        elif removed == 0 and prunable == 0 and graph.n_channels:
+            # Nothing can be asked of a model none of whose channels is prunable: still nothing done.
+            why = f"removed 0 of {graph.n_channels} channels at ratio={cfg.ratio:g}"
     if not why:
         return plan
     causes = []

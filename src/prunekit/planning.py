@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from prunekit._perf import named_tensors
 from prunekit.graph import DependencyGraph, OpRecord
 from prunekit.graph.dependency import ChannelGroup
+from prunekit.graph.provenance import AttrInt
 from prunekit.plan import AttrFix, PruningPlan, Slice
 from prunekit.surgery.replace import replacement_steps
 from prunekit.surgery.validate import Mismatch, Shapes
@@ -149,37 +150,50 @@ def _new_shape(shape: tuple[int, ...], lab: Tensor, gone: np.ndarray, cache: dic
     return tuple(s if c is None else c for s, c in zip(shape, counts))
 
 
-_HINTS = ("num_heads", "heads", "head_dim", "attn_dim", "embed_dim", "dim", "hidden_dim", "channels", "width")
-
-
 def attribute_fixes(model: nn.Module, graph: DependencyGraph, expected: dict[str, Shapes]) -> list[AttrFix]:
     """Module attributes that hold a size an op was called with and that must change.
 
     For view/reshape/expand/unflatten targets, split sizes and layer-norm shapes whose value
-    changes, look in the module that ran the op for exactly one attribute with the old value
-    (``num_heads``, ``attn_dim``, ``split_sizes``...). Values that are computed in forward
-    from tensor shapes need no fix; those hard-coded in code are caught by validation.
+    changes, the size's provenance (recorded while tracing, see :mod:`prunekit.graph.provenance`)
+    names the attribute it was computed from (``num_heads``, ``split_size``, ``expand_chs //
+    2``, an entry of a ``split_sizes`` list); that attribute is solved for the new size. A
+    size read from a tensor's shape follows the pruned tensors by itself and names none, and
+    an attribute is never chosen because its value happens to equal a changed size. Sizes
+    hard-coded in the code are caught by validation. Two ops asking one attribute for
+    different values leave it alone (validation then finds the op that breaks).
     """
-    wanted: dict[tuple[str, str], Any] = {}
+    wanted: dict[tuple[str, str, int | None], int] = {}  # (module, attribute, list entry or None) -> value
     conflict: set[tuple[str, str]] = set()
     for mode, ops in graph.state.ops.items():
         for op, new in zip(ops, expected[mode]):
-            for change in _changed_args(op, new):
-                # Alternatives: the value itself, else a multiple of it (``split(self.chs // 2)``).
-                alternatives = [change]
-                if op.name == "split" and isinstance(change[0], int):
-                    k = len(new)
-                    alternatives.append((change[0] * k, change[1] * k))
-                found = [(a, _find_attr(model, op.module, a[0])) for a in alternatives]
-                found = [(a, attr) for a, attr in found if attr is not None]
-                if not found:
-                    continue
-                (old_val, new_val), attr = found[0]
-                key = (op.module, attr)
-                if key in wanted and wanted[key] != new_val:
-                    conflict.add(key)
-                wanted[key] = new_val
-    return [AttrFix(m, a, v) for (m, a), v in wanted.items() if (m, a) not in conflict]
+            for old_val, new_val in _changed_args(op, new):
+                if not isinstance(old_val, AttrInt):
+                    continue  # a literal or a size read from a tensor: nothing to rewrite
+                solved = old_val.solve(new_val)
+                key = (old_val.module, old_val.attr, old_val.index)
+                if solved is None or wanted.setdefault(key, solved) != solved:
+                    conflict.add(key[:2])
+    fixes: dict[tuple[str, str], Any] = {}
+    for (module, attr, index), value in wanted.items():
+        if (module, attr) in conflict:
+            continue
+        if index is None:
+            fixes[(module, attr)] = value
+            continue
+        base = fixes.get((module, attr), _attr_value(model, module, attr))
+        if not isinstance(base, (list, tuple)) or index >= len(base):
+            continue
+        fixes[(module, attr)] = type(base)(value if i == index else v for i, v in enumerate(base))
+    return [AttrFix(m, a, v) for (m, a), v in fixes.items()]
+
+
+def _attr_value(model: nn.Module, module: str, attr: str) -> Any:
+    """Current value of ``module.attr`` in ``model`` (None if there is none)."""
+    try:
+        mod = model.get_submodule(module) if module else model
+    except AttributeError:
+        return None
+    return getattr(mod, attr, None)
 
 
 _DEPTHWISE_OPS = ("conv1d", "conv2d", "conv3d")
@@ -191,11 +205,12 @@ def depthwise_group_fixes(model: nn.Module, graph: DependencyGraph,
     (``F.conv2d(x, self.filt, groups=self.channels)``, a blur pool), and a note per fix.
 
     What the argument means comes from the op: a depthwise conv's ``groups`` is its input
-    channel count (the traced ``groups`` equals it), so it must follow the pruned count. Which
-    attribute supplied it is found by value, and only in the module that made the call, never
-    in one with a layer handler (``nn.Conv2d`` fixes its own ``groups``); each such fix is
-    noted (``plan.meta["inferred_attrs"]``). A ``groups`` computed from the input's shape
-    needs no fix; one found nowhere is left to validation, which then keeps the group whole."""
+    channel count (the traced ``groups`` equals it), so it must follow the pruned count.
+    Which attribute supplied it is its recorded provenance (:mod:`prunekit.graph.provenance`),
+    never one of a module with a layer handler (``nn.Conv2d`` fixes its own ``groups``);
+    each such fix is noted (``plan.meta["inferred_attrs"]``). A ``groups`` computed from the
+    input's shape names no attribute and needs no fix; one hard-coded is left to
+    validation, which then keeps the group whole."""
     from prunekit.handlers import handler_for
 
     fixes: dict[tuple[str, str], Any] = {}
@@ -206,18 +221,19 @@ def depthwise_group_fixes(model: nn.Module, graph: DependencyGraph,
                 continue
             groups = op.args[6] if len(op.args) > 6 else op.kwargs.get("groups", 1)
             c_in, c_out, new_out = op.in_shapes[0][1], op.out_shapes[0][1], new[0][1]
-            if not isinstance(groups, int) or groups < 2 or groups != c_in or c_out % c_in or new_out == c_out:
+            if not isinstance(groups, AttrInt) or groups < 2 or groups != c_in or c_out % c_in or new_out == c_out:
                 continue
             try:
-                owner = model.get_submodule(op.module) if op.module else model
+                owner = model.get_submodule(groups.module) if groups.module else model
             except AttributeError:
                 continue
-            attr = None if handler_for(owner) is not None else _find_attr(model, op.module, groups)
-            if attr is None or (op.module, attr) in fixes:
+            value = groups.solve(new_out * int(groups) // c_out)
+            key = (groups.module, groups.attr)
+            if handler_for(owner) is not None or value is None or groups.index is not None or key in fixes:
                 continue
-            fixes[(op.module, attr)] = value = new_out * groups // c_out
-            notes.append(f"{op.module + '.' if op.module else ''}{attr}: {groups} -> {value} "
-                         f"(the groups of depthwise '{op.name}', found by value in the module that called it)")
+            fixes[key] = value
+            notes.append(f"{groups.module + '.' if groups.module else ''}{groups.attr}: {int(groups)} -> {value} "
+                         f"(the groups of depthwise '{op.name}' in '{op.module}', computed from this attribute)")
     return [AttrFix(m, a, v) for (m, a), v in fixes.items()], notes
 
 
@@ -228,11 +244,13 @@ def _target(args: tuple[Any, ...], start: int) -> list[Any]:
     return rest
 
 
-def _changed_args(op: OpRecord, new: list[tuple[int, ...]]) -> list[tuple[Any, Any]]:
+def _changed_args(op: OpRecord, new: list[tuple[int, ...]]) -> list[tuple[Any, int]]:
+    """``(size argument as recorded, its new value)`` for each int size argument of ``op``
+    whose value pruning changes (one pair per list entry for split sizes and norm shapes)."""
     old = op.out_shapes
     if old == new:
         return []
-    out: list[tuple[Any, Any]] = []
+    out: list[tuple[Any, int]] = []
     if op.name in ("view", "reshape", "expand", "broadcast_to"):
         target = _target(op.args, 1)
         for d, v in enumerate(target):
@@ -249,32 +267,11 @@ def _changed_args(op: OpRecord, new: list[tuple[int, ...]]) -> list[tuple[Any, A
         dim = op.args[2] if len(op.args) > 2 else op.kwargs.get("dim", 0)
         new_sizes = [s[dim] for s in new]
         if isinstance(sizes, (list, tuple)):
-            out.append((type(sizes)(sizes), type(sizes)(new_sizes)))
-        elif isinstance(sizes, int) and len(set(new_sizes[:-1] or new_sizes)) == 1:
+            out.extend((v, n) for v, n in zip(sizes, new_sizes) if v != n)
+        elif isinstance(sizes, int) and len(set(new_sizes[:-1] or new_sizes)) == 1 and new_sizes[0] != sizes:
             out.append((sizes, new_sizes[0]))
     elif op.name in ("layer_norm", "rms_norm"):
         shape = op.args[1]
-        n = len(shape)
-        out.append((tuple(shape), tuple(new[0][-n:])))
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        out.extend((v, n) for v, n in zip(shape, new[0][-len(shape):]) if v != n)
     return out
-
-
-def _find_attr(model: nn.Module, module: str, old: Any) -> str | None:
-    try:
-        mod = model.get_submodule(module) if module else model
-    except AttributeError:
-        return None
-    hits = []
-    for k, v in vars(mod).items():
-        if k.startswith("_") or isinstance(v, bool):
-            continue
-        if isinstance(old, int) and isinstance(v, int) and v == old:
-            hits.append(k)
-        elif isinstance(old, (tuple, list)) and isinstance(v, (tuple, list, torch.Size)) and tuple(v) == tuple(old):
-            hits.append(k)
-    if len(hits) > 1:
-        hinted = [h for h in hits if h in _HINTS]
-        hits = hinted if len(hinted) == 1 else []
-    return hits[0] if hits else None
-
-

@@ -90,8 +90,10 @@ def call(model: nn.Module, example_inputs: Any, swapped: MetaStandIns | None = N
     old = [(store, key, store[key]) for store, key, _ in swapped.slots]
     # A forward may cache tensors in plain attributes (torchvision's anchor generator keeps
     # ``cell_anchors`` moved to the input's device): on the meta device those caches would
-    # outlive the call and break every later real forward, so each module's attributes are
-    # put back as they were.
+    # outlive the call and break every later real forward, so each attribute that now holds
+    # a meta tensor is put back as it was. Only those: other state a forward sets once
+    # (transformers' flag that its output-capturing hooks are installed, the hooks
+    # themselves) must stay, or the next forward sets it up a second time.
     attrs = [(m.__dict__, dict(m.__dict__)) for m in unique_modules(model)]
     try:
         for store, key, stand in swapped.slots:
@@ -101,9 +103,22 @@ def call(model: nn.Module, example_inputs: Any, swapped: MetaStandIns | None = N
         for store, key, orig in old:
             store[key] = orig
         for d, saved in attrs:
-            if d.keys() != saved.keys() or any(d[k] is not v for k, v in saved.items()):
-                d.clear()
-                d.update(saved)
+            for key in [k for k, v in d.items() if saved.get(k, d) is not v and _holds_meta(v)]:
+                if key in saved:
+                    d[key] = saved[key]
+                else:
+                    del d[key]
+
+
+def _holds_meta(value: Any) -> bool:
+    """Whether ``value`` is a meta tensor or a list/tuple/dict holding one."""
+    if isinstance(value, torch.Tensor):
+        return value.device.type == "meta"
+    if isinstance(value, (list, tuple)):
+        return any(_holds_meta(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_meta(v) for v in value.values())
+    return False
 
 
 def model_device(model: nn.Module) -> torch.device | None:

@@ -94,6 +94,26 @@ class ChannelSoftmax(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
+class Products(nn.Module):
+    """``addmm`` with a parameter weight (HF's Conv1D), ``baddbmm``, ``einsum``, and ``F.unfold``
+    followed by ``F.fold``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 6))
+        self.b = nn.Parameter(torch.zeros(6))
+        self.mix = nn.Parameter(torch.randn(4, 6))
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (1, 3, 4, 4)
+        rows = x.flatten(2).transpose(1, 2)[0]  # (16, 3)
+        y = torch.addmm(self.b, rows, self.w)  # (16, 6)
+        y = torch.baddbmm(y[None], y[None], torch.eye(6, device=x.device)[None])  # (1, 16, 6)
+        y = torch.einsum("bnc,dc->bdn", y, self.mix).reshape(1, 4, 4, 4)
+        cols = F.unfold(self.conv(y), 3, padding=1)
+        return F.fold(cols, (4, 4), 3, padding=1)
+
+
 def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
     return lambda: timm.create_model(name, pretrained=False, **kw)
 
@@ -113,6 +133,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], Any]]] = {
     "token_mixer": (TokenMixer, lambda: torch.randint(0, 10, (2, 16))),
     "roi_head": (RoIHead, lambda: torch.randn(1, 3, 8, 8)),
     "channel_softmax": (ChannelSoftmax, lambda: torch.randn(1, 3, 4, 4)),
+    "products": (Products, lambda: torch.randn(1, 3, 4, 4)),
 }
 
 

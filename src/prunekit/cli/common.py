@@ -39,9 +39,11 @@ def positive_int(text: str) -> int:
 
 
 def resolve_input_shape(text: str | None, model: Any, spec: str) -> tuple[int, ...]:
-    """The example input shape: ``text`` (``--input-shape``, e.g. ``1,3,224,224``) when given,
-    else the model's own config (timm), else 224 (299 for inception) for torchvision models,
-    else ``(1, in_chans, 32, 32)``. A malformed ``text`` raises :class:`CliError`."""
+    """The example input shape: ``text`` (``--input-shape``, e.g. ``1,3,224,224``; ``1,16``
+    tokens for a text model) when given, else the model's own config (timm; a transformers
+    model's: :func:`prunekit.zoo.hf.hf_default_shape`), else 224 (299 for inception) for
+    torchvision models, else ``(1, in_chans, 32, 32)``. A malformed ``text`` raises
+    :class:`CliError`."""
     if text:
         try:
             shape = tuple(int(v) for v in text.replace("x", ",").split(","))
@@ -50,6 +52,10 @@ def resolve_input_shape(text: str | None, model: Any, spec: str) -> tuple[int, .
         if len(shape) < 2 or any(v <= 0 for v in shape):
             raise CliError(f"--input-shape {text!r}: expected positive sizes, batch first")
         return shape
+    from prunekit.zoo.hf import hf_default_shape, is_hf_model
+
+    if is_hf_model(model):  # (1, tokens) for a text model, (1, C, H, W) for a vision one
+        return hf_default_shape(model)
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and "input_size" in cfg:
         return (1, *cfg["input_size"])
@@ -57,6 +63,30 @@ def resolve_input_shape(text: str | None, model: Any, spec: str) -> tuple[int, .
         return (1, 3, 299, 299) if "inception" in spec else (1, 3, 224, 224)
     in_chans = getattr(model, "in_chans", 3)
     return (1, in_chans, 32, 32)
+
+
+def example_inputs(model: Any, shape: tuple[int, ...]) -> Any:
+    """The example input of ``model`` at ``shape``: for a transformers model its keyword inputs
+    (token ids and an attention mask, or pixel values: :func:`prunekit.zoo.hf.hf_example_inputs`),
+    else a random tensor. A shape a text model cannot take is a :class:`CliError`."""
+    import torch
+
+    from prunekit.zoo.hf import hf_example_inputs, is_hf_model
+
+    if is_hf_model(model):
+        try:
+            return hf_example_inputs(model, shape)
+        except ValueError as exc:
+            raise CliError(f"--input-shape: {exc}") from None
+    return torch.randn(*shape)
+
+
+def default_ignore(model: Any) -> list[str]:
+    """Modules pruning keeps unless ``--ignore`` says otherwise: a transformers model's task
+    head (:func:`prunekit.zoo.hf.hf_head_modules`); none for other models."""
+    from prunekit.zoo.hf import hf_head_modules, is_hf_model
+
+    return hf_head_modules(model) if is_hf_model(model) else []
 
 
 def model_from_spec(spec: str, num_classes: int | None, in_chans: int | None) -> Any:
@@ -75,7 +105,9 @@ def add_model_options(p: argparse.ArgumentParser, *, model_required: bool = True
     """Add ``--model``, ``--num-classes``, ``--in-chans``, ``--input-shape``, ``--threads`` and
     ``--no-latency`` (the options of ``prune``, ``profile`` and ``graph``)."""
     p.add_argument("--model", required=model_required,
-                   help="model: a zoo name (resnet56), torchvision:NAME, timm:NAME or path/to/file.py:build_fn"
+                   help="model: a zoo name (resnet56), torchvision:NAME, timm:NAME, hf:NAME (a bundled transformers "
+                   "config: bert, gpt2, llama, vit, swin, segformer; or a config.json / a directory holding one) or "
+                   "path/to/file.py:build_fn"
                    + ("" if model_required else ", or a directory written by `prunekit train` (default: the recipe's)"))
     p.add_argument("--num-classes", type=positive_int, default=None, help="number of output classes (default: the model's)")
     p.add_argument("--in-chans", type=positive_int, default=None, help="input channels for zoo/timm models (default: 3)")
@@ -125,7 +157,7 @@ with a training method, whose training is that fine-tune): the recipe's fine-tun
 SHAPE_OPTIONS: OptionTable = [
     ("--input-shape", "input_shape", str,
      "example input shape, batch first, e.g. 1,3,32,32 (default: from the data or saved model)")]
-MODEL_HELP = "model: a zoo name (resnet56), torchvision:NAME, timm:NAME, path/to/file.py:build_fn"
+MODEL_HELP = "model: a zoo name (resnet56), torchvision:NAME, timm:NAME, hf:NAME, path/to/file.py:build_fn"
 FLAG_NAMES = {"finetune_epochs": "--epochs", "finetune_lr": "--lr"}
 """Recipe keys whose flag is not ``--`` plus the key (``finetune``'s ``--epochs``), for messages."""
 
@@ -338,11 +370,10 @@ def accuracy(model: Any, loader: Any) -> dict[str, float]:
 
 def profile_report(model: Any, shape: tuple[int, ...], args: argparse.Namespace) -> dict[str, Any]:
     """Params/FLOPs/latency on CPU (the model is moved there), as a report dict."""
-    import torch
-
     import prunekit as pk
 
-    return pk.profile(model.cpu().eval(), torch.randn(*shape), latency=not args.no_latency, threads=args.threads).to_dict()
+    model = model.cpu().eval()
+    return pk.profile(model, example_inputs(model, shape), latency=not args.no_latency, threads=args.threads).to_dict()
 
 
 def run_meta(shape: tuple[int, ...], num_classes: int | None, in_chans: int | None) -> dict[str, Any]:

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from prunekit.cli.common import add_model_options, model_from_spec, resolve_input_shape
+from prunekit.cli.common import add_model_options, example_inputs, model_from_spec, resolve_input_shape
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the coupled channel groups of a model and why some channels cannot be pruned."""
-    import torch
-
     import prunekit as pk
 
     model = model_from_spec(args.model, args.num_classes, args.in_chans).eval()
     shape = resolve_input_shape(args.input_shape, model, args.model)
-    graph = pk.trace(model, torch.randn(*shape))
+    graph = pk.trace(model, example_inputs(model, shape))
     print(graph)
     return 0
 

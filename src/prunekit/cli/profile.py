@@ -6,13 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from prunekit.cli.common import add_model_options, add_trust_code_option, load_model, model_from_spec, resolve_input_shape
+from prunekit.cli.common import (add_model_options, add_trust_code_option, example_inputs, load_model, model_from_spec,
+                                 resolve_input_shape)
 
 
 def run(args: argparse.Namespace) -> int:
     """Print params, FLOPs and measured latency of a model (or of a saved pruned model)."""
-    import torch
-
     import prunekit as pk
 
     if args.model and Path(args.model).is_dir():
@@ -25,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     # A saved run is profiled at the input shape it was made with (as eval does): its model
     # may take 1 channel, which no default shape can know.
     shape = tuple(saved) if saved and not args.input_shape else resolve_input_shape(args.input_shape, model, spec)
-    prof = pk.profile(model, torch.randn(*shape), latency=not args.no_latency, threads=args.threads)
+    prof = pk.profile(model, example_inputs(model, shape), latency=not args.no_latency, threads=args.threads)
     print(json.dumps(prof.to_dict(), indent=1) if args.json else prof)
     return 0
 

@@ -7,8 +7,13 @@ Plain criterion pruning or a published method, by ratio or budget, options from 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 import time
+import warnings
 from typing import Any
+
+from prunekit.errors import PruningShortfallWarning
 
 from prunekit.cli.common import (
     DATA_OPTIONS,
@@ -20,6 +25,8 @@ from prunekit.cli.common import (
     add_recipe_options,
     add_trust_code_option,
     add_val_size_option,
+    default_ignore,
+    example_inputs,
     example_shape,
     load_source,
     method_trains,
@@ -59,8 +66,6 @@ PRUNE_OPTIONS: OptionTable = [
 
 def run(args: argparse.Namespace) -> int:
     """``prunekit prune`` with --recipe, --target-flops and saved (trained) model directories."""
-    import torch
-
     from prunekit.persist import write_model
     from prunekit.runtime import atomic_directory
 
@@ -79,7 +84,11 @@ def run(args: argparse.Namespace) -> int:
         small, plan, info, shape = prune_while_training(model, r, args, spec, plan0)
     else:
         shape = example_shape(r, model, spec, plan0, data_info)
-        small, plan = prune_with_recipe(model.eval(), torch.randn(*shape), r)
+        if not r.ignore and default_ignore(model):  # a transformers model's task head stays
+            r = dataclasses.replace(r, ignore=default_ignore(model))
+        with warnings.catch_warnings():  # said once, as a line of the summary below
+            warnings.simplefilter("ignore", PruningShortfallWarning)
+            small, plan = prune_with_recipe(model.eval(), example_inputs(model, shape), r)
     seconds = time.perf_counter() - t0
     out = output_dir(args.out)  # only once the input is known to be good
     before, after = profile_report(model, shape, args), profile_report(small, shape, args)
@@ -113,7 +122,21 @@ def run(args: argparse.Namespace) -> int:
     print_summary([("before", before, {}), ("after", after, {})])
     print(f"{plan_summary(plan)} in {seconds:.2f} s; saved to {out}/ (model.safetensors, plan.json, "
           f"report.json, report.md, recipe.yaml)")
+    for line in shortfall_lines(plan):
+        print(line, file=sys.stderr)
     return 0
+
+
+def shortfall_lines(plan: Any) -> list[str]:
+    """``warning: ...`` lines for a prune that did less than asked (``plan.meta["shortfall"]``,
+    a ``--round-to auto`` that found no faster multiple): empty when it did what was asked."""
+    lines = []
+    if plan.meta.get("shortfall"):
+        lines.append(f"prunekit prune: warning: {plan.meta['shortfall']}")
+    auto = plan.meta.get("round_to_auto")
+    if isinstance(auto, dict) and auto.get("warning"):
+        lines.append(f"prunekit prune: warning: {auto['warning']}")
+    return lines
 
 
 def plan_summary(plan: Any) -> str:

@@ -135,7 +135,7 @@ def mixing_along(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs
 _SHAPE = """view reshape flatten unflatten permute transpose swapaxes swapdims t movedim moveaxis squeeze unsqueeze
 expand expand_as broadcast_to repeat tile repeat_interleave cat concat concatenate stack hstack vstack split chunk
 unbind tensor_split getitem narrow select index_select roll flip view_as reshape_as channel_shuffle
-native_channel_shuffle pixel_shuffle pixel_unshuffle attr.T attr.mT attr.H attr.mH unfold gather take_along_dim
+native_channel_shuffle pixel_shuffle pixel_unshuffle attr.T attr.mT attr.H attr.mH gather take_along_dim
 split_with_sizes unsafe_split unsafe_chunk diagonal""".split()
 
 
@@ -218,6 +218,48 @@ def _broadcasts(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
     """Whether a tensor of ``shape`` broadcasts to ``to`` (a masked write of one value per
     element does not: ``x[mask] = values`` takes one per *selected* element)."""
     return len(shape) <= len(to) and all(a in (1, b) for a, b in zip(reversed(shape), reversed(to)))
+
+
+@register_rule("unfold")
+def unfold(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+           ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """``Tensor.unfold`` is a rearrangement. ``F.unfold`` (im2col) is one too, except that
+    the zeros it pads with belong to no position of the input: where the input's channels
+    do not vary over space, output channel ``c * K + k`` is input channel ``c``'s, padding
+    included (it is that channel's padded map), so its K rows go with the channel."""
+    x = args[0]
+    if func is torch.nn.functional.unfold and isinstance(x, Tensor) and x.ndim in (3, 4) and outs[0].ndim == x.ndim - 1:
+        cdim = x.ndim - 3
+        lab = align(tr.lab(x), x.ndim)
+        if all(n == 1 for i, n in enumerate(lab.shape) if i != cdim):
+            k = outs[0].shape[cdim] // x.shape[cdim]
+            vec = lab.reshape(-1).expand(x.shape[cdim]).reshape(-1, 1).expand(-1, k).reshape(-1)
+            shape = [1] * outs[0].ndim
+            shape[cdim] = -1
+            return [vec.reshape(shape)]
+    return shape_op(tr, name, func, args, kwargs, ins, outs)
+
+
+@register_rule("fold")
+def fold(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+         ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """``F.fold`` (col2im), the inverse of ``unfold``: input channel ``c * K + k`` (K kernel
+    positions) is summed, at the positions its blocks cover, into output channel ``c``. The
+    K input channels of an output channel go together; whatever varies along the blocks
+    (dim -1) lands in that channel too."""
+    x, out = args[0], outs[0]
+    cdim = 1 if x.ndim == 3 else 0
+    c_out = out.shape[cdim]
+    if not tr.tracked(x) or c_out == 0 or x.shape[cdim] % c_out:
+        return _unknown(tr, name, ins, outs)
+    rows = tr.channel_vector(x, cdim).view(c_out, x.shape[cdim] // c_out)
+    nz = rows != 0
+    mixed = nz.any(1) & ~nz.all(1)
+    if bool(mixed.any()):
+        tr.block(rows[mixed], f"'fold' in module '{tr.current}' sums channels with untracked values")
+    shape = [1] * out.ndim
+    shape[cdim] = c_out
+    return [tr.tie_rows(rows).view(shape)]
 
 
 def _need_values(tr: Tracer, name: str, indices: list[Tensor]) -> None:
@@ -482,18 +524,32 @@ def matmul_like(tr: Tracer, name: str, lab_a: Tensor, a: Tensor, b: Tensor, lab_
         tr.add_member(b, 1, atoms, "out")
         return [atoms.view(*([1] * (nd - 1)), -1)]
     if not batch_varies:
-        va = _last_vec(tr, la, -1, a.shape[-1])
-        vb = _last_vec(tr, lb, -2, b.shape[-2])
-        if bool(((va != 0) ^ (vb != 0)).any()):
-            tr.block(torch.cat([va, vb]), f"'{name}' in module '{tr.current}' contracts channels with an untracked tensor")
-        tr.union(va, vb)
+        # Channels along the contracted dim pair index by index. An operand constant along it
+        # carries its channels on its other dim; raw parameter elements against such an
+        # operand (a learned bias in the attention weights @ single-head values) are a
+        # fixed-size tensor, not channels: nothing to tie then.
+        a_var = la.shape[-1] > 1 and (lb.shape[-2] > 1 or tr.produced(la))
+        b_var = lb.shape[-2] > 1 and (la.shape[-1] > 1 or tr.produced(lb))
+        if a_var or b_var:
+            va = _last_vec(tr, la, -1, a.shape[-1])
+            vb = _last_vec(tr, lb, -2, b.shape[-2])
+            if bool(((va != 0) ^ (vb != 0)).any()):
+                tr.block(torch.cat([va, vb]), f"'{name}' in module '{tr.current}' contracts channels with an untracked tensor")
+            tr.union(va, vb)
         rows = la.amax(dim=-1, keepdim=True) if la.shape[-2] > 1 else la.narrow(-1, 0, 1)
         cols = lb.amax(dim=-2, keepdim=True) if lb.shape[-1] > 1 else lb.narrow(-2, 0, 1)
         rows = rows if la.shape[-2] > 1 else torch.zeros_like(rows)
         cols = cols if lb.shape[-1] > 1 else torch.zeros_like(cols)
         if bool((rows != 0).any()) and bool((cols != 0).any()):
-            tr.block(torch.cat([rows.reshape(-1), cols.reshape(-1)]), f"'{name}' in module '{tr.current}' mixes channels of both operands")
-            return [zeros_like_shape(tuple(out.shape))]
+            # One side may hold raw parameter elements only: a fixed-size tensor, dropped.
+            if not tr.produced(cols):
+                cols = torch.zeros_like(cols)
+            elif not tr.produced(rows):
+                rows = torch.zeros_like(rows)
+            else:
+                tr.block(torch.cat([rows.reshape(-1), cols.reshape(-1)]),
+                         f"'{name}' in module '{tr.current}' mixes channels of both operands")
+                return [zeros_like_shape(tuple(out.shape))]
         res = rows if bool((rows != 0).any()) else cols
         return [compact(res)]
     # Batched product whose batch dims carry channels (attention heads): everything in one
@@ -504,6 +560,29 @@ def matmul_like(tr: Tracer, name: str, lab_a: Tensor, a: Tensor, b: Tensor, lab_
     tr.union(ra, rb)
     rep = torch.where(ra != 0, ra, rb)
     return [compact(rep)]
+
+
+@register_rule("addmm", "baddbmm")
+def addmm(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+          ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
+    """``beta * input + alpha * (a @ b)`` (``baddbmm``: batched): the product as :func:`matmul`
+    (with a parameter ``b`` of shape (in, out), a linear layer: HF's ``Conv1D``), then the
+    broadcast add of ``input`` (a parameter bias of the new outputs is sliced with them)."""
+    bias, a, b = args[0], args[1], args[2]
+    if not all(isinstance(t, Tensor) and t.ndim == (3 if name == "baddbmm" else 2) for t in (a, b)):
+        return _unknown(tr, name, ins, outs)
+    product = matmul_like(tr, name, tr.lab(a), a, b, tr.lab(b) if tr.tracked(b) else None, outs)[0]
+    if kwargs.get("beta", 1) == 0 or not isinstance(bias, Tensor):
+        return [product]
+    n = outs[0].shape[-1]
+    if tr.name_of(bias) is not None and tuple(bias.shape) in ((n,), (1, n)) and product.numel() == n == product.shape[-1] \
+            and bool((product != 0).all()) and product.unique().numel() == n:
+        tr.add_member(bias, bias.ndim - 1, product.reshape(-1), "out")  # one bias entry per new output
+        return [product]
+    # Any other input: an element-wise add of it and the product.
+    stand_in = torch.empty(outs[0].shape, device="meta")
+    tr.set(stand_in, product)
+    return elementwise(tr, name, func, (bias, stand_in), {}, [bias, stand_in], outs)
 
 
 def _last_vec(tr: Tracer, lab: Tensor, dim: int, size: int) -> Tensor:
@@ -522,10 +601,18 @@ def _slice_reps(tr: Tracer, lab: Tensor) -> Tensor:
 @register_rule("scaled_dot_product_attention")
 def sdpa(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
          ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
-    """Fused attention = softmax(q k^T + mask) v: heads of q, k, v (and mask) go together."""
+    """Fused attention = softmax(q k^T + mask) v: heads of q, k, v (and mask) go together;
+    with ``enable_gqa`` each kv head with the query heads it serves."""
     q, k, v = args[0], args[1], args[2]
     nd = outs[0].ndim
     reps = [_slice_reps(tr, align(tr.lab(t), nd)) for t in (q, k, v)]
+    if _arg(args, kwargs, 7, "enable_gqa", False) and q.ndim >= 3 and k.shape[-3] != q.shape[-3]:
+        # Grouped-query attention: torch repeats k and v with repeat_interleave along the head
+        # dim, so kv head j serves query heads j*G .. (j+1)*G-1 (G = query / kv heads). Tying
+        # each kv head with its G query heads makes one channel of them: a kv head goes only
+        # with all its query heads, and every kv head keeps G query heads.
+        g = q.shape[-3] // k.shape[-3]
+        reps[1:] = [r.repeat_interleave(g, dim=-3) if r.shape[-3] > 1 else r for r in reps[1:]]
     mask = _arg(args, kwargs, 3, "attn_mask")
     if isinstance(mask, Tensor) and tr.tracked(mask):
         reps.append(_slice_reps(tr, align(tr.lab(mask), nd)))
@@ -633,3 +720,7 @@ def factory(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dic
             ins: list[Tensor], outs: list[Tensor]) -> list[Tensor]:
     """Tensors created in forward carry no channels (their sizes are fixed by the code)."""
     return [zeros_like_shape(tuple(o.shape)) for o in outs]
+
+
+# The einsum rule lives in its own module (it derives the coupling from the subscripts).
+from prunekit.graph import einsum as _einsum  # noqa: E402,F401  (registers "einsum")

@@ -20,9 +20,10 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from prunekit._perf import named_tensors, walk
+from prunekit._perf import named_tensors, unique_modules, walk
 from prunekit.graph.labels import compact, zeros_like_shape
 from prunekit.graph.meta import MetaStandIns, meta_shortcut, meta_tensors, to_meta
+from prunekit.graph.provenance import mark_attributes, mark_shape
 from prunekit.graph.unionfind import UnionFind
 from prunekit.runtime import call, inputs_for, model_mode
 
@@ -349,9 +350,12 @@ class Tracer:
         same index along ``dim``; those elements' atoms must therefore go together. Indices
         that mix tracked and untracked elements are blocked (their size is fixed elsewhere).
         """
-        lab = self.lab(t)
         dim = dim % t.ndim
-        size = t.shape[dim]
+        return self.label_vector(self.lab(t), dim, t.shape[dim])
+
+    def label_vector(self, lab: Tensor, dim: int, size: int) -> Tensor:
+        """:meth:`channel_vector` of a tensor of label ``lab`` whose dim ``dim`` has ``size``
+        entries (for rules that work on labels of intermediate results, such as einsum's)."""
         if lab.numel() == lab.shape[dim]:  # varies along ``dim`` only (or nowhere): nothing to tie
             vec = lab.reshape(-1)
             return vec.expand(size).clone() if vec.numel() == 1 else vec
@@ -368,6 +372,18 @@ class Tracer:
             first = self.tie_rows(moved).unsqueeze(1)
         vec = moved[:, 0] if moved.shape[1] == 1 else first[:, 0]
         return vec.expand(size).clone() if vec.numel() == 1 else vec
+
+    def produced(self, lab: Tensor) -> bool:
+        """Whether some atom of ``lab`` is, or is joined with, a channel some layer produced
+        (an atom of an active source), rather than only raw parameter elements (which become
+        channels only when joined with produced ones) or nothing."""
+        atoms = np.unique(lab.numpy())
+        atoms = atoms[atoms != 0]
+        active = [np.arange(s.start, s.stop) for s in self.state.sources if s.active]
+        if not len(atoms) or not active:
+            return False
+        uf = self.state.uf
+        return bool(np.isin(uf.find(atoms), uf.find(np.concatenate(active))).any())
 
     def add_grid(self, lab: Tensor) -> None:
         """Remember a label varying along 2+ dims: its kept set must be a product set."""
@@ -391,9 +407,24 @@ class Tracer:
             out = func(*args, **kwargs)
         outs = call_outputs(func, args, out)
         if not outs:
-            return out
+            # A size read from a tensor along a dim pruning may change is marked as such: an
+            # op given it needs no attribute fix.
+            return mark_shape(op_name(func), args, kwargs, out, self._varying_dims(args))
         self._record(func, args, kwargs, outs)
         return out
+
+    def _varying_dims(self, args: tuple[Any, ...]) -> list[bool]:
+        """For a call on a tensor (``args[0]``), which of its dims pruning may change: those
+        its label varies along; every dim of a parameter or buffer (it may be sliced along
+        any); none of an untracked tensor. Empty when ``args[0]`` is no tensor."""
+        t = args[0] if args else None
+        if not isinstance(t, Tensor):
+            return []
+        v = self.values.get(id(t))
+        if v is None:
+            return [id(t) in self.tensor_names] * t.ndim
+        lab = v[1]
+        return [lab.ndim == t.ndim and lab.shape[d] > 1 for d in range(t.ndim)]
 
     def _record(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Tensor]) -> None:
         from prunekit.graph.rules import apply_rule
@@ -491,7 +522,9 @@ class Tracer:
                     self.tensor_names.setdefault(id(t), name)
                 self.keep_alive.extend(swapped.values())
             self.new_values(tensors_in(inputs))  # keyword inputs included (a pre-hook sees positional ones only)
-            with model_mode(model, mode), torch.no_grad(), _Mode(self):
+            # Int attributes are marked with their module and name for the pass: the size
+            # arguments an op records then say which attribute they came from (graph.sizes).
+            with model_mode(model, mode), torch.no_grad(), mark_attributes(names, unique_modules(model)), _Mode(self):
                 out = call(model, inputs, swapped)
             for t in tree_flatten(out)[0]:
                 if isinstance(t, Tensor):

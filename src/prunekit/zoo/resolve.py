@@ -5,6 +5,10 @@ Accepted specs:
 * ``resnet56``                      a prunekit zoo model (``list_models()``);
 * ``torchvision:NAME``              ``torchvision.models.get_model(NAME, weights=None)``;
 * ``timm:NAME``                     ``timm.create_model(NAME, pretrained=False)`` (needs timm);
+* ``hf:NAME``                       a transformers model built from a config: a bundled name
+                                    (``bert``, ``gpt2``, ``llama``, ``vit``, ``swin``, ``segformer``),
+                                    a ``config.json`` or a directory holding one (needs
+                                    transformers; see :mod:`prunekit.zoo.hf`);
 * ``path/to/file.py:build_fn``      ``build_fn()`` from a Python file.
 
 Nothing is ever downloaded: weights come from a local file via ``weights=``.
@@ -29,7 +33,8 @@ from prunekit.zoo.models import ModelNotFoundError, close_matches, create_model,
 __all__ = ["resolve_model", "load_weights", "is_file_spec", "SPEC_FORMS"]
 
 #: Human-readable list of the accepted spec forms, used in error messages.
-SPEC_FORMS = "a zoo name (e.g. 'resnet56'), 'torchvision:NAME', 'timm:NAME' or 'path/to/file.py:FUNCTION'"
+SPEC_FORMS = ("a zoo name (e.g. 'resnet56'), 'torchvision:NAME', 'timm:NAME', 'hf:NAME' (a bundled config name, "
+              "a config.json or a directory holding one) or 'path/to/file.py:FUNCTION'")
 
 
 def resolve_model(
@@ -59,7 +64,7 @@ def resolve_model(
     if pretrained and weights is None:
         why = (
             "weights cannot be downloaded here (no network access)"
-            if source in ("torchvision", "timm")
+            if source in ("torchvision", "timm", "hf")
             else "weights cannot be downloaded here (zoo and file models have no published weights)"
         )
         raise ValueError(
@@ -73,6 +78,8 @@ def resolve_model(
         model = _from_torchvision(spec, target, num_classes, in_chans)
     elif source == "timm":
         model = _from_timm(spec, target, num_classes, in_chans)
+    elif source == "hf":
+        model = _from_hf(spec, target, num_classes, in_chans)
     else:
         model = _from_file(spec, source, target, num_classes, in_chans)
 
@@ -84,13 +91,14 @@ def resolve_model(
 def is_file_spec(spec: str) -> bool:
     """True when resolving ``spec`` imports and runs a Python file (``path/to/file.py:FUNCTION``).
 
-    Zoo, ``torchvision:`` and ``timm:`` specs build installed code only. A malformed spec is
-    not a file spec: :func:`resolve_model` refuses it without importing anything."""
+    Zoo, ``torchvision:``, ``timm:`` and ``hf:`` specs build installed code only (an ``hf:``
+    config is data). A malformed spec is not a file spec: :func:`resolve_model` refuses it
+    without importing anything."""
     try:
         source, _ = _split_spec(spec.strip())
     except ValueError:
         return False
-    return source not in ("zoo", "torchvision", "timm")
+    return source not in ("zoo", "torchvision", "timm", "hf")
 
 
 def _split_spec(spec: str) -> tuple[str, str]:
@@ -107,7 +115,7 @@ def _split_spec(spec: str) -> tuple[str, str]:
     if ":" not in spec:
         return "zoo", spec
     prefix, _, name = spec.partition(":")
-    if prefix not in ("torchvision", "timm"):
+    if prefix not in ("torchvision", "timm", "hf"):
         raise ValueError(f"model spec {spec!r} has unknown prefix {prefix!r}; expected {SPEC_FORMS}")
     if not name:
         raise ValueError(f"model spec {spec!r} has no model name after '{prefix}:'; expected '{prefix}:NAME'")
@@ -153,6 +161,19 @@ def _from_timm(spec: str, name: str, num_classes: int | None, in_chans: int | No
         hint = close_matches(name, timm.list_models())
         raise ModelNotFoundError(f"model spec {spec!r}: timm has no model {name!r}{hint}")
     return timm.create_model(name, pretrained=False, **_given(num_classes=num_classes, in_chans=in_chans))
+
+
+def _from_hf(spec: str, name: str, num_classes: int | None, in_chans: int | None) -> nn.Module:
+    """Return the transformers model of config ``name`` (:func:`prunekit.zoo.hf.build_hf_model`);
+    errors name the spec."""
+    from prunekit.zoo.hf import build_hf_model
+
+    try:
+        return build_hf_model(name, num_classes=num_classes, in_chans=in_chans)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"model spec {spec!r}: {exc}") from None
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        raise type(exc)(f"model spec {spec!r}: {exc}") from None
 
 
 def _from_file(spec: str, file: str, fn_name: str, num_classes: int | None, in_chans: int | None) -> nn.Module:
