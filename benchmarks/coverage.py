@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import coverage_tasks  # noqa: E402
 from common import RESULTS_DIR, machine_info, machine_line, md_table, read_json, write_json  # noqa: E402
 
 log = logging.getLogger("coverage")
@@ -99,6 +100,8 @@ def hf_names() -> list[str]:
 
 def construct(source: str, name: str) -> nn.Module:
     """Build a randomly initialised model (never downloads weights)."""
+    if source == "tasks":
+        return coverage_tasks.construct(name)
     if source == "hf":
         from prunekit.zoo.hf import build_hf_model
 
@@ -123,6 +126,8 @@ def input_size(source: str, name: str, model: nn.Module) -> tuple[int, ...]:
         return tuple(hf_default_shape(model)[1:])
     if source == "torchvision":
         return (3, 299, 299) if name == "inception_v3" else (3, 224, 224)
+    if source == "tasks":
+        return ()  # several inputs (see coverage_tasks.example_input)
     return tuple(model.pretrained_cfg["input_size"])
 
 
@@ -133,6 +138,8 @@ def example_input(source: str, model: nn.Module, size: tuple[int, ...], seed: in
         from prunekit.zoo.hf import hf_example_inputs
 
         return hf_example_inputs(model, (1, *size), seed=seed)
+    if source == "tasks":
+        return coverage_tasks.example_input(model.__dict__["_coverage_name"], model, seed)
     return torch.randn(1, *size, generator=torch.Generator().manual_seed(seed))
 
 
@@ -144,6 +151,8 @@ def find_classifiers(source: str, model: nn.Module) -> list[nn.Module]:
         from prunekit.zoo.hf import hf_head_modules
 
         return [model.get_submodule(n) for n in hf_head_modules(model)]
+    if source == "tasks":
+        return coverage_tasks.kept_layers(model.__dict__["_coverage_name"], model)
     if source == "timm":
         clf = model.get_classifier()
         clfs = list(clf) if isinstance(clf, (tuple, list)) else [clf]
@@ -216,10 +225,16 @@ def first_tensor(out: Any) -> torch.Tensor:
     raise TypeError(f"model output has no tensor: {type(out).__name__}")
 
 
+TASK: str | None = None  # the "tasks" model this process runs (its dense output is compared)
+
+
 @torch.no_grad()
 def eval_output(model: nn.Module, x: Any) -> torch.Tensor:
-    """Eval-mode output tensor of ``model`` on ``x`` (keyword inputs for a dict)."""
+    """Eval-mode output tensor of ``model`` on ``x`` (keyword inputs for a dict); for a
+    "tasks" model the dense output an exact prune preserves (a detector's predictor outputs)."""
     model.eval()
+    if TASK is not None:
+        return coverage_tasks.dense_output(TASK, model, x)
     return first_tensor(model(**x) if isinstance(x, dict) else model(x))
 
 
@@ -291,11 +306,13 @@ def run_torch_pruning(model: nn.Module, x: Any, clfs: list[nn.Module], base: dic
     try:
         imp_cls = getattr(tp.importance, "GroupMagnitudeImportance", None) or tp.importance.MagnitudeImportance
 
+        tp_x = coverage_tasks.eval_inputs(x)  # one forward's inputs: TP traces no training pass
+
         def tp_prune(m: nn.Module, c: list[nn.Module]) -> None:
-            tp.pruner.MagnitudePruner(m, x, importance=imp_cls(p=2), pruning_ratio=RATIO, ignored_layers=c).step()
+            tp.pruner.MagnitudePruner(m, tp_x, importance=imp_cls(p=2), pruning_ratio=RATIO, ignored_layers=c).step()
 
         t0 = time.perf_counter()
-        pruner = tp.pruner.MagnitudePruner(model, x, importance=imp_cls(p=2), pruning_ratio=RATIO,
+        pruner = tp.pruner.MagnitudePruner(model, tp_x, importance=imp_cls(p=2), pruning_ratio=RATIO,
                                            ignored_layers=clfs)
         stage = "step"
         pruner.step()
@@ -361,6 +378,9 @@ def run_one(source: str, name: str, out_path: Path, max_params: float) -> None:
     try:
         t0 = time.perf_counter()
         model = construct(source, name).eval()
+        if source == "tasks":
+            global TASK
+            TASK = model.__dict__["_coverage_name"] = name
         size = input_size(source, name, model)
         clfs = find_classifiers(source, model)
         rec.update(build_s=time.perf_counter() - t0, input=list(size),
@@ -376,7 +396,9 @@ def run_one(source: str, name: str, out_path: Path, max_params: float) -> None:
         base["out_shape"] = list(y0.shape)
         x2 = example_input(source, model, size, seed=1)
         # how much the output depends on the input: near 0 means the exactness check is weak
-        rec["input_sensitivity"] = float((eval_output(model, x2) - y0).abs().max() / (y0.abs().max() + 1e-12))
+        y2 = eval_output(model, x2)
+        if y2.shape == y0.shape:  # a detector's proposal count may follow the input
+            rec["input_sensitivity"] = float((y2 - y0).abs().max() / (y0.abs().max() + 1e-12))
         try:
             base["flops"] = flops(model, x)
         except Exception as exc:  # noqa: BLE001
@@ -454,11 +476,11 @@ def spawn_one(source: str, name: str, timeout: float, max_params: float, threads
 
 def select_models(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(source, name) pairs to run: timm first, then torchvision ordered by size (small first)."""
-    sources = [args.only] if args.only else ["timm", "torchvision", "hf"]
+    sources = [args.only] if args.only else ["timm", "torchvision", "hf", "tasks"]
     wanted = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     todo: list[tuple[str, str]] = []
     for source in sources:
-        names = timm_names() if source == "timm" else hf_names() if source == "hf" else torchvision_names()
+        names = {"timm": timm_names, "hf": hf_names, "tasks": coverage_tasks.names}.get(source, torchvision_names)()
         if wanted is not None:
             asked = [w.split("/", 1)[1] if w.startswith(source + "/") else w for w in wanted
                      if "/" not in w or w.startswith(source + "/")]
@@ -532,9 +554,14 @@ def one_line(rec: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- #
 
 
+ALMOST_NOTHING = 0.9  # a prune at ratio 0.5 that keeps more of the params than this removed almost nothing
+
+
 def passed(rec: dict[str, Any], tool: str) -> bool:
-    """Whether ``tool`` passed on this record."""
-    return rec.get(tool, {}).get("status") == "pass"
+    """Whether ``tool`` passed on this record: it ran, kept the output's shape, and removed
+    something (keeping more than ``ALMOST_NOTHING`` of the params counts as a failure)."""
+    r = rec.get(tool, {})
+    return r.get("status") == "pass" and r.get("params_ratio", 1.0) <= ALMOST_NOTHING
 
 
 def cause(error: str) -> str:
@@ -551,7 +578,7 @@ def summary(models: dict[str, dict[str, Any]]) -> list[str]:
     rows = []
     ratios_all: list[float] = []
     warm_all: list[float] = []
-    for source in ("torchvision", "timm", "hf"):
+    for source in ("torchvision", "timm", "hf", "tasks"):
         recs = {k: r for k, r in models.items() if r.get("source") == source}
         if not recs:
             continue
@@ -653,7 +680,7 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
     lines += ["## Torch-Pruning failures by cause", ""] + failure_groups(models, "torch_pruning") + [""]
     header = ["model", "params M", "mix norm", "pk", "pk params", "pk FLOPs", "pk exact err", "repairs",
               "pk time s", "TP", "TP params", "TP FLOPs", "TP time s", "time pk/TP", "warm pk/TP", "notes"]
-    for source in ("torchvision", "timm", "hf"):
+    for source in ("torchvision", "timm", "hf", "tasks"):
         rows = model_rows(models, source)
         if rows:
             lines += [f"## {source}", "", md_table(header, rows), ""]
@@ -673,7 +700,7 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["torchvision", "timm", "hf"], help="run one zoo only")
+    p.add_argument("--only", choices=["torchvision", "timm", "hf", "tasks"], help="run one zoo only")
     p.add_argument("--models", help="comma-separated model names (or source/name) to run")
     p.add_argument("--redo", action="store_true", help="rerun models already in the results")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per model (default 600)")
