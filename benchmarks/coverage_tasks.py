@@ -7,7 +7,8 @@ Detectors are fed ``prunekit.ModeInputs`` (images, and images + targets in train
 at 256 px (``min_size``/``max_size`` of the R-CNN/RetinaNet/FCOS transforms; SSD keeps its
 own size) and checked on their predictors' dense outputs
 (:func:`prunekit.zoo.detection.dense_outputs`), since the boxes that survive NMS depend on
-values. Torch-Pruning gets the eval inputs (it traces one forward).
+values (an R-CNN's RoI predictors are left out: they run on the proposals NMS keeps).
+Torch-Pruning gets the eval inputs (it traces one forward).
 """
 
 from __future__ import annotations
@@ -102,7 +103,12 @@ def dense_output(name: str, model: nn.Module, x: Any) -> torch.Tensor:
     if name in DETECTION:
         from prunekit.zoo.detection import dense_outputs
 
-        return torch.cat([v.reshape(-1) for v in dense_outputs(model, x, "eval").values()])
+        # An R-CNN's RoI predictors run on the proposals that survive NMS: near-ties among
+        # random-init objectness scores flip on float noise, so their count (not the prune's
+        # exactness) differs run to run; they are left out here (tests/zoo/test_detection.py
+        # checks them where the proposals agree).
+        outs = {k: v for k, v in dense_outputs(model, x, "eval").items() if not k.startswith("roi_heads.")}
+        return torch.cat([v.reshape(-1) for v in outs.values()])
     model.eval()
     out = call_model(model, x)
     if isinstance(out, dict):
