@@ -62,7 +62,8 @@ def detector_predictors(model: nn.Module) -> list[str]:
 def _targets(model: nn.Module, size: int, generator: torch.Generator) -> dict[str, Tensor]:
     """Two boxes of class 1, plus masks / keypoints when ``model`` predicts them."""
     boxes = torch.tensor([[0.1, 0.15, 0.45, 0.5], [0.4, 0.3, 0.9, 0.85]]) * size
-    target: dict[str, Tensor] = {"boxes": boxes, "labels": torch.tensor([1, 1])}  # class 1 exists in every detector (a keypoint R-CNN has only it)
+    # Class 1 exists in every detector (a keypoint R-CNN has no other).
+    target: dict[str, Tensor] = {"boxes": boxes, "labels": torch.tensor([1, 1])}
     heads = {type(m).__name__ for m in model.modules()}
     if "MaskRCNNPredictor" in heads:
         masks = torch.zeros(2, size, size, dtype=torch.uint8)
