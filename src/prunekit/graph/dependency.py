@@ -133,9 +133,10 @@ def build_groups(state: TraceState, model: nn.Module) -> tuple[list[ChannelGroup
     active = np.zeros(n_comp, dtype=bool)
     for s in active_sources:
         active[comp[s.start:s.stop]] = True
-    reasons = [why for _, why in state.blocked]
+    blocked = state.blocked + _param_size_blocks(state, members)
+    reasons = [why for _, why in blocked]
     reason_of = np.full(n_comp, -1, dtype=np.int64)  # first blocking reason of each channel
-    for k, (atoms, _) in enumerate(state.blocked):
+    for k, (atoms, _) in enumerate(blocked):
         cs = comp[atoms]
         cs = cs[cs >= 0]
         reason_of[cs[reason_of[cs] < 0]] = k
@@ -219,6 +220,17 @@ def _param_members(state: TraceState, comp: np.ndarray, model: nn.Module) -> lis
         else:
             if len(np.unique(cells)) > 1 and cells.size > 1:
                 state.blocked.append((np.unique(atoms.numpy()), f"parameter '{name}' couples channels along several dims"))
+    return out
+
+
+def _param_size_blocks(state: TraceState, members: list[Member]) -> list[tuple[np.ndarray, str]]:
+    """The channels of parameter dims whose size the forward used as a value (see
+    :meth:`prunekit.graph.tracer.Tracer.size_used_as_value`), with the reason."""
+    out = []
+    for name, dim, reason in state.param_size_values:
+        atoms = [m.atoms[m.atoms != 0] for m in members if m.tensor == name and m.dim == dim]
+        if atoms:
+            out.append((np.unique(np.concatenate(atoms)), reason))
     return out
 
 

@@ -23,7 +23,8 @@ from torch.utils._pytree import tree_flatten
 from prunekit._perf import named_tensors, unique_modules, walk
 from prunekit.graph.labels import compact, zeros_like_shape
 from prunekit.graph.meta import MetaStandIns, meta_shortcut, meta_tensors, to_meta
-from prunekit.graph.provenance import mark_attributes, mark_shape
+from prunekit.graph.provenance import mark_attributes
+from prunekit.graph.sizes import SizeTag, Tags, float_listener, merge, tagged, value_uses
 from prunekit.graph.unionfind import UnionFind
 from prunekit.runtime import call, inputs_for, model_mode
 
@@ -144,6 +145,12 @@ class TraceState:
     # Atoms an op mixes (a normalisation or softmax over channels), with the op: removing
     # one changes the op's other outputs, so the prune is no longer exact there.
     mixing: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    # A size read from a parameter's shape and used as a value: (tensor, dim, reason), resolved
+    # against that dim's members once they are known (:func:`prunekit.graph.dependency.build_groups`).
+    param_size_values: list[tuple[str, int, str]] = field(default_factory=list)
+    # A reshape target computed from another tensor's size: (the size's rows, the output's
+    # compact label, where); the groups on both sides must keep proportional counts.
+    size_ties: list[tuple[np.ndarray, np.ndarray, str]] = field(default_factory=list)
     grids: dict[tuple[Any, ...], np.ndarray] = field(default_factory=dict)
     ops: dict[str, list[OpRecord]] = field(default_factory=dict)
     calls: dict[str, list[ModuleCall]] = field(default_factory=dict)
@@ -221,6 +228,8 @@ class Tracer:
         self.aux_labs: dict[str, Tensor] = {}  # set by a rule, moved into its op's record
         self._if_used: list[tuple[Tensor, Tensor, str]] = []  # set by a rule, resolved into self.pending
         self.pending: list[tuple[int, Tensor, str]] = []  # (value id, atoms, reason): blocked if the value is used
+        self.busy = False  # inside a torch call (a float conversion there is torch's, not the model's)
+        self.size_cache: dict[tuple[int, int], SizeTag | None] = {}
         if not self.state.module_params:
             self.state.module_params = {n: sum(p.numel() for p in m._parameters.values() if p is not None)
                                         for n, m in walk(model)}
@@ -401,35 +410,79 @@ class Tracer:
 
     # ----------------------------------------------------------------- running
     def handle(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Run ``func`` (on real or meta tensors), then apply its channel rule to the outputs."""
+        """Run ``func`` (on real or meta tensors), then apply its channel rule to the outputs;
+        a size read returns :class:`~prunekit.graph.sizes.SizeInt` s (see :meth:`read_size`)."""
+        name = op_name(func)
+        used = value_uses(name, args, kwargs)
+        if used:
+            self.size_used_as_value(used, f"by '{name}'")
         out = meta_shortcut(func, args, kwargs)
         if out is None:
             out = func(*args, **kwargs)
         outs = call_outputs(func, args, out)
         if not outs:
-            # A size read from a tensor along a dim pruning may change is marked as such: an
-            # op given it needs no attribute fix.
-            return mark_shape(op_name(func), args, kwargs, out, self._varying_dims(args))
-        self._record(func, args, kwargs, outs)
+            return self.read_size(name, args, kwargs, out) if name in _SIZE_READS else out
+        self._record(name, func, args, kwargs, outs)
         return out
 
-    def _varying_dims(self, args: tuple[Any, ...]) -> list[bool]:
-        """For a call on a tensor (``args[0]``), which of its dims pruning may change: those
-        its label varies along; every dim of a parameter or buffer (it may be sliced along
-        any); none of an untracked tensor. Empty when ``args[0]`` is no tensor."""
+    # ----------------------------------------------------------------- sizes read from tensors
+    def read_size(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        """``out`` (the result of ``x.shape``, ``x.size(d)``, ``x.numel()``, ``len(x)``) with
+        every size that counts channels returned as a :class:`SizeInt` tagged with them."""
         t = args[0] if args else None
-        if not isinstance(t, Tensor):
-            return []
-        v = self.values.get(id(t))
-        if v is None:
-            return [id(t) in self.tensor_names] * t.ndim
-        lab = v[1]
-        return [lab.ndim == t.ndim and lab.shape[d] > 1 for d in range(t.ndim)]
+        if not isinstance(t, Tensor) or not self.tracked(t):
+            return out
+        if isinstance(out, torch.Size):
+            return torch.Size([tagged(n, self._size_tags(t, d)) for d, n in enumerate(out)])
+        if not isinstance(out, int):
+            return out
+        if name == "numel":
+            tags: Tags = ()
+            for d in range(t.ndim):
+                tags = merge(tags, self._size_tags(t, d))
+            return tagged(out, tags)
+        dim = 0 if name == "len" else (args[1] if len(args) > 1 else kwargs.get("dim"))
+        return tagged(out, self._size_tags(t, dim)) if isinstance(dim, int) else out
 
-    def _record(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], outs: list[Tensor]) -> None:
+    def _size_tags(self, t: Tensor, dim: int) -> Tags:
+        """The tag of dim ``dim`` of ``t`` (none when no channel decides its size)."""
+        dim %= max(t.ndim, 1)
+        name = self.name_of(t)
+        if name is not None:
+            # A parameter's dim: which channels it holds is known once its members are.
+            return (SizeTag(None, f"dim {dim} of '{name}' read in module '{self.current}'", (name, dim)),)
+        lab = self.lab(t)
+        key = (id(lab), dim)
+        if key not in self.size_cache:
+            tag = None
+            if lab.ndim == t.ndim and lab.shape[dim] > 1 and bool((lab != 0).any()):
+                rows = lab.movedim(dim, 0).reshape(lab.shape[dim], -1).numpy().copy()
+                tag = SizeTag(rows, f"dim {dim} of a tensor in module '{self.current}'")
+            self.size_cache[key] = tag
+            self.keep_alive.append(lab)  # the cache key must not be reused by another label
+        tag = self.size_cache[key]
+        return (tag,) if tag is not None else ()
+
+    def size_used_as_value(self, tags: Tags, how: str) -> None:
+        """Sizes read from tensors are used as values (``how``, e.g. "by 'div'"): pruning
+        would change those values silently, so the channels they count keep their number."""
+        for tag in tags:
+            reason = (f"a channel count read from a tensor's shape ({tag.where}) is used as a value {how} "
+                      f"in module '{self.current}'")
+            if tag.param is not None:
+                self.state.param_size_values.append((*tag.param, reason))
+            elif len(tag.keep):
+                # numpy only: this may run in the model's own code, where a torch call would be traced
+                self.state.blocked.append((np.unique(tag.keep), reason))
+
+    def _float_used(self, tags: Tags) -> None:
+        if not self.busy:
+            self.size_used_as_value(tags, "after a conversion to float (float(), math.*)")
+
+    def _record(self, name: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                outs: list[Tensor]) -> None:
         from prunekit.graph.rules import apply_rule
 
-        name = op_name(func)
         ins = tensors_in((args, kwargs))
         version = self.version
         labs = apply_rule(self, name, func, args, kwargs, ins, outs)
@@ -543,6 +596,7 @@ class Tracer:
         self.n_values = 0
         self.values.clear()
         self.keep_alive.clear()
+        self.size_cache.clear()
         self.stack = [""]
 
 
@@ -557,13 +611,29 @@ class Tracer:
                 self.block(atoms, reason)
 
 
+_SIZE_READS = frozenset({"attr.shape", "size", "numel", "len"})
+
+
 class _Mode(TorchFunctionMode):
     def __init__(self, tracer: Tracer) -> None:
         super().__init__()
         self.tracer = tracer
 
+    def __enter__(self) -> "_Mode":
+        float_listener.append(self.tracer._float_used)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        float_listener.remove(self.tracer._float_used)
+        super().__exit__(*exc)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        return self.tracer.handle(func, tuple(args), dict(kwargs or {}))
+        tracer = self.tracer
+        tracer.busy = True
+        try:
+            return tracer.handle(func, tuple(args), dict(kwargs or {}))
+        finally:
+            tracer.busy = False
 
 
 def tensors_in(obj: Any) -> list[Tensor]:
@@ -606,8 +676,12 @@ def _strip_tensors(obj: Any) -> Any:
         return type(obj)(_strip_tensors(o) for o in obj) if not hasattr(obj, "_fields") else tuple(obj)
     if isinstance(obj, dict):
         return {k: _strip_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, (int, float, bool, str, type(None), torch.Size)):
+    if isinstance(obj, (bool, str, type(None))):
         return obj
+    if isinstance(obj, int):
+        return int(obj)  # records keep plain numbers (a SizeInt's tags matter while tracing only)
+    if isinstance(obj, float):
+        return float(obj)
     return None
 
 
