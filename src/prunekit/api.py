@@ -55,7 +55,7 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
     prunable0 = sum(g.n_prunable for g in groups)  # before repairs: what the ratio asks of
     repairs: list[str] = []
     options = dict(ratios=ratios, global_ranking=cfg.global_ranking, min_channels=cfg.min_channels,
-                   group_ratios=resolve_group_ratios(groups, cfg.group_ratios))
+                   group_ratios=resolve_group_ratios(groups, cfg.group_ratios), ties=graph.ties)
 
     def allocate(round_to: int) -> list[np.ndarray]:
         """The channels to remove from each of ``groups`` (as repairs leave them) at ``round_to``."""
@@ -64,7 +64,8 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
                 raise PruningError("allocation='knapsack' needs the cost model, which does not describe this model "
                                    "(see the log); use allocation='ratio'")
             return knapsack_removal(groups, scores, measure.cost, budget.kind, budget.target,
-                                    raw=cfg.global_ranking == "raw", round_to=round_to, min_channels=cfg.min_channels)
+                                    raw=cfg.global_ranking == "raw", round_to=round_to, min_channels=cfg.min_channels,
+                                    ties=graph.ties)
         if budget is not None:
             return removal_for_budget(groups, scores, budget, {**options, "round_to": round_to}, measure.value)
         return select(groups, scores, ratio=cfg.ratio, round_to=round_to, **options)

@@ -98,3 +98,63 @@ def test_tagged_arithmetic_agrees_with_plain_numbers_and_keeps_the_tags() -> Non
         assert got == want and type(got) in (SizeInt, SizeFloat) and tags_of(got) == (tag,)
     assert tags_of(c + c) == (tag,)  # one read counted once
     assert type(c > 3) is bool and tags_of(tagged(True, (tag,))) == ()
+
+
+class Attention(nn.Module):
+    """Written like torchvision's Swin attention: the head width is ``C // num_heads`` and the
+    output is reshaped to ``C``, with ``C`` read from the input (the residual width)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        a = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class Transformer(nn.Module):
+    """Two residual attention + MLP blocks (no LayerNorm, so the masked reference is exact)."""
+
+    def __init__(self, dim: int = 24, heads: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.attn = nn.ModuleList([Attention(dim, heads) for _ in range(2)])
+        self.fc1 = nn.ModuleList([nn.Linear(dim, 2 * dim) for _ in range(2)])
+        self.fc2 = nn.ModuleList([nn.Linear(2 * dim, dim) for _ in range(2)])
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for attn, fc1, fc2 in zip(self.attn, self.fc1, self.fc2):
+            x = x + attn(x)
+            x = x + fc2(torch.relu(fc1(x)))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("options", [dict(ratio=0.5), dict(ratio=0.4, global_ranking=True), dict(target_params=0.5),
+                                     dict(target_flops=0.5, allocation="knapsack")],
+                         ids=["ratio", "global", "params", "knapsack"])
+def test_heads_and_embedding_tied_by_reshape_sizes_are_pruned_proportionally_and_exactly(options) -> None:
+    torch.manual_seed(0)
+    model = Transformer().eval()
+    x = torch.randn(2, 5, 8)
+    graph = pk.trace(model, x, ignore=["head"])
+    names = {graph.groups[i].name for tie in graph.ties for i in tie}
+    assert {"embed (+4 coupled)", "attn.0.qkv", "attn.1.qkv"} <= names
+    small, plan = pk.prune(model, x, graph=graph, return_plan=True, **options)
+    width, heads = small.embed.out_features, [a.num_heads for a in small.attn]
+    # Both the residual width and the heads shrink, by the same fraction (8 channels a head).
+    assert width < 24 and heads[0] < 3 and width == 8 * heads[0] == 8 * heads[1]
+    assert small.attn[0].qkv.out_features == 3 * width
+    assert not plan.meta["repairs"]
+    ref = masked_reference(model, graph, plan)
+    with torch.no_grad():
+        assert torch.allclose(small(x), ref(x), atol=1e-5)
+    if "target_params" in options:
+        assert 0.45 <= pk.measure.count_params(small) / pk.measure.count_params(model) <= 0.5

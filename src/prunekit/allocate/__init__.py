@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -114,10 +114,47 @@ def _lowest(group: ChannelGroup, scores: np.ndarray, n: int, min_channels: int) 
     return np.sort(np.array(chosen, dtype=np.int64))
 
 
+def tie_units(groups: list[ChannelGroup], tie: Sequence[int], min_channels: int) -> tuple[list[int], int, int]:
+    """The steps of one tie class (groups keeping the same fraction of their channels,
+    :attr:`prunekit.graph.DependencyGraph.ties`): every group keeps ``m * unit`` channels,
+    ``unit = size / gcd(sizes)``; returns (units, smallest m allowed, largest m = gcd). The
+    smallest m keeps every group's unprunable channels and ``min_channels``."""
+    sizes = [groups[i].size for i in tie]
+    top = math.gcd(*sizes)
+    units = [s // top for s in sizes]
+    low = 1
+    for i, u in zip(tie, units):
+        g = groups[i]
+        need = max(g.size - g.n_prunable, min(min_channels, g.size))
+        low = max(low, -(-need // u))
+    return units, min(low, top), top
+
+
+def tie_removal(groups: list[ChannelGroup], counts: list[int], ties: Sequence[Sequence[int]] | None,
+                min_channels: int = 1, round_to: int = 1) -> list[int]:
+    """``counts`` (channels to remove per group) with every tie class moved to one common
+    fraction kept: the step nearest the class's overall kept fraction (a tie between two
+    steps keeps more), preferring steps where every count is a multiple of ``round_to``."""
+    out = list(counts)
+    for tie in ties or ():
+        units, low, top = tie_units(groups, tie, min_channels)
+        kept = sum(groups[i].size - counts[i] for i in tie)
+        want = top * kept / sum(groups[i].size for i in tie)
+        steps = list(range(low, top + 1))
+        if round_to > 1:
+            rounded = [m for m in steps if all(m * u % round_to == 0 or m == top for u in units)]
+            steps = rounded or steps
+        m = min(steps, key=lambda k: (abs(k - want), -k))
+        for i, u in zip(tie, units):
+            out[i] = groups[i].size - m * u
+    return out
+
+
 def select(groups: list[ChannelGroup], scores: list[np.ndarray], *, ratio: float,
            ratios: Mapping[str, float] | None = None, global_ranking: bool | str = False, round_to: int = 1,
            min_channels: int = 1, max_group_ratio: float = 0.9,
-           group_ratios: Mapping[int, float] | None = None) -> list[np.ndarray]:
+           group_ratios: Mapping[int, float] | None = None,
+           ties: Sequence[Sequence[int]] | None = None) -> list[np.ndarray]:
     """Pick the channels to remove, per group (sorted local indices).
 
     * uniform (default): ``floor(ratio * size)`` lowest-scored prunable channels of every group
@@ -128,6 +165,7 @@ def select(groups: list[ChannelGroup], scores: list[np.ndarray], *, ratio: float
     * ``global_ranking="raw"``: the same on the scores as they are, for scores already on one
       scale across groups (learned gates, log-odds, BN scales: a global threshold).
     ``round_to`` keeps channel counts multiples of it; every group keeps ``min_channels``.
+    Groups in one of ``ties`` keep one common fraction of their channels (:func:`tie_removal`).
     """
     round_to = check_round_to(round_to)
     if min_channels < 1:
@@ -135,12 +173,13 @@ def select(groups: list[ChannelGroup], scores: list[np.ndarray], *, ratio: float
     if group_ratios and global_ranking:
         raise PruningError("group_ratios: per-group ratios and global_ranking exclude each other")
     if not global_ranking:
-        out = []
-        for i, (g, s) in enumerate(zip(groups, scores)):
+        counts = []
+        for i, g in enumerate(groups):
             r = group_ratios[i] if group_ratios and i in group_ratios else group_ratio(g, ratio, ratios)
-            n = _round_keep(g.size, int(math.floor(r * g.size + 1e-9)), round_to, g.n_prunable, min_channels)
-            out.append(_lowest(g, s, n, min_channels))
-        return out
+            counts.append(_round_keep(g.size, int(math.floor(r * g.size + 1e-9)), round_to, g.n_prunable,
+                                      min_channels))
+        counts = tie_removal(groups, counts, ties, min_channels, round_to)
+        return [_lowest(g, s, n, min_channels) for g, s, n in zip(groups, scores, counts)]
     entries = []
     for gi, (g, s) in enumerate(zip(groups, scores)):
         if g.n_prunable == 0:
@@ -159,5 +198,6 @@ def select(groups: list[ChannelGroup], scores: list[np.ndarray], *, ratio: float
         if counts[gi] < caps[gi]:
             counts[gi] += 1
             taken += 1
-    return [_lowest(g, s, _round_keep(g.size, counts[i], round_to, g.n_prunable, min_channels), min_channels)
-            for i, (g, s) in enumerate(zip(groups, scores))]
+    counts = [_round_keep(g.size, counts[i], round_to, g.n_prunable, min_channels) for i, g in enumerate(groups)]
+    counts = tie_removal(groups, counts, ties, min_channels, round_to)
+    return [_lowest(g, s, n, min_channels) for g, s, n in zip(groups, scores, counts)]

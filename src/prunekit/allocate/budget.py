@@ -65,7 +65,10 @@ def removal_for_budget(groups: list[Any], scores: list[np.ndarray], budget: Budg
 
     First bisect the ratio; a uniform ratio moves every group at once (ResNet-20's 16/32/64
     groups all step at multiples of 1/16), so then bisect over how many groups take the
-    next step, in group order."""
+    next step, in group order (a tie class steps as one). A tie class moves in coarse steps
+    (a ViT's heads and embedding: a third of the width at a time), so the same search is run
+    again with the classes held at the step below the one taken, the other groups making up
+    the rest; the closer result wins."""
 
     def fits(removed: list[np.ndarray]) -> bool:
         try:
@@ -73,22 +76,46 @@ def removal_for_budget(groups: list[Any], scores: list[np.ndarray], budget: Budg
         except Exception:  # noqa: BLE001 - a broken candidate is sorted out by validation
             return True
 
+    def choose(ratio: float) -> list[np.ndarray]:
+        return select(groups, scores, ratio=ratio, **options)
+
+    best, over = _bisect(choose, fits, len(groups), options.get("ties"))
+    if best is None:
+        raise PruningError(f"target_{budget.kind}={budget.target:g} cannot be met; the smallest model keeps "
+                           f"{100 * value(choose(0.99)):.2f}% of the {_QUANTITY[budget.kind]}")
+    held = {i for t in options.get("ties") or () for i in t}
+    if held:
+        def holding(ratio: float) -> list[np.ndarray]:
+            return [over[i] if i in held else r for i, r in enumerate(choose(ratio))]
+
+        other, _ = _bisect(holding, fits, len(groups), None)
+        if other is not None and value(other) > value(best):
+            best = other
+    return best
+
+
+def _bisect(choose: Callable[[float], list[np.ndarray]], fits: Callable[[list[np.ndarray]], bool], n: int,
+            ties: Any) -> tuple[list[np.ndarray] | None, list[np.ndarray]]:
+    """The fitting removal :func:`removal_for_budget` describes, among ``choose(ratio)``'s, and
+    the removal at the largest ratio that does not fit; (None, ...) when no ratio fits."""
     lo, hi = 0.0, 0.99
     for _ in range(16):
         mid = (lo + hi) / 2
-        if fits(select(groups, scores, ratio=mid, **options)):
+        if fits(choose(mid)):
             hi = mid
         else:
             lo = mid
-    under, over = select(groups, scores, ratio=hi, **options), select(groups, scores, ratio=lo, **options)
+    under, over = choose(hi), choose(lo)
     if not fits(under):
-        raise PruningError(f"target_{budget.kind}={budget.target:g} cannot be met; the smallest model keeps "
-                           f"{100 * value(under):.2f}% of the {_QUANTITY[budget.kind]}")
-    steps = [i for i, (a, b) in enumerate(zip(under, over)) if len(a) != len(b) or not np.array_equal(a, b)]
+        return None, over
+    # A step is a group, or a whole tie class (its groups keep one fraction: they move together).
+    unit_of = {i: tuple(t) for t in ties or () for i in t}
+    steps = list(dict.fromkeys(unit_of.get(i, (i,)) for i, (a, b) in enumerate(zip(under, over))
+                               if len(a) != len(b) or not np.array_equal(a, b)))
 
     def mixed(k: int) -> list[np.ndarray]:
-        take = set(steps[:k])
-        return [under[i] if i in take else over[i] for i in range(len(groups))]
+        take = {i for step in steps[:k] for i in step}
+        return [under[i] if i in take else over[i] for i in range(n)]
 
     a, b = 0, len(steps)  # mixed(b) fits
     while b - a > 1:
@@ -97,4 +124,4 @@ def removal_for_budget(groups: list[Any], scores: list[np.ndarray], budget: Budg
             b = k
         else:
             a = k
-    return mixed(b)
+    return mixed(b), over

@@ -23,11 +23,12 @@ by value per cost, once, on the table's interpolated costs.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from prunekit.allocate import _lowest, check_round_to
+from prunekit.allocate import _lowest, check_round_to, tie_units
 from prunekit.errors import PruningError
 from prunekit.graph.dependency import ChannelGroup
 
@@ -42,14 +43,31 @@ def _chunk(size: int, removed: int, round_to: int) -> int:
     return keep - nxt
 
 
+def _moves(groups: list[ChannelGroup], counts: list[int], round_to: int, tied: dict[int, tuple[int, ...]],
+           units: dict[tuple[int, ...], list[int]]) -> list[list[tuple[int, int]]]:
+    """The next steps on offer: (group, channels) for each untied group, and one unit of
+    every group of a tie class together."""
+    out, seen = [], set()
+    for gi, g in enumerate(groups):
+        tie = tied.get(gi)
+        if tie is None:
+            out.append([(gi, _chunk(g.size, counts[gi], round_to))])
+        elif tie not in seen:
+            seen.add(tie)
+            out.append(list(zip(tie, units[tie])))
+    return out
+
+
 def knapsack_removal(groups: list[ChannelGroup], scores: list[np.ndarray], cost: object, kind: str, target: float,
                      *, raw: bool = False, round_to: int = 1, min_channels: int = 1,
-                     max_group_ratio: float = 0.9) -> list[np.ndarray]:
+                     max_group_ratio: float = 0.9, ties: Sequence[Sequence[int]] | None = None) -> list[np.ndarray]:
     """Channels to remove (sorted local indices per group) so that ``cost.measure(kind, mask)``
     falls to at most ``target`` x its unpruned value, chosen greedily by importance lost per
     cost saved (see the module docstring). ``cost`` is a :class:`~prunekit.allocate.cost.CostModel`
     of ``groups``' graph; ``raw`` ranks the scores as they are instead of normalised by their
-    group mean. A target the largest removal allowed cannot meet raises :class:`PruningError`."""
+    group mean. The groups of a tie class (``ties``, see :func:`prunekit.allocate.tie_units`)
+    step together, one unit each, ignoring ``round_to``. A target the largest removal allowed
+    cannot meet raises :class:`PruningError`."""
     round_to = check_round_to(round_to)
     base = float(cost.base(kind))  # type: ignore[attr-defined]
     goal = target * base
@@ -63,6 +81,8 @@ def knapsack_removal(groups: list[ChannelGroup], scores: list[np.ndarray], cost:
         cap = min(g.n_prunable, g.size - min_channels, int(math.floor(max_group_ratio * g.size)))
         caps.append(max(cap, 0))
     counts = [0] * len(groups)
+    tied = {i: tuple(t) for t in ties or () for i in t}
+    units = {t: tie_units(groups, t, min_channels)[0] for t in set(tied.values())}
     offsets = cost.offsets  # type: ignore[attr-defined]  # the cost model's groups are these, in this order
     while True:
         mask = cost.mask_of([o[:n] for o, n in zip(orders, counts)]).requires_grad_(True)  # type: ignore[attr-defined]
@@ -72,22 +92,22 @@ def knapsack_removal(groups: list[ChannelGroup], scores: list[np.ndarray], cost:
         (grad,) = torch.autograd.grad(value, mask)
         grad = grad.numpy()
         options = []
-        for gi, g in enumerate(groups):
-            step = _chunk(g.size, counts[gi], round_to)
-            if counts[gi] + step > caps[gi]:
+        for moves in _moves(groups, counts, round_to, tied, units):
+            if any(counts[gi] + step > caps[gi] for gi, step in moves):
                 continue
-            chunk = orders[gi][counts[gi]:counts[gi] + step]
-            saved = float(grad[offsets[gi] + chunk].sum())
+            chunks = [(gi, orders[gi][counts[gi]:counts[gi] + step]) for gi, step in moves]
+            saved = float(sum(grad[offsets[gi] + chunk].sum() for gi, chunk in chunks))
             if saved <= 0:
                 continue  # removing it would not lower the cost
-            options.append((float(norms[gi][chunk].sum()) / saved, saved, gi, step))
+            options.append((float(sum(norms[gi][chunk].sum() for gi, chunk in chunks)) / saved, saved, moves))
         if not options:
             raise PruningError(f"target_{kind}={target:g} cannot be met; the smallest model keeps "
                                f"{100 * float(value.detach()) / base:.2f}% of the {kind}")
-        options.sort()
+        options.sort(key=lambda o: (o[0], o[1]))
         gap, covered = float(value.detach()) - goal, 0.0
-        for _, saved, gi, step in options:
-            counts[gi] += step
+        for _, saved, moves in options:
+            for gi, step in moves:
+                counts[gi] += step
             covered += saved
             if covered >= gap / 4:
                 break

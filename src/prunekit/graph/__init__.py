@@ -12,7 +12,8 @@ from torch import nn
 
 from prunekit._perf import engine_call, walk
 from prunekit.errors import PruningError
-from prunekit.graph.dependency import ChannelGroup, GroupMember, build_groups, describe, summarize_unprunable
+from prunekit.graph.dependency import (ChannelGroup, GroupMember, build_groups, describe, group_ties,
+                                       summarize_unprunable)
 from prunekit.graph.rules import RULES, register_rule
 from prunekit.graph.meta import MetaStandIns, meta_tensors
 from prunekit.graph.residual import ResidualBlock, find_blocks
@@ -35,6 +36,9 @@ class DependencyGraph:
     members: list[Member] = field(repr=False)
     state: TraceState = field(repr=False)
     ignore: tuple[str, ...] = ()
+    # Groups that must keep the same fraction of their channels (indices into ``groups``):
+    # see :func:`prunekit.graph.dependency.group_ties`. Allocators honour them.
+    ties: list[tuple[int, ...]] = field(default_factory=list)
 
     def __str__(self) -> str:
         return describe(self.groups)
@@ -166,4 +170,4 @@ def trace(model: nn.Module, example_inputs: Any, *, ignore: Iterable[nn.Module |
         log.info("meta-device trace failed (%s); tracing with real tensors", exc)
         state = run_all(meta=False)
     groups, comp, members = build_groups(state, model)
-    return DependencyGraph(groups, comp, members, state, ignored)
+    return DependencyGraph(groups, comp, members, state, ignored, group_ties(state, comp, groups))

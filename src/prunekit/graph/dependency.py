@@ -194,6 +194,47 @@ def build_groups(state: TraceState, model: nn.Module) -> tuple[list[ChannelGroup
     return groups, comp, members
 
 
+def group_ties(state: TraceState, comp: np.ndarray, groups: list[ChannelGroup]) -> list[tuple[int, ...]]:
+    """Classes of groups (indices into ``groups``) that must keep the same fraction of their
+    channels: a reshape sized with a count read from another tensor (``x.reshape(B, N, C)``
+    after attention, ``qkv.reshape(B, N, 3, heads, C // heads)``) stays valid after pruning
+    only if the channels on both sides shrink alike. Each side must hold every channel of its
+    groups equally often (then kept positions are proportional to kept channels); a tie that
+    does not is left to validation."""
+    group_of = np.full(int(comp.max()) + 2, -1, dtype=np.int64)  # index -1: atom 0 / no channel
+    for g in groups:
+        group_of[g.channels] = g.index
+    uf = UnionFind(len(groups))
+    for rows, lab, _where in state.size_ties:
+        sides = [_tie_side(a, comp, group_of, groups) for a in (rows, lab)]
+        if sides[0] is None or sides[1] is None:
+            continue
+        members = np.array(sorted(sides[0] | sides[1]), dtype=np.int64)
+        if len(members) > 1:
+            uf.union(np.full(len(members) - 1, members[0]), members[1:])
+    roots = uf.find(np.arange(len(groups))) if groups else np.zeros(0, dtype=np.int64)
+    classes: dict[int, list[int]] = {}
+    for i, r in enumerate(roots.tolist()):
+        classes.setdefault(r, []).append(i)
+    return [tuple(c) for c in classes.values() if len(c) > 1]
+
+
+def _tie_side(atoms: np.ndarray, comp: np.ndarray, group_of: np.ndarray,
+              groups: list[ChannelGroup]) -> set[int] | None:
+    """The groups whose channels ``atoms`` hold, when each of them appears whole and every
+    channel of a group equally often; None otherwise."""
+    cells = comp[atoms[atoms != 0]]
+    chans, counts = np.unique(cells[cells >= 0], return_counts=True)
+    gids = group_of[chans]
+    out = set()
+    for gi in np.unique(gids[gids >= 0]).tolist():
+        mine = gids == gi
+        if mine.sum() != groups[gi].size or counts[mine].min() != counts[mine].max():
+            return None
+        out.add(gi)
+    return out
+
+
 def _present(gids: np.ndarray) -> np.ndarray:
     """The distinct group ids (>= 0) in ``gids``; most members and producers touch a single
     group, which a min/max check finds without sorting."""

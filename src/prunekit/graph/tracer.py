@@ -24,7 +24,7 @@ from prunekit._perf import named_tensors, unique_modules, walk
 from prunekit.graph.labels import compact, zeros_like_shape
 from prunekit.graph.meta import MetaStandIns, meta_shortcut, meta_tensors, to_meta
 from prunekit.graph.provenance import mark_attributes
-from prunekit.graph.sizes import SizeTag, Tags, float_listener, merge, tagged, value_uses
+from prunekit.graph.sizes import SizeTag, Tags, float_listener, merge, tagged, tags_of, value_uses
 from prunekit.graph.unionfind import UnionFind
 from prunekit.runtime import call, inputs_for, model_mode
 
@@ -475,6 +475,30 @@ class Tracer:
                 # numpy only: this may run in the model's own code, where a torch call would be traced
                 self.state.blocked.append((np.unique(tag.keep), reason))
 
+    def _reshape_ties(self, name: str, args: tuple[Any, ...], lab: Tensor) -> None:
+        """A view/reshape target computed from a size read from a tensor (``reshape(B, N,
+        C)``, ``C // num_heads``) sets an output dim that carries channels: the channels the
+        size counts and the output's channels must keep proportional counts (recorded in
+        ``state.size_ties``; :func:`prunekit.graph.dependency.group_ties` makes groups of it)."""
+        if name == "unflatten":
+            dim, sizes = (args[1], args[2]) if len(args) > 2 else (None, ())
+            if not isinstance(dim, int):
+                return
+            targets = {dim % lab.ndim + k: v for k, v in enumerate(sizes)}
+        else:
+            target = list(args[1:])
+            if len(target) == 1 and isinstance(target[0], (tuple, list)):
+                target = list(target[0])
+            if len(target) != lab.ndim:
+                return
+            targets = dict(enumerate(target))
+        for d, v in targets.items():
+            for tag in tags_of(v):
+                if tag.rows is not None and d < lab.ndim and lab.shape[d] > 1:
+                    self.state.size_ties.append(
+                        (tag.rows, lab.numpy().copy(),
+                         f"'{name}' in module '{self.current}' sizes dim {d} with {tag.where}"))
+
     def _float_used(self, tags: Tags) -> None:
         if not self.busy:
             self.size_used_as_value(tags, "after a conversion to float (float(), math.*)")
@@ -500,6 +524,8 @@ class Tracer:
             self.set(t, lab)
             if lab.ndim and sum(s > 1 for s in lab.shape) >= 2:
                 self.add_grid(lab)
+        if name in _RESHAPES and len(labs) == 1:
+            self._reshape_ties(name, args, labs[0])
         value_ids = self.value_ids
         in_values = [value_ids.get(id(t), -1) for t in ins]  # read before the outputs (maybe the inputs) get new ids
         first = self.n_values
@@ -612,6 +638,7 @@ class Tracer:
 
 
 _SIZE_READS = frozenset({"attr.shape", "size", "numel", "len"})
+_RESHAPES = frozenset({"view", "reshape", "unflatten"})
 
 
 class _Mode(TorchFunctionMode):
