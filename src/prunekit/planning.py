@@ -96,12 +96,34 @@ def blame(graph: DependencyGraph, groups: list[Any], removed: list[np.ndarray], 
 
 
 def removed_atoms(graph: DependencyGraph, removed: list[np.ndarray]) -> Tensor:
-    """Bool tensor over atoms: True where the atom's channel is removed."""
+    """Bool tensor over atoms: True where the atom's channel is removed, or where the atom is
+    an element of a parameter that loses the element's index along some dim."""
     n_comp = int(graph.comp.max()) + 1
     gone = np.zeros(n_comp + 1, dtype=bool)
     for g, idx in zip(graph.groups, removed):
         gone[g.channels[idx]] = True
-    return torch.from_numpy(gone[graph.comp])
+    out = gone[graph.comp]
+    _elements_gone(graph, out)
+    return torch.from_numpy(out)
+
+
+def _elements_gone(graph: DependencyGraph, gone: np.ndarray) -> None:
+    """Mark the element atoms of every traced parameter that loses a row or column: a weight
+    computed from it in forward (``w.to(dtype)``) shrinks with it, and its ops' predicted
+    shapes must say so. (Where a parameter's elements joined a channel, this changes nothing.)"""
+    by_tensor: dict[str, list[Any]] = {}
+    for m in graph.members:
+        by_tensor.setdefault(m.tensor, []).append(m)
+    for name, atoms in graph.state.param_elems:
+        a = atoms.numpy()
+        mask = np.zeros(a.shape, dtype=bool)
+        for m in by_tensor.get(name, ()):
+            if m.dim < a.ndim and len(m.atoms) == a.shape[m.dim]:
+                shape = [1] * a.ndim
+                shape[m.dim] = -1
+                mask |= ((m.atoms != 0) & gone[m.atoms]).reshape(shape)
+        if mask.any():
+            gone[a[mask]] = True
 
 
 def make_slice(model: nn.Module, graph: DependencyGraph, gone: Tensor) -> Slice:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -358,6 +359,10 @@ def reduction(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: d
         return [zeros_like_shape(tuple(o.shape)) for o in outs]
     dims = sorted({d % x.ndim for d in ((dim,) if isinstance(dim, int) else dim)})
     keep = [d for d in range(x.ndim) if d not in dims]
+    if any(lab.shape[d] > 1 for d in dims) and tr.from_params(x):
+        # Statistics of a weight (a standardised conv's per-filter mean and std): each result
+        # is computed from the elements it reduces, which therefore go together.
+        lab = _tie_reduced(tr, lab, dims, keep)
     if any(lab.shape[d] > 1 for d in dims):
         if any(lab.shape[d] > 1 for d in keep):
             tr.block(lab, f"'{name}' in module '{tr.current}' reduces over channels that vary with other dims")
@@ -368,6 +373,16 @@ def reduction(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: d
             return [reduced for _ in outs]
     squeezed = lab.reshape([lab.shape[d] for d in keep])
     return [squeezed if o.ndim == squeezed.ndim else zeros_like_shape(tuple(o.shape)) for o in outs]
+
+
+def _tie_reduced(tr: Tracer, lab: Tensor, dims: list[int], keep: list[int]) -> Tensor:
+    """Tie the atoms reduced together (over ``dims``) at every index of the ``keep`` dims;
+    returns the label with one representative per kept index (size 1 along ``dims``)."""
+    perm = keep + dims
+    moved = lab.permute(*perm)
+    kept_shape = list(moved.shape[:len(keep)])
+    rep = tr.tie_rows(moved.reshape(int(np.prod(kept_shape)), -1).contiguous())
+    return rep.reshape(kept_shape + [1] * len(dims)).permute(*np.argsort(perm).tolist()).contiguous()
 
 
 # ---------------------------------------------------------------------- layers
@@ -416,7 +431,7 @@ def linear(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict
     x, w = args[0], _arg(args, kwargs, 1, "weight")
     bias = _arg(args, kwargs, 2, "bias")
     out = outs[0]
-    if tr.name_of(w) is None:
+    if tr.name_of(w) is None and not tr.from_params(w):
         return matmul_like(tr, name, tr.lab(x), x, w.t(), None, outs)
     vec = tr.channel_vector(x, -1)
     tr.add_member(w, 1, vec, "in")

@@ -345,12 +345,89 @@ class Tracer:
             return
         name = self.name_of(t)
         if name is None:
-            # A weight computed at run time has no place to be sliced: its channels are fixed.
-            self.block(atoms, f"a computed (non-parameter) tensor is used as a weight in module '{self.current}'")
+            self.attach_computed(t, dim % t.ndim, atoms.reshape(-1), role)
             return
         if atoms.numel() != t.shape[dim]:
             raise AssertionError(f"member size mismatch for {name} dim {dim}")
         self.state.members.append(Member(name, dim, atoms.reshape(-1).numpy().copy(), role))
+
+    # ----------------------------------------------------------------- weights computed in forward
+    def from_params(self, t: Tensor) -> bool:
+        """Whether ``t`` holds parameter (or buffer) elements and no activation's channel:
+        a tensor computed from parameters alone (``torch.cat((q_bias, k_bias, v_bias))``, a
+        standardised conv weight, ``w.to(dtype)``)."""
+        lab = self.lab(t).numpy()
+        nz = lab[lab != 0]
+        if not nz.size:
+            return False
+        sources = self.state.sources
+        starts = np.fromiter((src.start for src in sources), dtype=np.int64, count=len(sources))
+        idx = np.searchsorted(starts, np.unique(nz), side="right") - 1
+        return not any(sources[i].active for i in np.unique(idx).tolist())
+
+    def attach_computed(self, t: Tensor, dim: int, atoms: Tensor, role: str) -> None:
+        """Attach dim ``dim`` of a weight computed in forward to ``atoms`` through the
+        parameters it is computed from, or block ``atoms`` when it cannot be sliced.
+
+        Element-wise ops, ``cat`` and views keep each element's parameter atom, so an index
+        of ``dim`` maps to parameter elements. Where the weight varies along ``dim`` only (a
+        bias, a standardised weight's filters: statistics tie each filter's elements), those
+        elements join the channel and the parameter is sliced with it; where it varies along
+        other dims too (``w.to(dtype)``), the parameter dim it comes from gets a member. A
+        weight constant along ``dim`` has that dim mixed (standardised over it): its
+        channels stay, as do indices holding constants (``torch.zeros`` in a ``cat``)."""
+        where = self.current
+        lab = self.lab(t)
+        if lab.ndim != t.ndim or not self.from_params(t):
+            self.block(atoms, f"a computed (non-parameter) tensor is used as a weight in module '{where}'")
+            return
+        if lab.shape[dim] == 1:
+            self.block(atoms, f"the weight used in module '{where}' is computed with its dim {dim} mixed "
+                              "(e.g. standardised over it): removing one index would change the others")
+            return
+        moved = lab.movedim(dim, 0).reshape(lab.shape[dim], -1)
+        fixed = ~(moved != 0).any(dim=1)
+        if bool(fixed.any()):
+            self.block(atoms[fixed], f"a weight computed in module '{where}' holds constants at these indices")
+        if moved.shape[1] == 1:
+            self.union(moved[~fixed, 0], atoms[~fixed])
+            return
+        found = self._param_dims(moved.numpy(), atoms.numpy())
+        if found is None:
+            self.block(atoms[~fixed], f"a weight computed in module '{where}' mixes parameter elements along dim {dim}")
+            return
+        for name, pdim, member in found:
+            self.state.members.append(Member(name, pdim, member, role))
+
+    def _param_dims(self, moved: np.ndarray, atoms: np.ndarray) -> list[tuple[str, int, np.ndarray]] | None:
+        """For a computed weight whose row ``i`` (index ``i`` of the dim being attached)
+        holds parameter element atoms ``moved[i]``: per source parameter, the dim whose index
+        is the same for all its elements in a row and differs between rows, with
+        ``atoms[i]`` placed at that index (a member); None when some parameter has no such dim."""
+        state = self.state
+        shapes = {int(a.reshape(-1)[0]) if a.numel() else -1: (name, tuple(a.shape)) for name, a in state.param_elems}
+        starts = np.fromiter((src.start for src in state.sources), dtype=np.int64, count=len(state.sources))
+        src = np.where(moved != 0, np.searchsorted(starts, moved, side="right") - 1, -1)
+        out = []
+        for s in np.unique(src[src >= 0]).tolist():
+            start = state.sources[s].start
+            if start not in shapes:
+                return None
+            name, shape = shapes[start]
+            mine = src == s
+            rows = mine.any(axis=1)
+            index = np.unravel_index(np.where(mine, moved - start, 0), shape)
+            for pdim in range(len(shape)):
+                lo = np.where(mine, index[pdim], np.iinfo(np.int64).max).min(axis=1)[rows]
+                hi = np.where(mine, index[pdim], -1).max(axis=1)[rows]
+                if (lo == hi).all() and len(np.unique(lo)) == len(lo):
+                    member = np.zeros(shape[pdim], dtype=np.int64)
+                    member[lo] = atoms[rows]
+                    out.append((name, pdim, member))
+                    break
+            else:
+                return None
+        return out
 
     def channel_vector(self, t: Tensor, dim: int) -> Tensor:
         """Per-index atoms of ``t`` along ``dim``, tying the atoms that share an index.
