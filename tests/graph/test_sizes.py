@@ -20,6 +20,7 @@ USES = {
     "reciprocal": ("mul", lambda y, c: y * (1 / c)),
     "math_sqrt": ("float", lambda y, c: y / math.sqrt(c)),
     "size_call": ("div", lambda y, c: y / y.size(1)),
+    "arange": ("arange", lambda y, c: y + torch.arange(c).view(1, -1, 1, 1)),  # channel indices as values
 }
 
 

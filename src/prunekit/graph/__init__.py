@@ -41,7 +41,11 @@ class DependencyGraph:
     ties: list[tuple[int, ...]] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return describe(self.groups)
+        lines = [describe(self.groups)]
+        for tie in self.ties:
+            names = [self.groups[i].name for i in tie]
+            lines.append("  keep one fraction: " + ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else ""))
+        return "\n".join(lines)
 
     @property
     def n_channels(self) -> int:

@@ -160,7 +160,7 @@ class SizeFloat(float):
 SIZE_OPS = frozenset("""view reshape expand broadcast_to unflatten flatten split split_with_sizes unsafe_split chunk
 unsafe_chunk tensor_split narrow getitem setitem select permute transpose swapaxes swapdims movedim moveaxis squeeze
 unsqueeze repeat tile repeat_interleave roll flip zeros ones empty randn rand randint new_zeros new_ones new_empty
-new_full full full_like arange eye tril triu diagonal interpolate upsample upsample_nearest upsample_bilinear
+new_full full full_like eye tril triu diagonal interpolate upsample upsample_nearest upsample_bilinear
 adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d
 adaptive_max_pool3d max_pool1d max_pool2d max_pool3d avg_pool1d avg_pool2d avg_pool3d lp_pool1d lp_pool2d
 max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices fractional_max_pool2d pad unfold fold topk
@@ -168,14 +168,15 @@ kthvalue layer_norm group_norm rms_norm softmax log_softmax softmin sum mean ama
 cumprod logsumexp prod argmax argmin median all any index_select gather scatter scatter_add take_along_dim cat concat
 concatenate stack hstack vstack unbind channel_shuffle native_channel_shuffle pixel_shuffle pixel_unshuffle conv1d
 conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d view_as reshape_as expand_as contiguous
-size attr.shape numel len linspace logspace""".split())
+size attr.shape numel len""".split())
 """Ops whose number arguments are sizes, dims, counts or positions: a traced size there is
-rewritten by pruning itself (except the value arguments of :data:`VALUE_ARGS`)."""
+rewritten by pruning itself (except the value arguments of :data:`VALUE_ARGS`). Not among
+them: ``arange``/``linspace`` (``torch.arange(C)`` holds channel *indices*, which pruning
+renumbers)."""
 
 VALUE_ARGS: dict[str, tuple[tuple[int, str], ...]] = {
     "full": ((1, "fill_value"),), "new_full": ((2, "fill_value"),), "full_like": ((1, "fill_value"),),
-    "pad": ((3, "value"),), "setitem": ((2, "value"),), "linspace": ((0, "start"), (1, "end")),
-    "logspace": ((0, "start"), (1, "end"), (3, "base")),
+    "pad": ((3, "value"),), "setitem": ((2, "value"),),
 }
 """For ops of :data:`SIZE_OPS` that also take values: (position, keyword) of those arguments."""
 

@@ -230,6 +230,8 @@ class Tracer:
         self.pending: list[tuple[int, Tensor, str]] = []  # (value id, atoms, reason): blocked if the value is used
         self.busy = False  # inside a torch call (a float conversion there is torch's, not the model's)
         self.size_cache: dict[tuple[int, int], SizeTag | None] = {}
+        self._sources_seen = -1
+        self._starts = self._active = np.zeros(0)
         if not self.state.module_params:
             self.state.module_params = {n: sum(p.numel() for p in m._parameters.values() if p is not None)
                                         for n, m in walk(model)}
@@ -360,10 +362,18 @@ class Tracer:
         nz = lab[lab != 0]
         if not nz.size:
             return False
+        starts, active = self._source_table()
+        return not active[np.searchsorted(starts, np.unique(nz), side="right") - 1].any()
+
+    def _source_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """First atom and ``active`` flag of every source, in atom order (cached until the
+        next source)."""
         sources = self.state.sources
-        starts = np.fromiter((src.start for src in sources), dtype=np.int64, count=len(sources))
-        idx = np.searchsorted(starts, np.unique(nz), side="right") - 1
-        return not any(sources[i].active for i in np.unique(idx).tolist())
+        if self._sources_seen != len(sources):
+            self._starts = np.fromiter((s.start for s in sources), dtype=np.int64, count=len(sources))
+            self._active = np.fromiter((s.active for s in sources), dtype=bool, count=len(sources))
+            self._sources_seen = len(sources)
+        return self._starts, self._active
 
     def attach_computed(self, t: Tensor, dim: int, atoms: Tensor, role: str) -> None:
         """Attach dim ``dim`` of a weight computed in forward to ``atoms`` through the
@@ -406,7 +416,7 @@ class Tracer:
         ``atoms[i]`` placed at that index (a member); None when some parameter has no such dim."""
         state = self.state
         shapes = {int(a.reshape(-1)[0]) if a.numel() else -1: (name, tuple(a.shape)) for name, a in state.param_elems}
-        starts = np.fromiter((src.start for src in state.sources), dtype=np.int64, count=len(state.sources))
+        starts, _ = self._source_table()
         src = np.where(moved != 0, np.searchsorted(starts, moved, side="right") - 1, -1)
         out = []
         for s in np.unique(src[src >= 0]).tolist():
