@@ -159,3 +159,15 @@ def test_heads_and_embedding_tied_by_reshape_sizes_are_pruned_proportionally_and
         assert torch.allclose(small(x), ref(x), atol=1e-5)
     if "target_params" in options:
         assert 0.45 <= pk.measure.count_params(small) / pk.measure.count_params(model) <= 0.5
+
+
+def test_a_single_head_keeps_the_width_it_is_reshaped_to() -> None:
+    # One head is one channel (it cannot shrink), so reshape(B, N, C) keeps the embedding whole.
+    torch.manual_seed(0)
+    model = Transformer(dim=8, heads=1).eval()
+    x = torch.randn(2, 5, 8)
+    graph = pk.trace(model, x, ignore=["head"])
+    small, plan = pk.prune(model, x, graph=graph, ratio=0.5, return_plan=True)
+    assert small.embed.out_features == 8 and small.fc1[0].out_features == 8 and not plan.meta["repairs"]
+    with torch.no_grad():
+        assert torch.allclose(small(x), masked_reference(model, graph, plan)(x), atol=1e-5)

@@ -579,9 +579,12 @@ class Tracer:
             if len(target) != lab.ndim:
                 return
             targets = dict(enumerate(target))
+        # A label that is one atom throughout (a single attention head) may carry it along any
+        # dim: tied too, which keeps the other side whole (one channel cannot shrink).
+        single = lab.numel() == 1 and bool(lab.reshape(-1)[0] != 0)
         for d, v in targets.items():
             for tag in tags_of(v):
-                if tag.rows is not None and d < lab.ndim and lab.shape[d] > 1:
+                if tag.rows is not None and d < lab.ndim and (lab.shape[d] > 1 or single):
                     self.state.size_ties.append(
                         (tag.rows, lab.numpy().copy(),
                          f"'{name}' in module '{self.current}' sizes dim {d} with {tag.where}"))
