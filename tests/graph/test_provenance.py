@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.graph.provenance import AttrInt, ShapeInt, mark_attributes, mark_shape
+from prunekit.graph.provenance import AttrInt, ShapeInt, mark_attributes
 from prunekit.plan import SetAttr
 from prunekit.surgery.reference import masked_reference
 
@@ -36,12 +36,28 @@ def test_anything_computed_with_a_shape_is_a_shape() -> None:
     groups = AttrInt(2, "attn", "num_key_value_groups")
     for value in (kv * groups, groups * kv, kv + groups, groups // kv, kv - 1, -kv):
         assert isinstance(value, ShapeInt) and not isinstance(value, AttrInt)
-    shape = mark_shape("attr.shape", (), {}, torch.Size([2, 3]), [False, True])  # channels along dim 1 only
-    assert type(shape[1]) is ShapeInt and type(shape[0]) is int
-    assert type(mark_shape("size", (None, 1), {}, 3, [False, True])) is ShapeInt
-    assert type(mark_shape("size", (None, 0), {}, 2, [False, True])) is int
-    assert mark_shape("add", (), {}, 3, [True]) == 3 and type(mark_shape("add", (), {}, 3, [True])) is int
     assert type(pickle.loads(pickle.dumps(kv))) is int and type(copy.deepcopy(groups)) is int
+
+
+class ReadsSizes(nn.Module):
+    """Reads sizes of a conv output (channels along dim 1 only) and of its weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        reads = (y.shape[1], y.size(1), y.numel(), self.conv.weight.shape[1], y.shape[0], y.size(2), x.shape[1])
+        self.kinds = [isinstance(v, ShapeInt) for v in reads]
+        return y
+
+
+def test_sizes_read_along_channel_dims_are_shapes_the_others_constants() -> None:
+    model = ReadsSizes()
+    pk.trace(model, torch.randn(2, 3, 5, 5), modes=("eval",))
+    # channel dim, size(1), numel, a parameter's dim | batch, space, the untracked input's channels
+    assert model.kinds == [True, True, True, True, False, False, False]
 
 
 def test_marks_are_removed_after_the_pass() -> None:

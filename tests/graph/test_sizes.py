@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import prunekit as pk
@@ -105,27 +106,33 @@ class Attention(nn.Module):
     """Written like torchvision's Swin attention: the head width is ``C // num_heads`` and the
     output is reshaped to ``C``, with ``C`` read from the input (the residual width)."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, fused: bool = False) -> None:
         super().__init__()
-        self.num_heads = heads
+        self.num_heads, self.fused = heads, fused
+        self.context = dim  # equal to C by chance: the sizes read from x must not rewrite it
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        # Fused like pvt_v2: the head width is inferred, only the output reshape reads C.
+        head_dim = -1 if self.fused else C // self.num_heads
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        a = (q @ k.transpose(-2, -1)).softmax(-1)
-        return self.proj((a @ v).transpose(1, 2).reshape(B, N, C))
+        if self.fused:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
 class Transformer(nn.Module):
     """Two residual attention + MLP blocks (no LayerNorm, so the masked reference is exact)."""
 
-    def __init__(self, dim: int = 24, heads: int = 3) -> None:
+    def __init__(self, dim: int = 24, heads: int = 3, fused: bool = False) -> None:
         super().__init__()
         self.embed = nn.Linear(8, dim)
-        self.attn = nn.ModuleList([Attention(dim, heads) for _ in range(2)])
+        self.attn = nn.ModuleList([Attention(dim, heads, fused) for _ in range(2)])
         self.fc1 = nn.ModuleList([nn.Linear(dim, 2 * dim) for _ in range(2)])
         self.fc2 = nn.ModuleList([nn.Linear(2 * dim, dim) for _ in range(2)])
         self.head = nn.Linear(dim, 3)
@@ -152,7 +159,7 @@ def test_heads_and_embedding_tied_by_reshape_sizes_are_pruned_proportionally_and
     width, heads = small.embed.out_features, [a.num_heads for a in small.attn]
     # Both the residual width and the heads shrink, by the same fraction (8 channels a head).
     assert width < 24 and heads[0] < 3 and width == 8 * heads[0] == 8 * heads[1]
-    assert small.attn[0].qkv.out_features == 3 * width
+    assert small.attn[0].qkv.out_features == 3 * width and small.attn[0].context == 24
     assert not plan.meta["repairs"]
     ref = masked_reference(model, graph, plan)
     with torch.no_grad():
@@ -161,13 +168,15 @@ def test_heads_and_embedding_tied_by_reshape_sizes_are_pruned_proportionally_and
         assert 0.45 <= pk.measure.count_params(small) / pk.measure.count_params(model) <= 0.5
 
 
-def test_a_single_head_keeps_the_width_it_is_reshaped_to() -> None:
-    # One head is one channel (it cannot shrink), so reshape(B, N, C) keeps the embedding whole.
+def test_one_fused_head_keeps_the_width_it_is_reshaped_to() -> None:
+    # Fused attention makes a head one channel (its label is one atom): it cannot shrink, so
+    # reshape(B, N, C) keeps the embedding whole instead of failing validation.
     torch.manual_seed(0)
-    model = Transformer(dim=8, heads=1).eval()
+    model = Transformer(dim=8, heads=1, fused=True).eval()
     x = torch.randn(2, 5, 8)
     graph = pk.trace(model, x, ignore=["head"])
     small, plan = pk.prune(model, x, graph=graph, ratio=0.5, return_plan=True)
-    assert small.embed.out_features == 8 and small.fc1[0].out_features == 8 and not plan.meta["repairs"]
+    assert small.embed.out_features == 8 and small.attn[0].qkv.out_features == 24
+    assert small.fc1[0].out_features == 8 and not plan.meta["repairs"]
     with torch.no_grad():
         assert torch.allclose(small(x), masked_reference(model, graph, plan)(x), atol=1e-5)

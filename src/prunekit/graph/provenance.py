@@ -10,7 +10,8 @@ rewritten. To know which is which, while a model is traced:
   (and the position in the sequence), restored when the pass ends;
 * every size the forward reads from a tensor (``x.shape``, ``x.size(1)``, ``x.numel()``,
   ``len(x)``) along a dim pruning may change (one its channels vary along) is a
-  :class:`ShapeInt`; the other dims' sizes (batch, tokens) are constants like literals.
+  :class:`ShapeInt` (the tracer returns a :class:`prunekit.graph.sizes.SizeInt`, which also
+  names those channels); the other dims' sizes (batch, tokens) are constants like literals.
 
 Both are ``int`` subclasses, so the model computes exactly what it would with plain ints.
 Arithmetic keeps the mark where the result is still an exact function of one attribute: an
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["AttrInt", "ShapeInt", "mark_attributes", "mark_shape"]
+__all__ = ["AttrInt", "ShapeInt", "mark_attributes"]
 
 
 class ShapeInt(int):
@@ -44,6 +45,7 @@ class ShapeInt(int):
         return int, (int(self),)  # a copy or pickle of a model that kept one holds a plain int
 
     def _wrap(self, value: Any) -> Any:
+        """``value``, computed from this size, as a size of the same kind."""
         return ShapeInt(value) if type(value) is int else value
 
     def __add__(self, other: Any) -> Any:
@@ -115,7 +117,7 @@ class AttrInt(int):
 
     def _then(self, op: str, other: Any, value: Any) -> Any:
         if isinstance(other, ShapeInt):
-            return ShapeInt(value)
+            return other._wrap(value)  # a ShapeInt subclass (graph.sizes.SizeInt) keeps what it carries
         if type(value) is not int or isinstance(other, bool) or not isinstance(other, int):
             return value  # a float, or an operand of another kind: no size of this attribute
         return AttrInt(value, self.module, self.attr, self.index, self.steps + ((op, int(other)),))
@@ -131,7 +133,7 @@ class AttrInt(int):
 
     def __rsub__(self, other: Any) -> Any:
         value = int.__rsub__(self, other)
-        return ShapeInt(value) if isinstance(other, ShapeInt) else value
+        return other._wrap(value) if isinstance(other, ShapeInt) else value
 
     def __mul__(self, other: Any) -> Any:
         value = int.__mul__(self, other)
@@ -146,33 +148,15 @@ class AttrInt(int):
 
     def __rfloordiv__(self, other: Any) -> Any:
         value = int.__rfloordiv__(self, other)
-        return ShapeInt(value) if isinstance(other, ShapeInt) else value
+        return other._wrap(value) if isinstance(other, ShapeInt) else value
 
+    def __truediv__(self, other: Any) -> Any:
+        value = int.__truediv__(self, other)
+        return other._wrap(value) if isinstance(other, ShapeInt) else value
 
-_SHAPE_QUERIES = frozenset({"attr.shape", "size", "numel", "len"})
-"""Tensor methods whose int results are sizes read from the tensor (see :func:`mark_shape`)."""
-
-
-def mark_shape(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, varies: list[bool]) -> Any:
-    """``out``, the result of the call ``name(*args, **kwargs)``, with the sizes it read as
-    :class:`ShapeInt` where ``name`` reads a tensor's size (``x.shape``, ``x.size(d)``,
-    ``x.numel()``, ``len(x)``) along a dim pruning may change (``varies[d]``: the tensor's
-    channels vary along it); sizes of the other dims (batch, tokens, space) never change
-    and stay plain ints, constants like any literal. Any other result comes back unchanged."""
-    if name not in _SHAPE_QUERIES or not varies:
-        return out
-    if isinstance(out, tuple) and len(out) == len(varies) and all(type(v) is int for v in out):
-        return type(out)(ShapeInt(v) if vary else v for v, vary in zip(out, varies))  # torch.Size keeps them
-    if type(out) is not int:
-        return out
-    if name == "numel":
-        tainted = any(varies)
-    elif name == "len":
-        tainted = varies[0]
-    else:
-        dim = args[1] if len(args) > 1 else kwargs.get("dim")
-        tainted = isinstance(dim, int) and -len(varies) <= dim < len(varies) and varies[dim]
-    return ShapeInt(out) if tainted else out
+    def __pow__(self, other: Any, mod: Any = None) -> Any:
+        value = int.__pow__(self, other, mod)
+        return other._wrap(value) if isinstance(other, ShapeInt) else value
 
 
 def _marked(value: Any, module: str, attr: str) -> Any:

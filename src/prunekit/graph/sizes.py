@@ -7,7 +7,9 @@ it, and the result is silently inexact. Used as a size instead (``x.reshape(B, N
 same number is rewritten by pruning itself, which is what we want.
 
 While tracing, a size read from a dim that carries channels is returned as a
-:class:`SizeInt`: an ``int`` that remembers the channels it counts (:class:`SizeTag`).
+:class:`SizeInt`: a :class:`~prunekit.graph.provenance.ShapeInt` (a size that follows the
+pruned tensors by itself, which no attribute fix may touch) that also remembers the channels
+it counts (:class:`SizeTag`).
 Arithmetic on it keeps the tags (``C // heads`` is a :class:`SizeInt`, ``C ** -0.5`` a
 :class:`SizeFloat`), so the tracer can tell, at the torch call that receives one, whether
 it is used as a size (:data:`SIZE_OPS`) or as a value (anything else), and converting one to
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+
+from prunekit.graph.provenance import ShapeInt
 
 
 @dataclass(frozen=True)
@@ -129,11 +133,15 @@ def _install(cls: type) -> type:
 
 
 @_install
-class SizeInt(int):
+class SizeInt(ShapeInt):
     """An ``int`` read from a traced tensor's shape that remembers which channels it counts
-    (see the module docstring); arithmetic keeps the tags."""
+    (see the module docstring); arithmetic keeps the tags. A copy or pickle is a plain int."""
 
     _pk_tags: Tags = ()
+
+    def _wrap(self, value: Any) -> Any:
+        """``value``, computed from this size by other code (an attribute's arithmetic), tagged."""
+        return tagged(value, self._pk_tags) if type(value) in (int, float) else value
 
     def __float__(self) -> float:
         for listener in float_listener:

@@ -23,8 +23,8 @@ from torch.utils._pytree import tree_flatten
 from prunekit._perf import named_tensors, unique_modules, walk
 from prunekit.graph.labels import compact, zeros_like_shape
 from prunekit.graph.meta import MetaStandIns, meta_shortcut, meta_tensors, to_meta
-from prunekit.graph.provenance import mark_attributes
-from prunekit.graph.sizes import SizeTag, Tags, float_listener, merge, tagged, tags_of, value_uses
+from prunekit.graph.provenance import ShapeInt, mark_attributes
+from prunekit.graph.sizes import SizeFloat, SizeInt, SizeTag, Tags, float_listener, merge, tagged, tags_of, value_uses
 from prunekit.graph.unionfind import UnionFind
 from prunekit.runtime import call, inputs_for, model_mode
 
@@ -793,12 +793,12 @@ def _strip_tensors(obj: Any) -> Any:
         return type(obj)(_strip_tensors(o) for o in obj) if not hasattr(obj, "_fields") else tuple(obj)
     if isinstance(obj, dict):
         return {k: _strip_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, (bool, str, type(None))):
-        return obj
-    if isinstance(obj, int):
-        return int(obj)  # records keep plain numbers (a SizeInt's tags matter while tracing only)
-    if isinstance(obj, float):
+    if isinstance(obj, SizeInt):
+        return ShapeInt(obj)  # a SizeInt's tags matter while tracing only; its provenance stays
+    if isinstance(obj, SizeFloat):
         return float(obj)
+    if isinstance(obj, (int, float, bool, str, type(None), torch.Size)):
+        return obj  # an AttrInt stays: it names the attribute a size came from
     return None
 
 
