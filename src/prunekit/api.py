@@ -91,6 +91,10 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
             meta[f"target_{budget.kind}"] = budget.target
         if fallbacks:
             meta["criterion_fallbacks"] = dict(fallbacks)
+        if graph.ties:  # groups kept at one fraction (graph.ties), with the fraction each kept
+            meta["ties"] = [{"groups": [groups[i].name for i in tie],
+                             "kept": round(1 - len(removed[tie[0]]) / max(1, groups[tie[0]].size), 4)}
+                            for tie in graph.ties]
         plan_, expected = channel_plan(model, graph, removed, meta)
         if plan_.is_empty:
             return _with_shortfall(plan_, cfg, budget, graph, prunable0), model

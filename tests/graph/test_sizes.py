@@ -161,6 +161,8 @@ def test_heads_and_embedding_tied_by_reshape_sizes_are_pruned_proportionally_and
     assert width < 24 and heads[0] < 3 and width == 8 * heads[0] == 8 * heads[1]
     assert small.attn[0].qkv.out_features == 3 * width and small.attn[0].context == 24
     assert not plan.meta["repairs"]
+    (tie,) = plan.meta["ties"]
+    assert tie["kept"] == pytest.approx(width / 24, abs=1e-4) and "attn.0.qkv" in tie["groups"]
     ref = masked_reference(model, graph, plan)
     with torch.no_grad():
         assert torch.allclose(small(x), ref(x), atol=1e-5)
