@@ -54,13 +54,13 @@ def test_unsupported_op_blocks_with_reason() -> None:
 
         def forward(self, x):
             y = self.c1(x)
-            y = torch.einsum("bchw->bchw", y)  # an op without a rule
+            y = torch.sinc(y)  # an op without a rule
             return self.c3(self.c2(y))
 
     model = Odd()
     graph = pk.trace(model, torch.randn(1, 3, 8, 8))
     reasons = graph.unprunable()
-    assert any("op 'einsum'" in r for rs in reasons.values() for r in rs)
+    assert any("op 'sinc'" in r for rs in reasons.values() for r in rs)
     small = pk.prune(model, torch.randn(1, 3, 8, 8), ratio=0.5, graph=graph)
     assert small.c1[0].out_channels == 8 and small.c2[0].out_channels == 4
 
