@@ -63,7 +63,7 @@ def construct(name: str) -> nn.Module:
 
 def example_input(name: str, model: nn.Module, seed: int) -> Any:
     """Seeded example inputs: detector ModeInputs, a (1, 3, 224, 224) image, a (1, 3, 16,
-    112, 112) clip (224 px and 16 frames for MViT-v2), or RAFT's two (1, 3, 128, 128) frames."""
+    112, 112) clip (224 px for MViT-v2 and S3D), or RAFT's two (1, 3, 128, 128) frames."""
     gen = torch.Generator().manual_seed(seed)
     if name in DETECTION:
         from prunekit.zoo.detection import detector_inputs
@@ -71,7 +71,7 @@ def example_input(name: str, model: nn.Module, seed: int) -> Any:
         size = 320 if name.startswith("ssdlite") else 300 if name.startswith("ssd") else DETECTOR_SIZE
         return detector_inputs(model, size=size, seed=seed)
     if name in VIDEO:
-        shape = (1, 3, 16, 224, 224) if name.startswith("mvit") else (1, 3, 16, 112, 112)
+        shape = (1, 3, 16, 224, 224) if name.startswith(("mvit", "s3d")) else (1, 3, 16, 112, 112)
         return torch.randn(shape, generator=gen)
     if name in FLOW:
         return (torch.randn(1, 3, 128, 128, generator=gen), torch.randn(1, 3, 128, 128, generator=gen))
