@@ -277,6 +277,7 @@ def run_prunekit(model: nn.Module, x: Any, clfs: list[nn.Module], base: dict[str
         repairs = list(plan.meta.get("repairs", []))
         rec["repairs"] = len(repairs)
         rec["repair_msgs"] = [r[:300] for r in repairs[:5]]
+        rec["inexact"] = list(plan.meta.get("inexact", []))[:10]  # ops that mix removed channels with kept ones
         stage = "forward"
         y = eval_output(small, x)
         if tuple(y.shape) != tuple(base["out_shape"]):
