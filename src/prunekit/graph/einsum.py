@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from prunekit.graph.labels import align, compact
-from prunekit.graph.rules import _unknown, register_rule
+from prunekit.graph.rules import _unknown, product_sides, register_rule
 from prunekit.graph.tracer import Tracer
 
 __all__ = ["parse_equation"]
@@ -158,15 +158,10 @@ def _pair(tr: Tracer, name: str, a: _Operand, b: _Operand, later: set[str], size
         _tie_contracted(tr, name, a, b, ch, sizes[ch])
     rows = _kept(tr, a, left)
     cols = _kept(tr, b, right)
-    if bool((rows != 0).any()) and bool((cols != 0).any()):
-        if not tr.produced(cols):
-            cols = torch.zeros_like(cols)
-        elif not tr.produced(rows):
-            rows = torch.zeros_like(rows)
-        else:
-            tr.block(torch.cat([rows.reshape(-1), cols.reshape(-1)]),
-                     f"'einsum' in module '{tr.current}' mixes channels of both operands")
-            return _Operand(letters, torch.zeros((1,) * len(letters), dtype=torch.long))
+    sides = product_sides(tr, name, rows, cols)
+    if sides is None:
+        return _Operand(letters, torch.zeros((1,) * len(letters), dtype=torch.long))
+    rows, cols = sides
     lab = rows.reshape([1] * len(batch) + list(rows.shape) + [1] * len(right)) if bool((rows != 0).any()) else \
         cols.reshape([1] * (len(batch) + len(left)) + list(cols.shape))
     return _Operand(letters, lab)

@@ -555,16 +555,10 @@ def matmul_like(tr: Tracer, name: str, lab_a: Tensor, a: Tensor, b: Tensor, lab_
         cols = lb.amax(dim=-2, keepdim=True) if lb.shape[-1] > 1 else lb.narrow(-2, 0, 1)
         rows = rows if la.shape[-2] > 1 else torch.zeros_like(rows)
         cols = cols if lb.shape[-1] > 1 else torch.zeros_like(cols)
-        if bool((rows != 0).any()) and bool((cols != 0).any()):
-            # One side may hold raw parameter elements only: a fixed-size tensor, dropped.
-            if not tr.produced(cols):
-                cols = torch.zeros_like(cols)
-            elif not tr.produced(rows):
-                rows = torch.zeros_like(rows)
-            else:
-                tr.block(torch.cat([rows.reshape(-1), cols.reshape(-1)]),
-                         f"'{name}' in module '{tr.current}' mixes channels of both operands")
-                return [zeros_like_shape(tuple(out.shape))]
+        sides = product_sides(tr, name, rows, cols)
+        if sides is None:
+            return [zeros_like_shape(tuple(out.shape))]
+        rows, cols = sides
         res = rows if bool((rows != 0).any()) else cols
         return [compact(res)]
     # Batched product whose batch dims carry channels (attention heads): everything in one
@@ -598,6 +592,22 @@ def addmm(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs: dict[
     stand_in = torch.empty(outs[0].shape, device="meta")
     tr.set(stand_in, product)
     return elementwise(tr, name, func, (bias, stand_in), {}, [bias, stand_in], outs)
+
+
+def product_sides(tr: Tracer, name: str, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The kept-dim labels of a product's two operands, when at most one side carries
+    channels into the output: a side holding raw parameter elements only is a fixed-size
+    tensor and is dropped. Both sides carrying channels is an outer product of channels,
+    which no slicing keeps: they are blocked and None returned."""
+    if not (bool((rows != 0).any()) and bool((cols != 0).any())):
+        return rows, cols
+    if not tr.produced(cols):
+        return rows, torch.zeros_like(cols)
+    if not tr.produced(rows):
+        return torch.zeros_like(rows), cols
+    tr.block(torch.cat([rows.reshape(-1), cols.reshape(-1)]),
+             f"'{name}' in module '{tr.current}' mixes channels of both operands")
+    return None
 
 
 def _last_vec(tr: Tracer, lab: Tensor, dim: int, size: int) -> Tensor:
