@@ -12,11 +12,12 @@ the masked reference computes them.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from prunekit.graph.tracer import tensors_in
 from prunekit.runtime import ModeInputs, call, inputs_for, model_mode
 
 __all__ = ["detector_predictors", "detector_inputs", "dense_outputs", "SyntheticBoxes", "collate_detection"]
@@ -98,32 +99,20 @@ def dense_outputs(model: nn.Module, example_inputs: Any, mode: str = "eval", see
     hooks = []
     for name in detector_predictors(model):
         def hook(_m: nn.Module, _args: Any, out: Any, name: str = name) -> None:
-            got.setdefault(name, []).extend(t.reshape(-1) for t in _tensors(out))
+            got.setdefault(name, []).extend(t.reshape(-1) for t in tensors_in(out))
         hooks.append(model.get_submodule(name).register_forward_hook(hook))
-    state = torch.random.get_rng_state()
     try:
-        torch.manual_seed(seed)
-        with model_mode(model, mode):
-            out = call(model, inputs_for(example_inputs, mode))
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+            torch.manual_seed(seed)
+            with model_mode(model, mode):
+                out = call(model, inputs_for(example_inputs, mode))
     finally:
-        torch.random.set_rng_state(state)
         for h in hooks:
             h.remove()
     result = {k: torch.cat(v) for k, v in got.items()}
     if mode == "train" and isinstance(out, dict):
         result.update({f"loss:{k}": v.reshape(1) for k, v in out.items()})
     return result
-
-
-def _tensors(out: Any) -> Iterator[Tensor]:
-    if isinstance(out, Tensor):
-        yield out
-    elif isinstance(out, (tuple, list)):
-        for o in out:
-            yield from _tensors(o)
-    elif isinstance(out, dict):
-        for o in out.values():
-            yield from _tensors(o)
 
 
 class SyntheticBoxes(torch.utils.data.Dataset):
