@@ -11,7 +11,6 @@ them means.
 
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -20,25 +19,13 @@ from torch import nn
 import prunekit as pk
 from prunekit.graph import DependencyGraph
 from prunekit.plan import PruningPlan, SetAttr
-from prunekit.surgery import get_tensor
 from prunekit.surgery.reference import masked_reference
 
 
 def silenced(model: nn.Module, graph: DependencyGraph, plan: PruningPlan) -> nn.Module:
     """Copy of ``model`` with every removed channel's slices zeroed in every member (producer
     rows and biases, consumer columns): the channels then carry exact zeros everywhere."""
-    ref = copy.deepcopy(model)
-    roles = {(m.tensor, m.dim): m.role for m in graph.members}
-    with torch.no_grad():
-        for name, dims in plan.keep.items():
-            t = get_tensor(ref, name)
-            for dim, kept in dims.items():
-                if roles.get((name, dim)) not in ("in", "out"):
-                    continue
-                gone = torch.ones(t.shape[dim], dtype=torch.bool)
-                gone[torch.as_tensor(kept, dtype=torch.long)] = False
-                t.index_fill_(dim, torch.nonzero(gone).flatten(), 0.0)
-    return ref
+    return masked_reference(model, graph, plan, roles=("in", "out"))
 
 
 def prune_half(model: nn.Module, x: torch.Tensor, **kw) -> tuple[nn.Module, PruningPlan, DependencyGraph]:

@@ -17,15 +17,18 @@ from prunekit.plan import PruningPlan
 from prunekit.surgery import get_tensor
 
 
-def masked_reference(model: nn.Module, graph: DependencyGraph, plan: PruningPlan) -> nn.Module:
-    """Copy of ``model`` where every consumer's weights reading a removed channel are zero."""
+def masked_reference(model: nn.Module, graph: DependencyGraph, plan: PruningPlan,
+                     roles: tuple[str, ...] = ("in",)) -> nn.Module:
+    """Copy of ``model`` where every consumer's weights reading a removed channel are zero;
+    with ``roles=("in", "out")`` also the producers' rows and biases making one, so the
+    removed channels carry exact zeros everywhere."""
     ref = copy.deepcopy(model)
-    roles = {(m.tensor, m.dim): m.role for m in graph.members}
+    member_roles = {(m.tensor, m.dim): m.role for m in graph.members}
     with torch.no_grad():
         for name, dims in plan.keep.items():
             t = get_tensor(ref, name)
             for dim, kept in dims.items():
-                if roles.get((name, dim)) != "in":
+                if member_roles.get((name, dim)) not in roles:
                     continue
                 mask = torch.ones(t.shape[dim], dtype=torch.bool)
                 mask[torch.as_tensor(kept, dtype=torch.long)] = False
