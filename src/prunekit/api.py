@@ -22,7 +22,7 @@ from prunekit.errors import PruningError, PruningShortfallWarning
 from prunekit.graph import DependencyGraph, module_names, trace
 from prunekit.plan import PruningPlan
 from prunekit.runtime import call_model, model_mode
-from prunekit.planning import blame, channel_plan
+from prunekit.planning import blame, changed_quotients, channel_plan, quotient_groups
 from prunekit.surgery import Journal, apply_plan, copy_module
 from prunekit.surgery.validate import check
 
@@ -98,6 +98,11 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
         plan_, expected = channel_plan(model, graph, removed, meta)
         if plan_.is_empty:
             return _with_shortfall(plan_, cfg, budget, graph, prunable0), model
+        broken = changed_quotients(graph, removed, plan_.attrs)
+        if broken:  # a value such as (C // num_heads) ** -0.5 would change: keep what it counts
+            for atoms, reason in broken:
+                _keep_whole(groups, quotient_groups(graph, groups, removed, atoms), reason, repairs)
+            continue
         journal = Journal()
         candidate = apply_plan(model, plan_, inplace=inplace, journal=journal)
         try:
@@ -117,12 +122,20 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
         blamed = blame(graph, groups, removed, mismatch)
         if not blamed:
             raise PruningError(f"the pruned model fails and no group can be blamed: {reason}")
-        for i in blamed:
-            g = groups[i]
-            groups[i] = dataclasses.replace(g, prunable=np.zeros(g.size, dtype=bool), reasons=(reason,) * g.size)
-            repairs.append(f"{g.name}: {reason}")
-            log.info("keeping group %s: %s", g.name, reason)
+        _keep_whole(groups, blamed, reason, repairs)
     raise PruningError(f"gave up after {cfg.max_repairs} repairs; last: {repairs[-1] if repairs else '?'}")
+
+
+def _keep_whole(groups: list[Any], indices: list[int], reason: str, repairs: list[str]) -> None:
+    """Make ``groups[i]`` (for ``i`` in ``indices``) unprunable for ``reason``, in place, and
+    record the repair; raise when there is no group to keep (the failure has no cause here)."""
+    if not indices:
+        raise PruningError(f"the pruned model would be wrong and no group can be blamed: {reason}")
+    for i in indices:
+        g = groups[i]
+        groups[i] = dataclasses.replace(g, prunable=np.zeros(g.size, dtype=bool), reasons=(reason,) * g.size)
+        repairs.append(f"{g.name}: {reason}")
+        log.info("keeping group %s: %s", g.name, reason)
 
 
 def _auto_round_to(model: nn.Module, example_inputs: Any, graph: DependencyGraph, cfg: PruneConfig,

@@ -5,6 +5,7 @@ when validation finds a mismatch, the groups to blame.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -15,11 +16,13 @@ from prunekit._perf import named_tensors
 from prunekit.graph import DependencyGraph, OpRecord
 from prunekit.graph.dependency import ChannelGroup
 from prunekit.graph.provenance import AttrInt
+from prunekit.graph.sizes import quotient_kept
 from prunekit.plan import AttrFix, PruningPlan, Slice
 from prunekit.surgery.replace import replacement_steps
 from prunekit.surgery.validate import Mismatch, Shapes
 
-__all__ = ["blame", "channel_plan", "expected_shapes", "mixed_ops", "removed_atoms", "removed_channels"]
+__all__ = ["blame", "changed_quotients", "channel_plan", "expected_shapes", "mixed_ops", "quotient_groups",
+           "removed_atoms", "removed_channels"]
 
 
 def channel_plan(model: nn.Module, graph: DependencyGraph, removed: list[np.ndarray],
@@ -55,6 +58,44 @@ def mixed_ops(graph: DependencyGraph, gone: Tensor) -> list[str]:
         if g[atoms].any() and what not in out:
             out.append(what)
     return out
+
+
+def changed_quotients(graph: DependencyGraph, removed: list[np.ndarray],
+                      attrs: Iterable[AttrFix]) -> list[tuple[np.ndarray, str]]:
+    """The sizes divided by a module attribute and used as values (``q * (C // num_heads) **
+    -0.5``, recorded while tracing) whose value the prune of ``removed`` (local channels per
+    group), with attribute fixes ``attrs``, would change: (the atoms that must stay so the
+    size keeps its value, the reason). Empty when every such value survives, as it does when
+    whole heads go with their share of the embedding."""
+    if not graph.state.quotients:
+        return []
+    gone = removed_atoms(graph, removed).numpy()
+    fixed = {(f.module, f.attr): f.value for f in attrs}
+    out: list[tuple[np.ndarray, str]] = []
+    for tag, reason in graph.state.quotients:
+        divisor: AttrInt = tag.per[0]
+        new = fixed.get((divisor.module, divisor.attr))
+        if new is not None and divisor.index is not None:
+            new = new[divisor.index]
+        value = int(divisor) if new is None else divisor.evaluate(new)
+        if not quotient_kept(tag, gone, value) and all(reason != r for _, r in out):
+            attr = f"{divisor.module}.{divisor.attr}" if divisor.module else divisor.attr
+            out.append((np.unique(tag.keep), f"{reason}, and this prune changes its quotient by '{attr}'"))
+    return out
+
+
+def quotient_groups(graph: DependencyGraph, groups: list[Any], removed: list[np.ndarray],
+                    atoms: np.ndarray) -> list[int]:
+    """Indices of the groups to keep whole so that a quotient counting ``atoms`` keeps its
+    value: the groups removing some of those atoms' channels, else (only the divisor, a head
+    count, changed) the groups tied to the atoms' groups (``graph.ties``) that remove some."""
+    channels = set(graph.comp[atoms].tolist())
+    owners = [i for i, g in enumerate(groups) if channels.intersection(g.channels.tolist())]
+    hit = [i for i in owners if len(removed[i])]
+    if hit:
+        return hit
+    tied = {j for tie in graph.ties if set(tie) & set(owners) for j in tie}
+    return sorted(i for i in tied if len(removed[i]))
 
 
 def removed_channels(groups: list[ChannelGroup], plan: PruningPlan) -> list[np.ndarray]:

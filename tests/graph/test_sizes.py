@@ -106,12 +106,16 @@ class Attention(nn.Module):
     """Written like torchvision's Swin attention: the head width is ``C // num_heads`` and the
     output is reshaped to ``C``, with ``C`` read from the input (the residual width)."""
 
-    def __init__(self, dim: int, heads: int, fused: bool = False) -> None:
+    def __init__(self, dim: int, heads: int, fused: bool = False, swin: bool = False) -> None:
         super().__init__()
-        self.num_heads, self.fused = heads, fused
+        self.num_heads, self.fused, self.swin = heads, fused, swin
         self.context = dim  # equal to C by chance: the sizes read from x must not rewrite it
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        if swin:  # a relative-position table with rows the 5-token inputs never gather
+            self.table = nn.Parameter(torch.randn(13, heads))
+            pos = torch.arange(7)
+            self.register_buffer("index", pos[:, None] - pos[None, :] + 6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -121,6 +125,10 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         if self.fused:
             out = F.scaled_dot_product_attention(q, k, v)
+        elif self.swin:  # torchvision's Swin: the scale is computed from C, and a biased logit
+            q = q * (C // self.num_heads) ** -0.5
+            bias = self.table[self.index[:N, :N].reshape(-1)].view(N, N, -1).permute(2, 0, 1)
+            out = (q @ k.transpose(-2, -1) + bias).softmax(-1) @ v
         else:
             out = (q @ k.transpose(-2, -1)).softmax(-1) @ v
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
@@ -129,10 +137,10 @@ class Attention(nn.Module):
 class Transformer(nn.Module):
     """Two residual attention + MLP blocks (no LayerNorm, so the masked reference is exact)."""
 
-    def __init__(self, dim: int = 24, heads: int = 3, fused: bool = False) -> None:
+    def __init__(self, dim: int = 24, heads: int = 3, fused: bool = False, swin: bool = False) -> None:
         super().__init__()
         self.embed = nn.Linear(8, dim)
-        self.attn = nn.ModuleList([Attention(dim, heads, fused) for _ in range(2)])
+        self.attn = nn.ModuleList([Attention(dim, heads, fused, swin) for _ in range(2)])
         self.fc1 = nn.ModuleList([nn.Linear(dim, 2 * dim) for _ in range(2)])
         self.fc2 = nn.ModuleList([nn.Linear(2 * dim, dim) for _ in range(2)])
         self.head = nn.Linear(dim, 3)
@@ -182,3 +190,47 @@ def test_one_fused_head_keeps_the_width_it_is_reshaped_to() -> None:
     assert small.fc1[0].out_features == 8 and not plan.meta["repairs"]
     with torch.no_grad():
         assert torch.allclose(small(x), masked_reference(model, graph, plan)(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(ratio=0.5), dict(target_flops=0.5, allocation="knapsack")],
+                         ids=["ratio", "knapsack"])
+def test_a_scale_from_c_over_num_heads_survives_whole_heads_pruned_with_their_embedding(options) -> None:
+    # q * (C // num_heads) ** -0.5 uses the residual width as a value; whole heads and the
+    # same fraction of the embedding leave the quotient (the head width) as it was, so
+    # nothing is kept whole. The relative-position table's never-gathered rows (6 of 13)
+    # do not stop its head columns from being sliced either.
+    torch.manual_seed(0)
+    model = Transformer(swin=True).eval()
+    x = torch.randn(2, 5, 8)
+    graph = pk.trace(model, x, ignore=["head"])
+    assert not graph.unprunable() or set(graph.unprunable()) == {"head"}
+    small, plan = pk.prune(model, x, graph=graph, return_plan=True, **options)
+    heads = small.attn[0].num_heads
+    assert small.embed.out_features == 8 * heads < 24 and small.attn[0].table.shape == (13, heads)
+    assert not plan.meta["repairs"]
+    with torch.no_grad():
+        assert torch.allclose(small(x), masked_reference(model, graph, plan)(x), atol=1e-5)
+
+
+class SplitScale(ScaledByWidth):
+    """``y * (C // self.parts) ** -0.5``: a quotient by an attribute no reshape rewrites."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.parts = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        y = y * (y.shape[1] // self.parts) ** -0.5
+        return self.c(torch.relu(self.b(y)))
+
+
+def test_a_quotient_the_prune_would_change_keeps_its_channels_and_says_why() -> None:
+    torch.manual_seed(0)
+    model = SplitScale().eval()
+    x = torch.randn(1, 3, 8, 8)
+    graph, small, plan, err = _prune(model, x)
+    # Halving a's 8 channels would make 8 // 2 = 4 into 2: a stays, b is pruned, exactly.
+    assert small.a.out_channels == 8 and small.b.out_channels == 4 and small.parts == 2 and err < 1e-5
+    (repair,) = plan.meta["repairs"]
+    assert repair.startswith("a:") and "changes its quotient by 'parts'" in repair and "'mul'" in repair

@@ -245,21 +245,34 @@ def _present(gids: np.ndarray) -> np.ndarray:
 
 
 def _param_members(state: TraceState, comp: np.ndarray, model: nn.Module) -> list[Member]:
-    """Members recorded by rules plus those derived from raw parameters' element labels."""
+    """Members recorded by rules plus those derived from raw parameters' element labels.
+
+    An element no op joined with anything (its atom alone in its component: a row of a
+    relative-position table the clipped window never gathers) holds no channel and may sit
+    anywhere: slicing the parameter along the channels' dim removes it harmlessly."""
     out = list(state.members)
+    sizes = np.bincount(comp[comp >= 0]) if (comp >= 0).any() else np.zeros(0, dtype=np.int64)
     for name, atoms in state.param_elems:
         cells = comp[atoms.numpy()]
         if cells.ndim == 0:
             continue
+        free = (cells < 0) | (sizes[np.maximum(cells, 0)] == 1)
+        if free.all():
+            continue
         for d in range(cells.ndim):
             moved = np.moveaxis(cells, d, 0).reshape(cells.shape[d], -1)
-            if cells.shape[d] > 1 and (moved == moved[:, :1]).all() and len(np.unique(moved[:, 0])) > 1:
+            loose = np.moveaxis(free, d, 0).reshape(cells.shape[d], -1)
+            first = np.argmax(~loose, axis=1)  # a joined element of each position (0 if none)
+            rep_cell = moved[np.arange(len(moved)), first]
+            used = ~loose.all(axis=1)
+            if (cells.shape[d] > 1 and ((moved == rep_cell[:, None]) | loose).all()
+                    and len(np.unique(rep_cell[used])) > 1):
                 # Constant along every other dim: the parameter is sliced along d.
-                rep = np.moveaxis(atoms.numpy(), d, 0).reshape(cells.shape[d], -1)[:, 0]
+                rep = np.moveaxis(atoms.numpy(), d, 0).reshape(cells.shape[d], -1)[np.arange(len(moved)), first]
                 out.append(Member(name, d, rep.astype(np.int64), "norm"))
                 break
         else:
-            if len(np.unique(cells)) > 1 and cells.size > 1:
+            if len(np.unique(cells[~free])) > 1:
                 state.blocked.append((np.unique(atoms.numpy()), f"parameter '{name}' couples channels along several dims"))
     return out
 

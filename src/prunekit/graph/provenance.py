@@ -115,6 +115,14 @@ class AttrInt(int):
                 value *= k
         return int(value)
 
+    def evaluate(self, attr_value: int) -> int:
+        """This expression's value when the attribute is ``attr_value`` (the inverse of
+        :meth:`solve`)."""
+        value = int(attr_value)
+        for op, k in self.steps:
+            value = value + k if op == "add" else value * k if op == "mul" else value // k
+        return value
+
     def _then(self, op: str, other: Any, value: Any) -> Any:
         if isinstance(other, ShapeInt):
             return other._wrap(value)  # a ShapeInt subclass (graph.sizes.SizeInt) keeps what it carries

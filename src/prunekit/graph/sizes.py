@@ -21,12 +21,12 @@ float subclass's value without asking it), and numbers rebuilt with ``int()``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
 
-from prunekit.graph.provenance import ShapeInt
+from prunekit.graph.provenance import AttrInt, ShapeInt
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,10 @@ class SizeTag:
     rows: np.ndarray | None
     where: str
     param: tuple[str, int] | None = None  # (tensor, dim) for a parameter's size: no rows yet
+    # For a quotient by a module attribute (``C // num_heads``): (the divisor, "floordiv" or
+    # "truediv"). Its value survives a prune that shrinks both alike (whole heads and their
+    # share of the embedding), so a value use is checked against the plan, not blocked.
+    per: tuple[Any, str] | None = None
 
     @property
     def keep(self) -> np.ndarray:
@@ -92,14 +96,37 @@ def find_tagged(obj: Any) -> Tags:
     return ()
 
 
-def _binary(op: Callable[[Any, Any], Any], reflected: bool = False) -> Callable[[Any, Any], Any]:
+def _binary(op: Callable[[Any, Any], Any], reflected: bool = False, name: str = "") -> Callable[[Any, Any], Any]:
     def method(self: Any, other: Any) -> Any:
         if not isinstance(other, (int, float)):
             return NotImplemented  # a tensor's own operator then sees the tagged number
         out = op(_plain(other), _plain(self)) if reflected else op(_plain(self), _plain(other))
+        if not reflected and name in ("floordiv", "truediv") and isinstance(other, AttrInt):
+            return tagged(out, _per(tags_of(self), other, name))
         return tagged(out, merge(tags_of(self), tags_of(other)))
 
     return method
+
+
+def _per(tags: Tags, divisor: AttrInt, how: str) -> Tags:
+    """``tags`` of a size divided by module attribute ``divisor``: each a quotient tag (see
+    :attr:`SizeTag.per`); a tag that is a quotient already, or counts a parameter's dim, stays
+    as it is (its value use is then judged as before)."""
+    return tuple(replace(t, per=(divisor, how)) if t.per is None and t.rows is not None else t for t in tags)
+
+
+def quotient_kept(tag: SizeTag, gone: np.ndarray, divisor: int) -> bool:
+    """Whether the quotient ``tag`` counts keeps its value when the atoms ``gone`` (bool
+    over atoms) are removed and its divisor attribute becomes ``divisor``."""
+    assert tag.per is not None and tag.rows is not None
+    rows = tag.rows
+    before, after = rows.shape[0], int((~(gone[rows] & (rows != 0)).all(axis=1)).sum())
+    old = int(tag.per[0])
+    if divisor == 0:
+        return False
+    if tag.per[1] == "floordiv":
+        return after // divisor == before // old
+    return after * old == before * divisor
 
 
 def _plain(x: Any) -> Any:
@@ -125,7 +152,7 @@ _ARITH = {
 
 def _install(cls: type) -> type:
     for name, op in _ARITH.items():
-        setattr(cls, f"__{name}__", _binary(op))
+        setattr(cls, f"__{name}__", _binary(op, name=name))
         setattr(cls, f"__r{name}__", _binary(op, reflected=True))
     for name, op in (("neg", lambda a: -a), ("pos", lambda a: +a), ("abs", abs)):
         setattr(cls, f"__{name}__", _unary(op))

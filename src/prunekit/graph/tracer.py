@@ -151,6 +151,9 @@ class TraceState:
     # A reshape target computed from another tensor's size: (the size's rows, the output's
     # compact label, where); the groups on both sides must keep proportional counts.
     size_ties: list[tuple[np.ndarray, np.ndarray, str]] = field(default_factory=list)
+    # A quotient of a size by a module attribute (``C // num_heads``) used as a value: (its
+    # tag, reason). The plan must leave it unchanged (:func:`prunekit.planning.changed_quotients`).
+    quotients: list[tuple[SizeTag, str]] = field(default_factory=list)
     grids: dict[tuple[Any, ...], np.ndarray] = field(default_factory=dict)
     ops: dict[str, list[OpRecord]] = field(default_factory=dict)
     calls: dict[str, list[ModuleCall]] = field(default_factory=dict)
@@ -558,6 +561,8 @@ class Tracer:
                       f"in module '{self.current}'")
             if tag.param is not None:
                 self.state.param_size_values.append((*tag.param, reason))
+            elif tag.per is not None:
+                self.state.quotients.append((tag, reason))
             elif len(tag.keep):
                 # numpy only: this may run in the model's own code, where a torch call would be traced
                 self.state.blocked.append((np.unique(tag.keep), reason))
