@@ -20,6 +20,7 @@ from prunekit.config import PruneConfig, criterion_name, make_config
 from prunekit.criteria import score_groups
 from prunekit.errors import PruningError, PruningShortfallWarning
 from prunekit.graph import DependencyGraph, module_names, trace
+from prunekit.graph.dependency import unprunable_cost
 from prunekit.plan import PruningPlan
 from prunekit.runtime import call_model, model_mode
 from prunekit.planning import blame, changed_quotients, channel_plan, quotient_groups
@@ -52,6 +53,7 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
     scores = score_groups(model, graph.groups, cfg.criterion, fallbacks=fallbacks, **dict(cfg.criterion_kwargs or {}))
     measure = _BudgetMeasure.build(model, graph, budget) if budget is not None else None
     groups = list(graph.groups)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     prunable0 = sum(g.n_prunable for g in groups)  # before repairs: what the ratio asks of
     repairs: list[str] = []
     options = dict(ratios=ratios, global_ranking=cfg.global_ranking, min_channels=cfg.min_channels,
@@ -91,6 +93,9 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
             meta[f"target_{budget.kind}"] = budget.target
         if fallbacks:
             meta["criterion_fallbacks"] = dict(fallbacks)
+        held = unprunable_cost(groups, shapes)
+        if held["reasons"]:  # what stays, and why (the CLI prints the largest)
+            meta["unprunable"] = held
         if graph.ties:  # groups kept at one fraction (graph.ties), with the fraction each kept
             meta["ties"] = [{"groups": [groups[i].name for i in tie],
                              "kept": round(1 - len(removed[tie[0]]) / max(1, groups[tie[0]].size), 4)}

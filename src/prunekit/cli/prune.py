@@ -122,9 +122,25 @@ def run(args: argparse.Namespace) -> int:
     print_summary([("before", before, {}), ("after", after, {})])
     print(f"{plan_summary(plan)} in {seconds:.2f} s; saved to {out}/ (model.safetensors, plan.json, "
           f"report.json, report.md, recipe.yaml)")
-    for line in shortfall_lines(plan):
+    for line in shortfall_lines(plan) + unprunable_lines(plan):
         print(line, file=sys.stderr)
     return 0
+
+
+def unprunable_lines(plan: Any, top: int = 3) -> list[str]:
+    """``note: ...`` lines on the channels that had to stay (``plan.meta["unprunable"]``): the
+    share of the parameters they hold and the ``top`` reasons (which op, what share), leaving
+    out the modules the user asked to keep (``ignore``). Empty when nothing else stays."""
+    held = plan.meta.get("unprunable") or {}
+    reasons = [r for r in held.get("reasons", []) if not r["reason"].endswith("is in ignore")]
+    if not reasons:
+        return []
+    lines = [f"prunekit prune: note: {100 * held['params_share']:.1f}% of the parameters touch channels that "
+             "cannot be pruned (report.json: plan.unprunable); the largest causes:"]
+    for r in reasons[:top]:
+        lines.append(f"  {100 * r['params_share']:.1f}% of the parameters, {r['channels']} channels "
+                     f"({', '.join(r['groups'][:2])}{', ...' if len(r['groups']) > 2 else ''}): {r['reason']}")
+    return lines
 
 
 def shortfall_lines(plan: Any) -> list[str]:

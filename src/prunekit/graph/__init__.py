@@ -13,7 +13,7 @@ from torch import nn
 from prunekit._perf import engine_call, walk
 from prunekit.errors import PruningError
 from prunekit.graph.dependency import (ChannelGroup, GroupMember, build_groups, describe, group_ties,
-                                       summarize_unprunable)
+                                       summarize_unprunable, unprunable_cost)
 from prunekit.graph.rules import RULES, register_rule
 from prunekit.graph.meta import MetaStandIns, meta_tensors
 from prunekit.graph.residual import ResidualBlock, find_blocks
@@ -55,6 +55,12 @@ class DependencyGraph:
     def unprunable(self) -> dict[str, Any]:
         """Group name -> reasons some of its channels cannot be removed."""
         return summarize_unprunable(self.groups)
+
+    def unprunable_cost(self, model: nn.Module, top: int = 5) -> dict[str, Any]:
+        """How much of ``model`` (the traced model) its unprunable channels hold: the share
+        of the parameters touching one (``params_share``) and the ``top`` reasons by share,
+        each with its channels and groups (:func:`prunekit.graph.dependency.unprunable_cost`)."""
+        return unprunable_cost(self.groups, {n: tuple(p.shape) for n, p in model.named_parameters()}, top)
 
     def ops(self, mode: str = "eval") -> list[OpRecord]:
         """The ops recorded in ``mode`` ('eval' or 'train'), in execution order."""

@@ -313,3 +313,49 @@ def describe(groups: list[ChannelGroup], limit: int = 40) -> str:
 def summarize_unprunable(groups: list[ChannelGroup]) -> dict[str, Any]:
     """Map each group name with blocked channels to the distinct reasons."""
     return {g.name: sorted({r for r in g.reasons if r}) for g in groups if g.n_prunable < g.size}
+
+
+def unprunable_cost(groups: list[ChannelGroup], shapes: dict[str, tuple[int, ...]], top: int = 5) -> dict[str, Any]:
+    """How much of a model the unprunable channels of ``groups`` hold: ``params_share``, the
+    fraction of the parameters (``shapes``: name -> shape of every parameter) that touch a
+    channel which must stay (an element is counted once, whichever of its indices is
+    blocked), and ``reasons``, the ``top`` reasons by that share, each with its channel count
+    and groups. Empty reasons and a share of 0 when every channel is prunable."""
+    total = sum(int(np.prod(sh)) for sh in shapes.values())
+    by_reason: dict[str, dict[tuple[str, int], set[int]]] = {}
+    channels: dict[str, int] = {}
+    names: dict[str, list[str]] = {}
+    every: dict[tuple[str, int], set[int]] = {}
+    for g in groups:
+        stuck = np.flatnonzero(~g.prunable)
+        if not len(stuck):
+            continue
+        why_of = np.array([r or "unprunable" for r in g.reasons], dtype=object)
+        for why, count in zip(*np.unique(why_of[stuck], return_counts=True)):
+            channels[why] = channels.get(why, 0) + int(count)
+            if g.name not in names.setdefault(why, []):
+                names[why].append(g.name)
+        for m in g.members:
+            if m.tensor not in shapes:
+                continue  # a buffer: no parameters
+            pos = np.flatnonzero(m.channel >= 0)
+            pos = pos[~g.prunable[m.channel[pos]]]
+            key = (m.tensor, m.dim)
+            every.setdefault(key, set()).update(pos.tolist())
+            for why in set(why_of[m.channel[pos]].tolist()):
+                at = pos[why_of[m.channel[pos]] == why]
+                by_reason.setdefault(why, {}).setdefault(key, set()).update(at.tolist())
+
+    def held(blocked: dict[tuple[str, int], set[int]]) -> int:
+        # Elements with no blocked index along any dim are free: the rest are held.
+        free: dict[str, int] = {}
+        for (name, dim), idx in blocked.items():
+            sh = shapes[name]
+            free.setdefault(name, int(np.prod(sh)))
+            free[name] = free[name] * (sh[dim] - len(idx)) // sh[dim] if sh[dim] else 0
+        return sum(int(np.prod(shapes[n])) - f for n, f in free.items())
+
+    reasons = [{"reason": why, "channels": channels[why], "groups": names[why],
+                "params_share": held(by_reason.get(why, {})) / max(1, total)} for why in channels]
+    reasons.sort(key=lambda r: (-r["params_share"], -r["channels"]))
+    return {"params_share": held(every) / max(1, total), "reasons": reasons[:top]}
