@@ -60,6 +60,10 @@ TIMM_MODELS = [
     "poolformer_s12", "pit_ti_224", "cait_xxs24_224", "tnt_s_patch16_224", "convmixer_768_32",
     "gernet_s", "hardcorenas_a", "lcnet_050", "tinynet_a", "fbnetc_100", "selecsls42b", "dpn68",
     "vovnet39a", "nf_resnet26", "resnetv2_50", "edgenext_xx_small",
+    # Outside the first list, from issue #15's under-pruned cases ("same" padding, channel
+    # multipliers, BlurPool groups, computed qkv biases, layer scale, weight standardisation).
+    "tf_efficientnet_b0", "hgnetv2_b0", "fastvit_t8", "tresnet_m", "beit_base_patch16_224",
+    "eva02_tiny_patch14_224", "deit3_small_patch16_224", "xcit_tiny_12_p16_224", "dm_nfnet_f0",
 ]
 
 
@@ -278,6 +282,11 @@ def run_prunekit(model: nn.Module, x: Any, clfs: list[nn.Module], base: dict[str
         rec["repairs"] = len(repairs)
         rec["repair_msgs"] = [r[:300] for r in repairs[:5]]
         rec["inexact"] = list(plan.meta.get("inexact", []))[:10]  # ops that mix removed channels with kept ones
+        held = plan.meta.get("unprunable") or {}
+        causes = [r for r in held.get("reasons", []) if not r["reason"].endswith("is in ignore")]
+        if causes:  # what the channels that had to stay hold, and the largest cause
+            rec["unprunable"] = {"params_share": held["params_share"], "top": causes[0]["reason"][:300],
+                                 "top_share": causes[0]["params_share"]}
         stage = "forward"
         y = eval_output(small, x)
         if tuple(y.shape) != tuple(base["out_shape"]):
@@ -556,6 +565,7 @@ def one_line(rec: dict[str, Any]) -> str:
 
 
 ALMOST_NOTHING = 0.9  # a prune at ratio 0.5 that keeps more of the params than this removed almost nothing
+UNDER_PRUNED = 0.55  # ... and one keeping more than this is listed with what held it back
 
 
 def passed(rec: dict[str, Any], tool: str) -> bool:
@@ -685,6 +695,18 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
         rows = model_rows(models, source)
         if rows:
             lines += [f"## {source}", "", md_table(header, rows), ""]
+    under = [(k, r["prunekit"]) for k, r in models.items()
+             if passed(r, "prunekit") and r["prunekit"].get("params_ratio", 0) > UNDER_PRUNED]
+    if under:
+        lines += [f"## prunekit prunes that keep more than {UNDER_PRUNED:g} of the params, and why", "",
+                  "From `plan.meta['unprunable']` (what `prunekit prune` prints): the share of the parameters "
+                  "touching a channel that must stay, and the largest cause.", ""]
+        for k, r in under:
+            u = r.get("unprunable")
+            why = (f"{100 * u['params_share']:.0f}% of the params held; largest cause "
+                   f"({100 * u['top_share']:.0f}%): `{u['top'][:200]}`") if u else "not recorded (older run)"
+            lines.append(f"- {k} (keeps {r['params_ratio']:.3f}): {why}")
+        lines.append("")
     repairs = [(k, r["prunekit"]["repair_msgs"]) for k, r in models.items()
                if r.get("prunekit", {}).get("repair_msgs")]
     if repairs:
