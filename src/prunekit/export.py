@@ -69,15 +69,32 @@ def check_destination(path: str | os.PathLike[str]) -> None:
 
 
 def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, dict):
+        example_inputs = tuple(example_inputs.values())
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise TypeError("export_onnx: example_inputs must be a tensor or a tuple of tensors")
+        raise TypeError("export_onnx: example_inputs must be a tensor, a tuple of tensors or a dict of them")
     return inputs
 
 
-def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str, opset: int, dynamic_batch: bool) -> str:
+class _KeywordInputs(nn.Module):
+    """``model`` called with keyword inputs (a transformers model's ``input_ids``,
+    ``attention_mask``) from positional ones, returning its first output (``logits``,
+    ``last_hidden_state``): the form both ONNX exporters take."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        out = self.model(**dict(zip(self.names, tensors)))
+        return out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
+
+
+def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], path: str, opset: int, dynamic_batch: bool,
+            names: list[str] | None = None) -> str:
     """Export with the TorchScript exporter (fast, honours the opset); fall back to dynamo."""
-    names = [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
+    names = names or [f"input{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -100,7 +117,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
                 seed: int = 0) -> dict[str, Any]:
     """Write ``model`` (in eval mode, on CPU) to the ONNX file ``path`` and check it with onnxruntime.
 
-    ``example_inputs`` (a tensor or tuple of tensors) fixes the input shapes; the batch axis
+    ``example_inputs`` (a tensor, a tuple of tensors, or a dict of keyword tensors such as a
+    transformers model's ``input_ids`` and ``attention_mask``, exported under those names with
+    the model's first output) fixes the input shapes; the batch axis
     stays dynamic unless ``dynamic_batch=False``. With ``check`` a fresh random input (seeded
     by ``seed``) of the same shapes is run through PyTorch and onnxruntime and the outputs
     compared elementwise with ``|ort - torch| <= atol + rtol * |torch|``. The file is written
@@ -122,10 +141,14 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
     inputs = tuple(t.detach().cpu() for t in _as_tuple(example_inputs))
     if any(t.device.type != "cpu" for t in model.state_dict().values()):
         model = copy.deepcopy(model).cpu()  # never move the caller's model
+    names = None
+    if isinstance(example_inputs, dict):  # keyword inputs keep their names in the ONNX graph
+        names = [str(k) for k in example_inputs]
+        model = _KeywordInputs(model, names)
     out = Path(path)
     with model_mode(model, "eval"), atomic_path(out) as tmp_path:
         tmp = str(tmp_path)
-        exporter = _export(model, inputs, tmp, opset, dynamic_batch)
+        exporter = _export(model, inputs, tmp, opset, dynamic_batch, names)
         onnx.checker.check_model(tmp)
         figures: dict[str, Any] = {"path": str(out), "opset": opset, "exporter": exporter,
                                    "bytes": os.path.getsize(tmp), "checked": bool(check)}

@@ -55,3 +55,25 @@ def test_a_mismatch_exits_1_and_writes_nothing(tmp_path: Path, capsys: pytest.Ca
                "--out", str(target)])
     assert rc == 1 and "differs" in capsys.readouterr().err and not target.exists()
     assert not list(tmp_path.iterdir())
+
+
+def test_a_pruned_transformers_model_exports_with_its_keyword_inputs(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers", reason="transformers (the 'hf' extra) is not installed")
+    import onnxruntime as ort
+
+    out = tmp_path / "bert"
+    assert main(["prune", "--model", "hf:bert", "--ratio", "0.5", "--out", str(out), "--no-latency"]) == 0
+    assert main(["export", "--model", str(out), "--out", str(tmp_path / "bert.onnx")]) == 0
+    assert "outputs match" in capsys.readouterr().out
+    sess = ort.InferenceSession(str(tmp_path / "bert.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    # Another batch size and other tokens than the check's, against the saved pruned model.
+    ids = torch.randint(0, 100, (3, 16), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    small = pk.load(out).eval()
+    with torch.no_grad():
+        want = small(input_ids=ids, attention_mask=mask)[0]
+    assert got.shape == tuple(want.shape) and torch.allclose(torch.from_numpy(got), want, atol=1e-4, rtol=1e-3)

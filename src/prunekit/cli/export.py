@@ -12,6 +12,7 @@ from prunekit.cli.common import (
     CliError,
     add_recipe_options,
     add_trust_code_option,
+    example_inputs,
     example_shape,
     load_model,
     resolve_recipe,
@@ -20,8 +21,6 @@ from prunekit.cli.common import (
 
 def run(args: argparse.Namespace) -> int:
     """Export to ONNX and check the outputs against PyTorch with onnxruntime."""
-    import torch
-
     from prunekit.export import OnnxCheckError, check_destination, export_onnx, supported_opsets
 
     r = resolve_recipe(args)
@@ -36,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     spec = plan.meta.get("model_spec", args.model) if plan is not None else args.model
     shape = example_shape(r, model, spec, plan)
     try:
-        fig = export_onnx(model, torch.randn(*shape), args.out, opset=args.opset, atol=args.atol)
+        fig = export_onnx(model, example_inputs(model, shape), args.out, opset=args.opset, atol=args.atol)
     except ImportError as exc:
         raise CliError(str(exc)) from None
     except OnnxCheckError as exc:
