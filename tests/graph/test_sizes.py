@@ -106,9 +106,11 @@ class Attention(nn.Module):
     """Written like torchvision's Swin attention: the head width is ``C // num_heads`` and the
     output is reshaped to ``C``, with ``C`` read from the input (the residual width)."""
 
-    def __init__(self, dim: int, heads: int, fused: bool = False, swin: bool = False) -> None:
+    def __init__(self, dim: int, heads: int, fused: bool = False, swin: bool = False, rotary: bool = False) -> None:
         super().__init__()
-        self.num_heads, self.fused, self.swin = heads, fused, swin
+        self.num_heads, self.fused, self.swin, self.rotary = heads, fused, swin, rotary
+        if rotary:  # one table for every head's dims, like rotary embeddings' cos
+            self.register_buffer("freq", torch.rand(dim // heads))
         self.context = dim  # equal to C by chance: the sizes read from x must not rewrite it
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -123,6 +125,8 @@ class Attention(nn.Module):
         head_dim = -1 if self.fused else C // self.num_heads
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        if self.rotary:
+            q, k = q * torch.cos(self.freq), k * torch.cos(self.freq)
         if self.fused:
             out = F.scaled_dot_product_attention(q, k, v)
         elif self.swin:  # torchvision's Swin: the scale is computed from C, and a biased logit
@@ -137,10 +141,11 @@ class Attention(nn.Module):
 class Transformer(nn.Module):
     """Two residual attention + MLP blocks (no LayerNorm, so the masked reference is exact)."""
 
-    def __init__(self, dim: int = 24, heads: int = 3, fused: bool = False, swin: bool = False) -> None:
+    def __init__(self, dim: int = 24, heads: int = 3, fused: bool = False, swin: bool = False,
+                 rotary: bool = False) -> None:
         super().__init__()
         self.embed = nn.Linear(8, dim)
-        self.attn = nn.ModuleList([Attention(dim, heads, fused, swin) for _ in range(2)])
+        self.attn = nn.ModuleList([Attention(dim, heads, fused, swin, rotary) for _ in range(2)])
         self.fc1 = nn.ModuleList([nn.Linear(dim, 2 * dim) for _ in range(2)])
         self.fc2 = nn.ModuleList([nn.Linear(2 * dim, dim) for _ in range(2)])
         self.head = nn.Linear(dim, 3)
@@ -188,6 +193,21 @@ def test_one_fused_head_keeps_the_width_it_is_reshaped_to() -> None:
     small, plan = pk.prune(model, x, graph=graph, ratio=0.5, return_plan=True)
     assert small.embed.out_features == 8 and small.attn[0].qkv.out_features == 24
     assert small.fc1[0].out_features == 8 and not plan.meta["repairs"]
+    with torch.no_grad():
+        assert torch.allclose(small(x), masked_reference(model, graph, plan)(x), atol=1e-5)
+
+
+def test_a_table_shared_by_every_head_leaves_the_heads_separable() -> None:
+    # cos(freq) multiplies dim j of every head: it must not tie the heads' dims together
+    # (then no head could go); whole heads go, the table stays whole, exactly.
+    torch.manual_seed(0)
+    model = Transformer(rotary=True).eval()
+    x = torch.randn(2, 5, 8)
+    graph = pk.trace(model, x, ignore=["head"])
+    small, plan = pk.prune(model, x, graph=graph, ratio=0.5, return_plan=True)
+    heads = small.attn[0].num_heads
+    assert heads < 3 and small.embed.out_features == 8 * heads and small.attn[0].freq.shape == (8,)
+    assert not plan.meta["repairs"]
     with torch.no_grad():
         assert torch.allclose(small(x), masked_reference(model, graph, plan)(x), atol=1e-5)
 

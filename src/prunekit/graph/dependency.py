@@ -118,12 +118,32 @@ def apply_grid_ties(comp: np.ndarray, grids: list[np.ndarray]) -> np.ndarray:
     return uf.find(comp)
 
 
+def join_shared_scales(comp: np.ndarray, scales: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """``comp`` with each broadcast per-channel operand's atom joined to the channel it scales,
+    where that is one channel: ``gamma[c]`` over channel ``c`` of two token sets that the
+    residual add couples anyway becomes a member (sliced with ``c``); ``cos[j]`` over dim
+    ``j`` of every attention head, which no op couples, is left alone (heads stay separable,
+    as before). ``scales``: (operand atoms, other atoms at the same positions) pairs."""
+    if not scales:
+        return comp
+    uf = UnionFind(int(comp.max()) + 1)
+    for a, b in scales:
+        if not len(a):
+            continue
+        pairs = np.unique(np.stack([comp[a], comp[b]], axis=1), axis=0)
+        ids, counts = np.unique(pairs[:, 0], return_counts=True)
+        one = np.isin(pairs[:, 0], ids[counts == 1])
+        uf.union(pairs[one, 0], pairs[one, 1])
+    return uf.find(comp)
+
+
 def build_groups(state: TraceState, model: nn.Module) -> tuple[list[ChannelGroup], np.ndarray, list[Member]]:
     """Compute channels and groups from a trace.
 
     Returns (groups, component id per atom (-1 for none), every member incl. derived ones).
     """
     comp, _ = components(state)
+    comp = join_shared_scales(comp, state.shared_scales)
     comp = apply_grid_ties(comp, list(state.grids.values()))
     comp[0] = -1
     n_comp = int(comp.max()) + 1

@@ -95,7 +95,11 @@ def elementwise(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs:
     for i, (lab, shape) in enumerate(ops):
         others_vary = {d for j, (other, _) in enumerate(ops) if j != i for d in range(nd) if other.shape[d] > 1}
         if any(shape[d] == 1 for d in others_vary):
-            continue  # broadcast across channels (a scalar gate, a size-1 bias): not per-channel
+            # Broadcast across channels (a scalar gate, a size-1 bias): not per-channel. Unless
+            # it is a per-channel scale of channel sets the rest of the trace couples anyway.
+            if _scales_shared_channels(i, ops):
+                tr.state.shared_scales.extend(_aligned(i, ops))
+            continue
         used.append(lab)
     if not used:
         return [zeros_like_shape(tuple(o.shape)) for o in outs]
@@ -111,6 +115,39 @@ def elementwise(tr: Tracer, name: str, func: Any, args: tuple[Any, ...], kwargs:
         result = torch.where(result != 0, result, lab)
     result = compact(result)
     return [result if o.ndim == nd else zeros_like_shape(tuple(o.shape)) for o in outs]
+
+
+def _scales_shared_channels(i: int, ops: list[tuple[Tensor, tuple[int, ...]]]) -> bool:
+    """Whether operand ``i`` (label, shape; broadcast along a dim where another operand's
+    label varies) may be per-channel: its label varies along some dims, and every operand
+    varying where it broadcasts varies along those dims too. A layer scale ``gamma * x`` with
+    ``x`` the concatenation of two token sets (XCiT's class attention) and a rotary ``cos``
+    over heads may be (:func:`prunekit.graph.dependency.join_shared_scales` then tells them
+    apart); a one-channel gate over a tensor's channels (varying nowhere) and one side of an
+    outer product (the other side varies along other dims) are not."""
+    lab, shape = ops[i]
+    own = {d for d in range(lab.ndim) if lab.shape[d] > 1}
+    if not own:
+        return False
+    for j, (other, _) in enumerate(ops):
+        if j == i:
+            continue
+        theirs = {d for d in range(other.ndim) if other.shape[d] > 1}
+        if any(shape[d] == 1 for d in theirs) and not own <= theirs:
+            return False
+    return True
+
+
+def _aligned(i: int, ops: list[tuple[Tensor, tuple[int, ...]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(atoms of operand ``i``, atoms of another operand at the same output position), over
+    every position where both are tracked, for each other operand."""
+    out = []
+    for j, (other, _) in enumerate(ops):
+        if j != i:
+            a, b = (t.reshape(-1).numpy() for t in torch.broadcast_tensors(ops[i][0], other))
+            both = (a != 0) & (b != 0)
+            out.append((a[both].copy(), b[both].copy()))
+    return out
 
 
 _MIXING_DIM = {"softmax": 1, "log_softmax": 1, "softmin": 1, "normalize": 2, "cumsum": 1, "cumprod": 1,

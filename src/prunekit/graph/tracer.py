@@ -154,6 +154,10 @@ class TraceState:
     # A quotient of a size by a module attribute (``C // num_heads``) used as a value: (its
     # tag, reason). The plan must leave it unchanged (:func:`prunekit.planning.changed_quotients`).
     quotients: list[tuple[SizeTag, str]] = field(default_factory=list)
+    # A per-channel operand broadcast over a dim where the other operand's channels vary (a
+    # layer scale over two token sets): (its atoms, the other's atoms at the same positions),
+    # joined after tracing where consistent (:func:`prunekit.graph.dependency.join_shared_scales`).
+    shared_scales: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     grids: dict[tuple[Any, ...], np.ndarray] = field(default_factory=dict)
     ops: dict[str, list[OpRecord]] = field(default_factory=dict)
     calls: dict[str, list[ModuleCall]] = field(default_factory=dict)
