@@ -695,8 +695,8 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
         rows = model_rows(models, source)
         if rows:
             lines += [f"## {source}", "", md_table(header, rows), ""]
-    under = [(k, r["prunekit"]) for k, r in models.items()
-             if passed(r, "prunekit") and r["prunekit"].get("params_ratio", 0) > UNDER_PRUNED]
+    under = [(k, r["prunekit"]) for k, r in models.items()  # "almost nothing" removed included
+             if r.get("prunekit", {}).get("status") == "pass" and r["prunekit"].get("params_ratio", 0) > UNDER_PRUNED]
     if under:
         lines += [f"## prunekit prunes that keep more than {UNDER_PRUNED:g} of the params, and why", "",
                   "From `plan.meta['unprunable']` (what `prunekit prune` prints): the share of the parameters "
