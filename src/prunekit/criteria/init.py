@@ -90,10 +90,11 @@ def grasp_saliency(model: nn.Module, batches: Iterable[Batch]) -> dict[str, Tens
     return {n: params[n].detach() * h.detach() for n, h in zip(names, hg) if h is not None}
 
 
-def synflow_saliency(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Tensor]:
-    """``|w * dR/dw|`` with ``R`` the summed output of the absolute-valued model (float64,
-    eval mode) on an all-ones input of ``input_shape`` (batch 1); ``model`` is not changed
-    (a copy is scored)."""
+def _abs_network_output(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[dict[str, Tensor], Tensor]:
+    """The parameters of an absolute-valued float64 copy of ``model`` (every floating-point
+    parameter and buffer replaced by its magnitude; ``model`` is not changed) and ``R``, the
+    sum of its eval-mode output on an all-ones input of ``input_shape`` (batch 1), with the
+    graph kept for ``dR/dw``."""
     work = copy.deepcopy(model).double()
     with torch.no_grad():
         for t in list(work.parameters()) + list(work.buffers()):
@@ -101,12 +102,30 @@ def synflow_saliency(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str
                 t.abs_()
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
     x = torch.ones((1, *input_shape[1:]), dtype=torch.float64, device=device)
-    params = dict(work.named_parameters())
     with model_mode(work, "eval"), torch.enable_grad():
         out = call_on_device(work, x)
         r = sum(o.sum() for o in (out if isinstance(out, (tuple, list)) else [out]))
-        grads = torch.autograd.grad(r, list(params.values()), allow_unused=True)
+    return dict(work.named_parameters()), r
+
+
+def synflow_saliency(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Tensor]:
+    """``|w * dR/dw|`` with ``R`` the summed output of the absolute-valued model (float64,
+    eval mode) on an all-ones input of ``input_shape`` (batch 1); ``model`` is not changed
+    (a copy is scored)."""
+    params, r = _abs_network_output(model, input_shape)
+    grads = torch.autograd.grad(r, list(params.values()), allow_unused=True)
     return {n: (p.detach() * g).abs() for (n, p), g in zip(params.items(), grads) if g is not None}
+
+
+def path_norm(model: nn.Module, input_shape: tuple[int, ...]) -> float:
+    """``log R``: the logarithm of the l1 path norm of ``model`` (the summed output of its
+    absolute-valued copy on an all-ones input of ``input_shape``, batch 1, eval mode), a
+    data-free, label-free score of a whole architecture at initialisation (our reading of
+    FreeNAS's SynFlow-like "FreeFlow", whose formula our sources do not give). For a network
+    without biases and normalisation ``R`` is the sum over input-output paths of the product
+    of the weights' magnitudes; SynFlow's per-weight scores sum to (depth x R) there."""
+    _, r = _abs_network_output(model, input_shape)
+    return float(torch.log(r.detach()))
 
 
 def init_scores(name: str, model: nn.Module, group: ChannelGroup, ctx: dict[str, Any]) -> np.ndarray:

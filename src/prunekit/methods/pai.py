@@ -71,3 +71,30 @@ def pai(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None =
 
 
 pai.trains = True  # type: ignore[attr-defined]
+
+
+def architecture_scores(model: nn.Module, batches: list[tuple[Any, Any]]) -> dict[str, float]:
+    """Training-free scores of a whole (untrained) architecture, as zero-cost NAS proxies
+    use them: the sums over all weights of the SNIP (``|w dL/dw|``) and GraSP (``-w Hg``, the
+    zero-cost-proxy convention; GraSP itself removes the weights with the largest values)
+    saliencies on ``batches``, of SynFlow's (``|w dR/dw|``, as log10; it reads only the
+    batches' shape), and the log path norm (data- and label-free,
+    :func:`prunekit.criteria.init.path_norm`); ``"<name>_seconds"`` is the time each took.
+    How well each ranks trained accuracy, and in which direction, is what
+    ``benchmarks/pai_proxies.py`` measures."""
+    import math
+
+    from prunekit.criteria.init import grasp_saliency, path_norm, snip_saliency, synflow_saliency
+
+    x = batches[0][0]
+    shape = tuple(x.shape)
+    out: dict[str, float] = {}
+    for name, fn in (("snip", lambda: sum(float(v.sum()) for v in snip_saliency(model, batches).values())),
+                     ("grasp", lambda: -sum(float(v.sum()) for v in grasp_saliency(model, batches).values())),
+                     ("synflow", lambda: math.log10(max(sum(float(v.sum()) for v in
+                                                            synflow_saliency(model, shape).values()), 1e-300))),
+                     ("pathnorm", lambda: path_norm(model, shape))):
+        t0 = time.perf_counter()
+        out[name] = fn()
+        out[f"{name}_seconds"] = time.perf_counter() - t0
+    return out
