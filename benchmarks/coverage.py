@@ -283,7 +283,7 @@ def run_prunekit(model: nn.Module, x: Any, clfs: list[nn.Module], base: dict[str
         rec["repair_msgs"] = [r[:300] for r in repairs[:5]]
         rec["inexact"] = list(plan.meta.get("inexact", []))[:10]  # ops that mix removed channels with kept ones
         held = plan.meta.get("unprunable") or {}
-        causes = [r for r in held.get("reasons", []) if not r["reason"].endswith("is in ignore")]
+        causes = [r for r in held.get("reasons", []) if not r["ignored"]]
         if causes:  # what the channels that had to stay hold, and the largest cause
             rec["unprunable"] = {"params_share": held["params_share"], "top": causes[0]["reason"][:300],
                                  "top_share": causes[0]["params_share"]}

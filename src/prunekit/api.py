@@ -93,16 +93,13 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
             meta[f"target_{budget.kind}"] = budget.target
         if fallbacks:
             meta["criterion_fallbacks"] = dict(fallbacks)
-        held = unprunable_cost(groups, shapes)
-        if held["reasons"]:  # what stays, and why (the CLI prints the largest)
-            meta["unprunable"] = held
         if graph.ties:  # groups kept at one fraction (graph.ties), with the fraction each kept
             meta["ties"] = [{"groups": [groups[i].name for i in tie],
                              "kept": round(1 - len(removed[tie[0]]) / max(1, groups[tie[0]].size), 4)}
                             for tie in graph.ties]
         plan_, expected = channel_plan(model, graph, removed, meta)
         if plan_.is_empty:
-            return _with_shortfall(plan_, cfg, budget, graph, prunable0), model
+            return _with_shortfall(_with_unprunable(plan_, groups, shapes), cfg, budget, graph, prunable0), model
         broken = changed_quotients(graph, removed, plan_.attrs)
         if broken:  # a value such as (C // num_heads) ** -0.5 would change: keep what it counts
             for atoms, reason in broken:
@@ -119,15 +116,12 @@ def _plan_and_apply(model: nn.Module, example_inputs: Any, cfg: PruneConfig, *, 
                 journal.rollback()
             raise
         if mismatch is None:
-            return _with_shortfall(plan_, cfg, budget, graph, prunable0), candidate
+            return _with_shortfall(_with_unprunable(plan_, groups, shapes), cfg, budget, graph, prunable0), candidate
         if inplace:
             journal.rollback()
         reason = (f"pruning it breaks op '{mismatch.op.name}' in module '{mismatch.op.module}' "
                   f"({mismatch.mode} mode: {mismatch.message})")
-        blamed = blame(graph, groups, removed, mismatch)
-        if not blamed:
-            raise PruningError(f"the pruned model fails and no group can be blamed: {reason}")
-        _keep_whole(groups, blamed, reason, repairs)
+        _keep_whole(groups, blame(graph, groups, removed, mismatch), reason, repairs)
     raise PruningError(f"gave up after {cfg.max_repairs} repairs; last: {repairs[-1] if repairs else '?'}")
 
 
@@ -135,12 +129,20 @@ def _keep_whole(groups: list[Any], indices: list[int], reason: str, repairs: lis
     """Make ``groups[i]`` (for ``i`` in ``indices``) unprunable for ``reason``, in place, and
     record the repair; raise when there is no group to keep (the failure has no cause here)."""
     if not indices:
-        raise PruningError(f"the pruned model would be wrong and no group can be blamed: {reason}")
+        raise PruningError(f"the pruned model fails and no group can be blamed: {reason}")
     for i in indices:
         g = groups[i]
         groups[i] = dataclasses.replace(g, prunable=np.zeros(g.size, dtype=bool), reasons=(reason,) * g.size)
         repairs.append(f"{g.name}: {reason}")
         log.info("keeping group %s: %s", g.name, reason)
+
+
+def _with_unprunable(plan: PruningPlan, groups: list[Any], shapes: dict[str, tuple[int, ...]]) -> PruningPlan:
+    """``plan`` with ``meta["unprunable"]``: what the channels of ``groups`` (as the repairs
+    left them) that must stay hold, and why (the CLI prints the largest); unchanged when
+    every channel is prunable."""
+    held = unprunable_cost(groups, shapes)
+    return plan.with_meta(unprunable=held) if held["reasons"] else plan
 
 
 def _auto_round_to(model: nn.Module, example_inputs: Any, graph: DependencyGraph, cfg: PruneConfig,

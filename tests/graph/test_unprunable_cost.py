@@ -63,6 +63,7 @@ def test_the_share_each_reason_holds_matches_a_hand_count(tmp_path) -> None:
     assert "used as a value" in first["reason"] and first["channels"] == 8 and first["groups"] == ["a"]
     assert abs(first["params_share"] - A_HELD / TOTAL) < 1e-12
     assert second["reason"] == "module 'c' is in ignore" and second["channels"] == 4
+    assert second["ignored"] and not first["ignored"]
     assert abs(second["params_share"] - C_HELD / TOTAL) < 1e-12
 
 

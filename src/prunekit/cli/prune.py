@@ -132,7 +132,7 @@ def unprunable_lines(plan: Any, top: int = 3) -> list[str]:
     share of the parameters they hold and the ``top`` reasons (which op, what share), leaving
     out the modules the user asked to keep (``ignore``). Empty when nothing else stays."""
     held = plan.meta.get("unprunable") or {}
-    reasons = [r for r in held.get("reasons", []) if not r["reason"].endswith("is in ignore")]
+    reasons = [r for r in held.get("reasons", []) if not r["ignored"]]
     if not reasons:
         return []
     lines = [f"prunekit prune: note: {100 * held['params_share']:.1f}% of the parameters touch channels that "

@@ -16,7 +16,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import nn
 
-from prunekit.graph.tracer import Member, TraceState
+from prunekit.graph.tracer import Member, TraceState, is_ignore_reason
 from prunekit.graph.unionfind import UnionFind
 
 
@@ -375,7 +375,7 @@ def unprunable_cost(groups: list[ChannelGroup], shapes: dict[str, tuple[int, ...
             free[name] = free[name] * (sh[dim] - len(idx)) // sh[dim] if sh[dim] else 0
         return sum(int(np.prod(shapes[n])) - f for n, f in free.items())
 
-    reasons = [{"reason": why, "channels": channels[why], "groups": names[why],
+    reasons = [{"reason": why, "channels": channels[why], "groups": names[why], "ignored": is_ignore_reason(why),
                 "params_share": held(by_reason.get(why, {})) / max(1, total)} for why in channels]
     reasons.sort(key=lambda r: (-r["params_share"], -r["channels"]))
     return {"params_share": held(every) / max(1, total), "reasons": reasons[:top]}

@@ -132,6 +132,16 @@ class Source:
     active: bool
 
 
+def ignore_reason(module: str) -> str:
+    """Why the channels of ``module`` stay when the user lists it in ``ignore``."""
+    return f"module '{module}' is in ignore"
+
+
+def is_ignore_reason(reason: str) -> bool:
+    """Whether ``reason`` is :func:`ignore_reason`'s: the user's choice, not a limit found."""
+    return reason.startswith("module '") and reason.endswith("' is in ignore")
+
+
 @dataclass
 class TraceState:
     """Everything one or more traced forward passes learned about a model."""
@@ -253,7 +263,7 @@ class Tracer:
         st.uf.grow(st.n_atoms)
         atoms = torch.arange(start, start + n, dtype=torch.long)
         if active and self.ignored_prefixes and under(name, self.ignored_prefixes):
-            self.block(atoms, f"module '{name}' is in ignore")
+            self.block(atoms, ignore_reason(name))
         return atoms
 
     def union(self, a: Tensor, b: Tensor) -> None:

@@ -86,13 +86,15 @@ def architecture_scores(model: nn.Module, batches: list[tuple[Any, Any]]) -> dic
 
     from prunekit.criteria.init import grasp_saliency, path_norm, snip_saliency, synflow_saliency
 
-    x = batches[0][0]
-    shape = tuple(x.shape)
+    shape = tuple(batches[0][0].shape)
+
+    def total(saliency: dict[str, Any]) -> float:
+        return sum(float(v.sum()) for v in saliency.values())
+
     out: dict[str, float] = {}
-    for name, fn in (("snip", lambda: sum(float(v.sum()) for v in snip_saliency(model, batches).values())),
-                     ("grasp", lambda: -sum(float(v.sum()) for v in grasp_saliency(model, batches).values())),
-                     ("synflow", lambda: math.log10(max(sum(float(v.sum()) for v in
-                                                            synflow_saliency(model, shape).values()), 1e-300))),
+    for name, fn in (("snip", lambda: total(snip_saliency(model, batches))),
+                     ("grasp", lambda: -total(grasp_saliency(model, batches))),
+                     ("synflow", lambda: math.log10(max(total(synflow_saliency(model, shape)), 1e-300))),
                      ("pathnorm", lambda: path_norm(model, shape))):
         t0 = time.perf_counter()
         out[name] = fn()
