@@ -44,7 +44,9 @@ model with prunekit's reconstruction (reconstruction against reconstruction). Me
 ``channel_pruning`` (He et al. 2017), ``cap`` (closed-form compensation, greedy joint
 selection), ``cap:search`` (CaP's per-group rate search with the step constraint, scored on
 the validation split: lands where the search stops, not on the FLOPs target), ``ucp`` (SE
-blocks trained jointly with the network for ``--ucp-steps`` steps), ``ucp:scratch`` (the
+blocks trained jointly with the network for ``--ucp-steps`` steps, AdamW at the LR of
+``UCP_LR_GRID`` with the best validation top-1 after ucp + the shared fine-tune, seed 0),
+``ucp:scratch`` (the
 pruned UCP structure re-initialised and retrained from scratch: its retraining *is* its
 fine-tune, with the same number of steps), ``functionality`` (activation-clustering proxy).
 """
@@ -88,6 +90,9 @@ DATASETS = ("fashion-mnist", "cifar10-partial")
 VAL_SIZE = {"fashion-mnist": 5000, "cifar10-partial": 500}
 FT_EPOCHS = {"fashion-mnist": 1, "cifar10-partial": 10}
 LR_GRID = (0.003, 0.01, 0.03, 0.1, 0.2)  # 0.1 is the baselines' own LR; 0.2 because 0.1 won on CIFAR
+# UCP's joint SE training (AdamW) of a *trained* net: its default 1e-2 costs 11-17 pt of
+# validation top-1 before any channel is removed (session 8), so smaller LRs are tuned.
+UCP_LR_GRID = (1e-3, 3e-4, 1e-4)
 BATCH = 128
 CLASSIFIER = "fc"
 
@@ -193,8 +198,9 @@ def row_cap_search(ctx: Ctx) -> tuple[nn.Module, dict[str, Any]]:
 
 def row_ucp(ctx: Ctx) -> tuple[nn.Module, dict[str, Any]]:
     res = methods.get("ucp")(ctx.base, ctx.data.x, loader=ctx.data.train_loader(ctx.seed), batches=len(ctx.calib),
-                             steps=ucp_steps(ctx), target_flops=ctx.target, ignore=[CLASSIFIER], seed=ctx.seed)
-    return res.model, {"train_steps": ucp_steps(ctx)}
+                             steps=ucp_steps(ctx), lr=ctx.args.ucp_lr[ctx.data.name], target_flops=ctx.target,
+                             ignore=[CLASSIFIER], seed=ctx.seed)
+    return res.model, {"train_steps": ucp_steps(ctx), "ucp_lr": ctx.args.ucp_lr[ctx.data.name]}
 
 
 def ucp_steps(ctx: Ctx) -> int:
@@ -209,10 +215,10 @@ def row_ucp_scratch(ctx: Ctx) -> tuple[nn.Module, dict[str, Any]]:
                       milestones=(max(1, epochs // 2), max(1, 3 * epochs // 4)) if epochs > 1 else (),
                       batch_size=BATCH, seed=ctx.seed, tensorboard=False, max_steps_per_epoch=ctx.args.max_steps)
     res = methods.get("ucp")(ctx.base, ctx.data.x, loader=ctx.data.train_loader(ctx.seed), batches=len(ctx.calib),
-                             steps=ucp_steps(ctx), target_flops=ctx.target, ignore=[CLASSIFIER], seed=ctx.seed,
-                             from_scratch=True, retrain_loader=ctx.data.train_loader(ctx.seed), retrain_epochs=epochs,
+                             steps=ucp_steps(ctx), lr=ctx.args.ucp_lr[ctx.data.name], target_flops=ctx.target,
+                             ignore=[CLASSIFIER], seed=ctx.seed, from_scratch=True, retrain_loader=ctx.data.train_loader(ctx.seed), retrain_epochs=epochs,
                              retrain_config=cfg)
-    return res.model, {"train_steps": ucp_steps(ctx), "retrain_epochs": epochs}
+    return res.model, {"train_steps": ucp_steps(ctx), "retrain_epochs": epochs, "ucp_lr": ctx.args.ucp_lr[ctx.data.name]}
 
 
 # --------------------------------------------------------------------------- Torch-Pruning rows
@@ -365,6 +371,7 @@ ROWS: dict[str, Callable[[Ctx], tuple[nn.Module, dict[str, Any]]]] = {
     "pk:l2+time": row_criterion("l2"),  # fine-tuned longer: see extra_steps()
 }
 NO_FINETUNE = frozenset({"ucp:scratch"})  # its retraining is its recovery
+UCP_ROWS = frozenset({"ucp", "ucp:scratch"})  # their SE training LR is tuned: tune_ucp_lr()
 RECONSTRUCTION_ROWS = ("pk:l2+lstsq", "channel_pruning", "cap", "tp:magnitude:local+lstsq")
 TITLE = "One-shot pruning methods at equal FLOPs: trained ResNet-20, Fashion-MNIST and CIFAR-10 (partial)"
 
@@ -454,23 +461,50 @@ def run_one(ds: str, row: str, seed: int, base: nn.Module, data: Data, args: arg
     return rec
 
 
+def is_current(rec: dict[str, Any], ft_lr: dict[str, float], ucp_lr: dict[str, float]) -> bool:
+    """Whether run record ``rec`` finished at the LRs tuned now: the fine-tune's ``ft_lr`` and,
+    for the UCP rows, the SE training's ``ucp_lr`` (both per data set)."""
+    ds = rec["dataset"]
+    return (rec.get("status") == "ok" and rec.get("ft_lr") == ft_lr.get(ds)
+            and rec.get("info", {}).get("ucp_lr") == (ucp_lr.get(ds) if rec["row"] in UCP_ROWS else None))
+
+
+def tune_on_val(ds: str, base: nn.Module, data: Data, args: argparse.Namespace, results: dict[str, Any], *,
+                record: str, grid: tuple[float, ...], apply: Callable[[float], None],
+                prune: Callable[[Ctx], nn.Module]) -> float:
+    """The value of ``grid`` with the best *validation* top-1 after ``prune`` and the shared
+    fine-tune (seed 0): each value is set with ``apply`` before its run and kept in
+    ``results[record][ds]`` (a rerun skips the values there); the best is applied and returned."""
+    tuning = results.setdefault(record, {}).setdefault(ds, {})
+    for value in grid:
+        if str(value) in tuning:
+            continue
+        apply(value)
+        ctx = Ctx(base, data, data.calib(args.calib_batches, 0), 0, args, steps_of(ds, data, args))
+        t0 = time.perf_counter()
+        small = prune(ctx)
+        train(small, data.train_loader(0), finetune_config(ctx), progress=False)
+        tuning[str(value)] = {"val_top1": evaluate(small.eval(), data.val, topk=(1,))["top1"],
+                              "seconds": time.perf_counter() - t0}
+        log.info("%s: %s %g -> val top-1 %.4f", ds, record, value, tuning[str(value)]["val_top1"])
+        write_json(Path(args.results), results)
+    best = float(max((k for k in tuning if float(k) in grid), key=lambda k: tuning[k]["val_top1"]))
+    apply(best)
+    return best
+
+
 def tune_lr(ds: str, base: nn.Module, data: Data, args: argparse.Namespace, results: dict[str, Any]) -> float:
     """The fine-tune LR of ``LR_GRID`` with the best *validation* accuracy after plain L2 removal
     (seed 0), kept in ``results['tuning']``."""
-    tuning = results.setdefault("tuning", {}).setdefault(ds, {})
-    for lr in LR_GRID:
-        if str(lr) in tuning:
-            continue
-        args.ft_lr[ds] = lr
-        ctx = Ctx(base, data, data.calib(args.calib_batches, 0), 0, args, steps_of(ds, data, args))
-        small, _ = pk_prune(ctx, "l2")
-        t0 = time.perf_counter()
-        train(small, data.train_loader(0), finetune_config(ctx), progress=False)
-        tuning[str(lr)] = {"val_top1": evaluate(small.eval(), data.val, topk=(1,))["top1"],
-                           "seconds": time.perf_counter() - t0}
-        log.info("%s: lr %g -> val top-1 %.4f", ds, lr, tuning[str(lr)]["val_top1"])
-        write_json(Path(args.results), results)
-    return float(max(tuning, key=lambda k: tuning[k]["val_top1"]))
+    return tune_on_val(ds, base, data, args, results, record="tuning", grid=LR_GRID,
+                       apply=lambda v: args.ft_lr.__setitem__(ds, v), prune=lambda ctx: pk_prune(ctx, "l2")[0])
+
+
+def tune_ucp_lr(ds: str, base: nn.Module, data: Data, args: argparse.Namespace, results: dict[str, Any]) -> float:
+    """The LR of UCP's joint SE training of ``UCP_LR_GRID`` with the best *validation* accuracy
+    after ``ucp`` and the shared fine-tune (seed 0), kept in ``results['tuning_ucp']``."""
+    return tune_on_val(ds, base, data, args, results, record="tuning_ucp", grid=UCP_LR_GRID,
+                       apply=lambda v: args.ucp_lr.__setitem__(ds, v), prune=lambda ctx: row_ucp(ctx)[0])
 
 
 def lr_from(path: Path, ds: str) -> float | None:
@@ -540,6 +574,16 @@ def interval(vals: list[float]) -> str:
     return f"{m:.2f} ± {half:.2f}"
 
 
+def ucp_tuning_line(results: dict[str, Any], ds: str) -> str:
+    """The sentence on the UCP rows' tuned SE-training LR of ``ds`` (empty when not tuned)."""
+    tuning = results.get("tuning_ucp", {}).get(ds, {})
+    if not tuning:
+        return ""
+    return (f" UCP's joint SE training (AdamW, {results['config'].get('ucp_steps')} steps): LR "
+            f"{results['config'].get('ucp_lr', {}).get(ds)} (validation top-1 after ucp + fine-tune: "
+            + ", ".join(f"{k}: {v['val_top1'] * 100:.2f}%" for k, v in tuning.items()) + ").")
+
+
 def report(results: dict[str, Any], path: Path, table: dict[str, Row] | None = None, title: str = TITLE) -> None:
     """Write the Markdown tables of ``results``, a row per entry of ``table`` (default :data:`ROWS`)."""
     cfg = results["config"]
@@ -561,11 +605,12 @@ def report(results: dict[str, Any], path: Path, table: dict[str, Row] | None = N
                   f"{base['val_top1'] * 100:.2f}%, {base['params'] / 1e3:.1f}K params, {base['flops'] / 1e6:.2f} "
                   f"MFLOPs. Fine-tune LR {cfg['ft_lr'].get(ds)} (validation top-1 after plain L2 removal: "
                   + ", ".join(f"{k}: {v['val_top1'] * 100:.2f}%" for k, v in tuning.items()) + f"); "
-                  f"{results.get('ft_steps', {}).get(ds, '?')} fine-tune steps.", ""]
+                  f"{results.get('ft_steps', {}).get(ds, '?')} fine-tune steps."
+                  + ucp_tuning_line(results, ds), ""]
         rows = []
         for row in (ROWS if table is None else table):
-            runs = [r for r in results["runs"].values() if r["dataset"] == ds and r["row"] == row and r["status"] == "ok"
-                    and r.get("ft_lr", cfg["ft_lr"].get(ds)) == cfg["ft_lr"].get(ds)]
+            runs = [r for r in results["runs"].values() if r["dataset"] == ds and r["row"] == row
+                    and is_current(r, cfg["ft_lr"], cfg.get("ucp_lr", {}))]
             fails = [r for r in results["runs"].values() if r["dataset"] == ds and r["row"] == row and r["status"] != "ok"]
             if not runs:
                 if fails:
@@ -714,8 +759,8 @@ def run_grid(args: argparse.Namespace, results: dict[str, Any], loaded: dict[str
             for row in rows:
                 key = f"{ds}/{row}/{seed}"
                 done = results["runs"].get(key, {})
-                if done.get("status") == "ok" and done.get("ft_lr") == args.ft_lr[ds]:
-                    continue  # a run fine-tuned at another LR than the tuned one is redone
+                if done and is_current(done, args.ft_lr, getattr(args, "ucp_lr", {})):
+                    continue  # a run fine-tuned (or UCP-trained) at another LR than the tuned one is redone
                 log.info("%s ...", key)
                 try:
                     rec = run_one(ds, row, seed, base, data, args, results, table, measure, no_finetune)
@@ -740,7 +785,8 @@ def main(argv: list[str] | None = None, suite: Suite = METHODS) -> int:
     results["machine"] = machine_info()
     results["config"] = {"target_flops": args.target_flops, "calib_batches": args.calib_batches,
                          "ft_epochs": args.ft_epochs, "ucp_steps": args.ucp_steps, "threads": args.threads,
-                         "ft_lr": results.get("config", {}).get("ft_lr", {})}
+                         "ft_lr": results.get("config", {}).get("ft_lr", {}),
+                         "ucp_lr": results.get("config", {}).get("ucp_lr", {})}
     md = results_path.with_suffix(".md")
 
     def write_report() -> None:
@@ -756,6 +802,11 @@ def main(argv: list[str] | None = None, suite: Suite = METHODS) -> int:
         # Re-derived from the tuning record every run, so a grid that grows re-tunes.
         args.ft_lr[ds] = fixed if fixed is not None else tune_lr(ds, base, data, args, results)
     results["config"]["ft_lr"] = dict(args.ft_lr)
+    args.ucp_lr = {}
+    if UCP_ROWS & set(rows):
+        for ds, (base, data) in loaded.items():
+            tune_ucp_lr(ds, base, data, args, results)
+    results["config"]["ucp_lr"] = dict(args.ucp_lr)
     write_json(results_path, results)
     run_grid(args, results, loaded, rows, seeds, results_path, write_report, suite.rows, None, suite.no_finetune)
     write_report()
