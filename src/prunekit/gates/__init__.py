@@ -186,6 +186,7 @@ class _Site:
         self.position = position  # index of the module's first op in the eval trace
         self.weight_dims = handler.weight_dims(module)
         self.index = torch.as_tensor(index, dtype=torch.long)
+        self.norm: nn.Module | None = None  # the norm that alone reads the output, directly (_direct_norms)
 
 
 class _GateHook:
@@ -274,13 +275,17 @@ class GateSet(nn.Module):
     @torch.no_grad()
     def fold(self, approximate: bool = False) -> None:
         """Multiply every gate's values into the layers it scales (the output slices of a
-        producer's weight and bias, a norm's affine weight and bias), so that the model
+        producer's weight and bias, a norm's affine weight and bias; for a producer whose
+        output only a batch norm reads, directly, that norm's running statistics instead:
+        :meth:`~prunekit.handlers.LayerHandler.absorb_input_scale`), so that the model
         computes the same function once the gates are detached; then set every gate to 1
         (:meth:`Gate.set_identity`). Stochastic gates fold their expectation
         (:meth:`Gate.expected_values`). Input-dependent gates raise PruningError unless
         ``approximate``, which folds each site's mean (:meth:`Gate.site_expected_values`): the
         per-sample variation is lost. Also raises PruningError for a site without an affine
         weight."""
+        from prunekit.handlers import handler_for
+
         # Every gate's values are taken before any layer changes: a kind whose values are
         # computed from the layers it scales (``scp`` reads its BatchNorm) must not see a
         # half-folded model.
@@ -299,6 +304,12 @@ class GateSet(nn.Module):
                 raise PruningError(f"gate at '{site.name}': the module has no weight to fold the gate into")
             vals = folded[site.group, site.number]
             vals = torch.cat([vals, vals.new_ones(1)]).index_select(0, site.index.to(vals.device))
+            # A producer normalised by a batch norm right after: the norm's statistics absorb the
+            # scale, so the weights keep their trained size. Scaled into the weights instead, they
+            # would shrink (SE means ~0.5), and under the norm's scale invariance every later
+            # training step would act as one at a 1/scale**2 times larger LR.
+            if site.norm is not None and handler_for(site.norm).absorb_input_scale(site.norm, vals):
+                continue
             shape = [1] * weight.ndim
             shape[out_dim] = -1
             weight.mul_(vals.view(shape).to(weight))
@@ -381,6 +392,39 @@ def _first_layers(model: nn.Module, graph: Any) -> dict[str, tuple[frozenset[str
     return {name: (frozenset(layers), escapes) for name, (layers, escapes) in result.items()}
 
 
+def _direct_norms(model: nn.Module, graph: Any) -> dict[str, str]:
+    """Module name -> the norm module that alone reads its output, directly: the module's one
+    value read outside it goes to one op only, the norm's (a norm module with a handler, run
+    once in the trace), as its first input. There a per-channel scale of the output can be
+    absorbed by the norm (no concat, reshape or second reader in between)."""
+    from prunekit.handlers import handler_for
+
+    ops = graph.ops("eval")
+    readers: dict[int, list[Any]] = {}
+    runs: dict[str, int] = {}
+    for op in ops:
+        runs[op.module] = runs.get(op.module, 0) + 1
+        for v in op.in_values:
+            if v >= 0:
+                readers.setdefault(v, []).append(op)
+    leaving: dict[str, list[int]] = {}
+    for op in ops:
+        for v in op.out_values:
+            if any(c.module != op.module for c in readers.get(v, [])):
+                leaving.setdefault(op.module, []).append(v)
+    out: dict[str, str] = {}
+    for name, values in leaving.items():
+        if len(values) != 1 or len(readers[values[0]]) != 1:
+            continue
+        op = readers[values[0]][0]
+        if op.name not in _NORM_OPS or runs[op.module] != 1 or not op.in_values or op.in_values[0] != values[0]:
+            continue
+        handler = handler_for(model.get_submodule(op.module) if op.module else model)
+        if handler is not None and handler.is_norm:
+            out[name] = op.module
+    return out
+
+
 def _forward_order(graph: Any) -> dict[str, int]:
     """Module name -> the index of its first op in the eval trace (execution order)."""
     order: dict[str, int] = {}
@@ -455,6 +499,7 @@ def attach_gates(model: nn.Module, graph: Any, *, kind: str = "logit", groups: l
     gs = GateSet()
     gs.groups = [g for g in (groups if groups is not None else graph.groups) if g.n_prunable > 0]
     reach = _first_layers(model, graph)
+    direct = _direct_norms(model, graph)
     order = _forward_order(graph)
     device = next((t.device for t in model.parameters()), torch.device("cpu"))
     for g in gs.groups:
@@ -473,6 +518,8 @@ def attach_gates(model: nn.Module, graph: Any, *, kind: str = "logit", groups: l
         sites.sort(key=lambda s: order.get(s[0], len(order)))
         for number, (name, mod, index, handler) in enumerate(sites):
             site = _Site(g.index, name, mod, index, handler, number, order.get(name, len(order)))
+            if name in direct:
+                site.norm = model.get_submodule(direct[name])
             gs._sites.append(site)
             gs._handles.append(mod.register_forward_hook(_GateHook(gate, site.index, handler, number)))
     return gs

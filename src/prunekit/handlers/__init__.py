@@ -184,6 +184,13 @@ class LayerHandler:
         that use the statistics of their input)."""
         return None
 
+    def absorb_input_scale(self, module: nn.Module, scale: Tensor) -> bool:
+        """Change the layer so that, in eval mode and in train mode, it computes on ``x`` what
+        it computed on ``x * scale`` (``scale`` > 0, one entry per input channel), without
+        touching the layer before it; True when done. False (the default, nothing changed)
+        where the layer cannot (it mixes channels before normalising, or has no statistics)."""
+        return False
+
     def resized(self, module: nn.Module, in_fraction: float, out_fraction: float) -> nn.Module | None:
         """A fresh, untrained layer configured like ``module`` with its input/output widths
         scaled by the fractions (rounded, at least one channel per group): what a latency

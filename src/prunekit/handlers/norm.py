@@ -73,6 +73,18 @@ class NormHandler(LayerHandler):
             shift = shift + module.bias
         return scale, shift
 
+    def absorb_input_scale(self, module: nn.Module, scale: Tensor) -> bool:
+        """A batch norm with running statistics: ``mean / scale`` and ``(var + eps) / scale**2 -
+        eps`` normalise ``x`` in eval mode exactly as the old statistics normalised ``x * scale``
+        (in train mode, normalising by the batch, a per-channel scale cancels up to ``eps``). False for other norms and for a
+        ``scale`` that is not positive everywhere."""
+        if self.eval_affine(module) is None or not bool((scale > 0).all()):
+            return False
+        scale = scale.to(module.running_mean)
+        module.running_mean.div_(scale)
+        module.running_var.add_(module.eps).div_(scale * scale).sub_(module.eps)
+        return True
+
     def slice(self, module: nn.Module, dim_kind: str, keep: Tensor) -> None:
         """Keep channels (the same for ``"out"`` and ``"in"``) of the affine tensors and running
         statistics. A group norm must still divide its channels into ``num_groups``."""

@@ -43,10 +43,13 @@ Departures from the paper:
     layers they prune; bottleneck-only pruning of the middle conv is not enforced (the budget
     and ``ignore`` decide which groups are pruned).
   * Without ``from_scratch`` the pruned network is kept (fine-tune it yourself). Its blocks are
-    removed, so after joint training each channel's mean excitation is folded into its
-    producer's weight and bias (the block scaled that output;
-    ``GateSet.fold(approximate=True)``); the per-sample variation of the scale is lost. The
-    paper never removes blocks from a network it keeps.
+    removed, so after joint training each channel's mean excitation is folded in
+    (``GateSet.fold(approximate=True)``): into the running statistics of the batch norm that
+    reads the producer's output (the conv weights keep their trained size: folded into
+    them, a mean of ~0.5 would halve them and, under the norm's scale invariance, make a
+    later fine-tune act at ~4x its LR), or into the producer's weight and bias where no
+    batch norm follows. The per-sample variation of the scale is lost. The paper never
+    removes blocks from a network it keeps.
   * A block squeezes the channels of its own group only: for a layer whose output channels
     belong to several groups (e.g. split by a concat downstream), each group's block sees its
     part, where the authors' block sees the whole layer.
