@@ -465,8 +465,11 @@ def is_current(rec: dict[str, Any], ft_lr: dict[str, float], ucp_lr: dict[str, f
     """Whether run record ``rec`` finished at the LRs tuned now: the fine-tune's ``ft_lr`` and,
     for the UCP rows, the SE training's ``ucp_lr`` (both per data set)."""
     ds = rec["dataset"]
-    return (rec.get("status") == "ok" and rec.get("ft_lr") == ft_lr.get(ds)
-            and rec.get("info", {}).get("ucp_lr") == (ucp_lr.get(ds) if rec["row"] in UCP_ROWS else None))
+    if rec.get("status") != "ok" or rec.get("ft_lr") != ft_lr.get(ds):
+        return False
+    if rec["row"] not in UCP_ROWS:
+        return True
+    return ucp_lr.get(ds) is not None and rec.get("info", {}).get("ucp_lr") == ucp_lr[ds]  # untuned runs: stale
 
 
 def tune_on_val(ds: str, base: nn.Module, data: Data, args: argparse.Namespace, results: dict[str, Any], *,
