@@ -196,11 +196,18 @@ def row_cap_search(ctx: Ctx) -> tuple[nn.Module, dict[str, Any]]:
     return res.model, {"searched_ratios": res.info.get("searched_ratios"), "trials": len(res.info.get("trials", []))}
 
 
-def row_ucp(ctx: Ctx) -> tuple[nn.Module, dict[str, Any]]:
+def run_ucp(ctx: Ctx, **options: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """``ucp`` with the benchmark's SE training (``ucp_steps``, the tuned ``ucp_lr``) and
+    ``options``; returns the pruned model and the row's info."""
+    lr = ctx.args.ucp_lr[ctx.data.name]
     res = methods.get("ucp")(ctx.base, ctx.data.x, loader=ctx.data.train_loader(ctx.seed), batches=len(ctx.calib),
-                             steps=ucp_steps(ctx), lr=ctx.args.ucp_lr[ctx.data.name], target_flops=ctx.target,
-                             ignore=[CLASSIFIER], seed=ctx.seed)
-    return res.model, {"train_steps": ucp_steps(ctx), "ucp_lr": ctx.args.ucp_lr[ctx.data.name]}
+                             steps=ucp_steps(ctx), lr=lr, target_flops=ctx.target, ignore=[CLASSIFIER],
+                             seed=ctx.seed, **options)
+    return res.model, {"train_steps": ucp_steps(ctx), "ucp_lr": lr}
+
+
+def row_ucp(ctx: Ctx) -> tuple[nn.Module, dict[str, Any]]:
+    return run_ucp(ctx)
 
 
 def ucp_steps(ctx: Ctx) -> int:
@@ -214,11 +221,9 @@ def row_ucp_scratch(ctx: Ctx) -> tuple[nn.Module, dict[str, Any]]:
     cfg = TrainConfig(epochs=epochs, lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="step",
                       milestones=(max(1, epochs // 2), max(1, 3 * epochs // 4)) if epochs > 1 else (),
                       batch_size=BATCH, seed=ctx.seed, tensorboard=False, max_steps_per_epoch=ctx.args.max_steps)
-    res = methods.get("ucp")(ctx.base, ctx.data.x, loader=ctx.data.train_loader(ctx.seed), batches=len(ctx.calib),
-                             steps=ucp_steps(ctx), lr=ctx.args.ucp_lr[ctx.data.name], target_flops=ctx.target,
-                             ignore=[CLASSIFIER], seed=ctx.seed, from_scratch=True, retrain_loader=ctx.data.train_loader(ctx.seed), retrain_epochs=epochs,
-                             retrain_config=cfg)
-    return res.model, {"train_steps": ucp_steps(ctx), "retrain_epochs": epochs, "ucp_lr": ctx.args.ucp_lr[ctx.data.name]}
+    small, info = run_ucp(ctx, from_scratch=True, retrain_loader=ctx.data.train_loader(ctx.seed),
+                          retrain_epochs=epochs, retrain_config=cfg)
+    return small, {**info, "retrain_epochs": epochs}
 
 
 # --------------------------------------------------------------------------- Torch-Pruning rows
@@ -577,6 +582,11 @@ def interval(vals: list[float]) -> str:
     return f"{m:.2f} ± {half:.2f}"
 
 
+def grid_text(tuning: dict[str, Any]) -> str:
+    """``"value: validation top-1%, ..."`` of a tuning record of :func:`tune_on_val`."""
+    return ", ".join(f"{k}: {v['val_top1'] * 100:.2f}%" for k, v in tuning.items())
+
+
 def ucp_tuning_line(results: dict[str, Any], ds: str) -> str:
     """The sentence on the UCP rows' tuned SE-training LR of ``ds`` (empty when not tuned)."""
     tuning = results.get("tuning_ucp", {}).get(ds, {})
@@ -584,7 +594,7 @@ def ucp_tuning_line(results: dict[str, Any], ds: str) -> str:
         return ""
     return (f" UCP's joint SE training (AdamW, {results['config'].get('ucp_steps')} steps): LR "
             f"{results['config'].get('ucp_lr', {}).get(ds)} (validation top-1 after ucp + fine-tune: "
-            + ", ".join(f"{k}: {v['val_top1'] * 100:.2f}%" for k, v in tuning.items()) + ").")
+            f"{grid_text(tuning)}).")
 
 
 def report(results: dict[str, Any], path: Path, table: dict[str, Row] | None = None, title: str = TITLE) -> None:
@@ -607,7 +617,7 @@ def report(results: dict[str, Any], path: Path, table: dict[str, Row] | None = N
                   f"Baseline: test top-1 {base['top1'] * 100:.2f}% ({base['test_images']} images), validation "
                   f"{base['val_top1'] * 100:.2f}%, {base['params'] / 1e3:.1f}K params, {base['flops'] / 1e6:.2f} "
                   f"MFLOPs. Fine-tune LR {cfg['ft_lr'].get(ds)} (validation top-1 after plain L2 removal: "
-                  + ", ".join(f"{k}: {v['val_top1'] * 100:.2f}%" for k, v in tuning.items()) + f"); "
+                  f"{grid_text(tuning)}); "
                   f"{results.get('ft_steps', {}).get(ds, '?')} fine-tune steps."
                   + ucp_tuning_line(results, ds), ""]
         rows = []

@@ -333,6 +333,16 @@ class GateSet(nn.Module):
 _NORM_OPS = frozenset({"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"})
 
 
+def _readers(ops: list[Any]) -> dict[int, list[Any]]:
+    """Value id -> the ops of ``ops`` that read it, in trace order."""
+    readers: dict[int, list[Any]] = {}
+    for op in ops:
+        for v in op.in_values:
+            if v >= 0:
+                readers.setdefault(v, []).append(op)
+    return readers
+
+
 def _first_layers(model: nn.Module, graph: Any) -> dict[str, tuple[frozenset[str], bool]]:
     """Module name -> ``(layers, escapes)`` of what its output reaches (eval trace): the
     modules of the first *layers* met along every dataflow path from the values the module
@@ -344,11 +354,7 @@ def _first_layers(model: nn.Module, graph: Any) -> dict[str, tuple[frozenset[str
     from prunekit.handlers import handler_for
 
     ops = graph.ops("eval")
-    consumers: dict[int, list[Any]] = {}
-    for op in ops:
-        for v in op.in_values:
-            if v >= 0:
-                consumers.setdefault(v, []).append(op)
+    consumers = _readers(ops)
     layer_of: dict[str, bool] = {}
 
     def is_layer(op: Any) -> bool:
@@ -400,13 +406,10 @@ def _direct_norms(model: nn.Module, graph: Any) -> dict[str, str]:
     from prunekit.handlers import handler_for
 
     ops = graph.ops("eval")
-    readers: dict[int, list[Any]] = {}
+    readers = _readers(ops)
     runs: dict[str, int] = {}
     for op in ops:
         runs[op.module] = runs.get(op.module, 0) + 1
-        for v in op.in_values:
-            if v >= 0:
-                readers.setdefault(v, []).append(op)
     leaving: dict[str, list[int]] = {}
     for op in ops:
         for v in op.out_values:

@@ -76,8 +76,8 @@ class NormHandler(LayerHandler):
     def absorb_input_scale(self, module: nn.Module, scale: Tensor) -> bool:
         """A batch norm with running statistics: ``mean / scale`` and ``(var + eps) / scale**2 -
         eps`` normalise ``x`` in eval mode exactly as the old statistics normalised ``x * scale``
-        (in train mode, normalising by the batch, a per-channel scale cancels up to ``eps``). False for other norms and for a
-        ``scale`` that is not positive everywhere."""
+        (in train mode, normalising by the batch, a per-channel scale cancels up to ``eps``).
+        False for other norms and for a ``scale`` that is not positive everywhere."""
         if self.eval_affine(module) is None or not bool((scale > 0).all()):
             return False
         scale = scale.to(module.running_mean)
