@@ -11,6 +11,7 @@ from torch import nn
 
 import prunekit as pk
 from prunekit import methods
+from prunekit.errors import PruningError
 from prunekit.measure import count_flops
 from prunekit.methods.iterative import schedule
 
@@ -140,6 +141,56 @@ def test_cap_search_takes_the_largest_ratio_under_a_linearly_falling_threshold()
     expected = [[0, 0, 0, 0]] + [accepted[:k] + [int(t["ratio"] * 16)] + [0] * (3 - k)
                                  for k in range(4) for t in trials[3 * k:3 * k + 3]]
     assert calls == expected
+
+
+def test_cap_search_profile_scaled_to_a_flops_budget() -> None:
+    """With a budget as well, the searched ratios (the toy above: 1, 4, 0, 7 of 16 channels) are
+    scaled by one factor s, capped at max_ratio 0.5 (8 channels): group k loses
+    floor(min(8, s * j_k)) channels. Oracle: scan s upwards over the points where a width
+    changes and build each candidate as a fresh
+    network with those widths, FLOPs counted by torch's FlopCounterMode; the first that keeps
+    at most 60% of the FLOPs is the answer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nets import cbr
+
+    def toy(widths: list[int]) -> nn.Module:
+        layers, c_in = [], 3
+        for w in widths:
+            layers.append(cbr(c_in, w))
+            c_in = w
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, 5)).eval()
+
+    def flops(m: nn.Module) -> int:
+        with FlopCounterMode(display=False) as counter:
+            m(X)
+        return counter.get_total_flops()
+
+    torch.manual_seed(0)
+    model = toy([16] * 4)
+    weights = [1.0, 0.5, 4.0, 0.1]
+
+    def score(m: nn.Module) -> float:
+        return 1 - sum(w * (16 - m[k][0].out_channels) for k, w in enumerate(weights)) / 16
+
+    res = methods.get("cap")(model, X, loader=_batches(), evaluate=score, tolerance=0.4, max_ratio=0.5,
+                             search_steps=3, ignore=["6"], target_flops=0.6)
+    assert res.info["searched_ratios"] == {"0.0": 1 / 16, "1.0": 4 / 16, "3.0": 7 / 16}
+    base = flops(model)
+    oracle = None
+    breaks = sorted({n / j for j in (1, 4, 7) for n in range(1, 9)})  # where some floor(s * j) steps
+    for s in breaks:
+        widths = [16 - int(np.floor(min(8, s * j) + 1e-9)) for j in (1, 4, 0, 7)]
+        if flops(toy(widths)) <= 0.6 * base:
+            oracle = widths
+            break
+    assert oracle is not None and oracle != [16, 16, 16, 16]
+    assert [res.model[k][0].out_channels for k in range(4)] == oracle
+    assert res.model[2][0].out_channels == 16  # left unpruned by the search, so not scaled
+    assert res.info["scaled_ratios"]["3.0"] <= 0.5
+    with pytest.raises(PruningError, match="cannot be met by scaling"):
+        methods.get("cap")(model, X, loader=_batches(), evaluate=score, tolerance=0.4, max_ratio=0.5,
+                           search_steps=3, ignore=["6"], target_flops=0.2)
 
 
 def test_ucp_attention_finds_a_dead_channel() -> None:

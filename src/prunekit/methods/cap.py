@@ -14,7 +14,11 @@
      falling linearly to ``original - tolerance`` at the last group (the "step constraint"),
      so early groups cannot spend the whole accuracy budget. With ``steps`` halvings of
      ``[0, max_ratio]`` the ratio found is the largest multiple of ``max_ratio / 2**steps``
-     below ``max_ratio`` that passes, provided the score falls as the ratio grows.
+     below ``max_ratio`` that passes, provided the score falls as the ratio grows;
+  5. prunekit's addition, not in the paper: given a budget as well (``target_flops=`` etc.),
+     the searched ratios are one profile, scaled by a common factor (each capped at
+     ``max_ratio``) to the largest factor that meets the budget, so the search can be
+     compared with other methods at equal FLOPs. Groups the search left unpruned stay so.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import nn
 
 import prunekit as pk
 from prunekit import criteria
+from prunekit.allocate.budget import make_budget
 from prunekit.config import PruneConfig
 from prunekit.errors import PruningError
 from prunekit.features import Batch
@@ -78,14 +83,46 @@ def search_ratios(model: nn.Module, example_inputs: Any, calib: list[Batch], eva
     return ratios, trials
 
 
+def scale_to_budget(model: nn.Module, example_inputs: Any, ratios: dict[str, float], budget: PruneConfig, *,
+                    graph: Any, scores: list[np.ndarray], max_ratio: float = 0.9) -> tuple[dict[str, float], float]:
+    """The per-group ``ratios`` times one factor ``s`` (each capped at ``max_ratio``), for the
+    largest ``s`` whose pruned model keeps at most ``budget``'s target fraction (as close to it
+    as one channel allows); returns the scaled ratios and ``s``. Raises :class:`PruningError`
+    when the ratios are all zero or even every group at ``max_ratio`` misses the target."""
+    target = make_budget(model, example_inputs, budget)
+    if target is None:
+        raise PruningError("cap: scale_to_budget needs a budget (target_flops, target_params or target_latency)")
+    if not any(r > 0 for r in ratios.values()):
+        raise PruningError(f"cap: the ratio search left every group unpruned, so its profile cannot be scaled to "
+                           f"target_{target.kind}={target.target:g}; raise tolerance")
+
+    def scaled(s: float) -> dict[str, float]:
+        return {k: min(max_ratio, s * r) for k, r in ratios.items() if r > 0}
+
+    def kept(s: float) -> float:
+        small = pk.prune(model, example_inputs, config=PruneConfig(ratio=0.0, ratios=scaled(s)), graph=graph,
+                         criterion=lambda m, g, **c: scores[g.index])
+        return target.measure(small) / target.base
+
+    lo, hi = 0.0, max_ratio / min(r for r in ratios.values() if r > 0)  # hi: every pruned group at max_ratio
+    if kept(hi) > target.target:
+        raise PruningError(f"cap: target_{target.kind}={target.target:g} cannot be met by scaling the searched "
+                           f"ratios; at max_ratio={max_ratio:g} the model keeps {kept(hi):.4f}")
+    while hi - lo > 1e-4 * hi:  # one channel of a group moves s by >= 1 / (r * size), far coarser
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if kept(mid) <= target.target else (mid, hi)
+    return scaled(hi), hi
+
+
 @register("cap")
 def cap(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None = None, batches: int = 8,
         evaluate: Callable[[nn.Module], float] | None = None, tolerance: float = 0.02, max_ratio: float = 0.9,
         search_steps: int = 4, seed: int = 0, **kwargs: Any) -> MethodResult:
     """Compensation-aware pruning with closed-form compensation (no fine-tuning). With
-    ``evaluate`` (model -> accuracy), per-group ratios come from the bottom-up search and the
-    budget options are not used; otherwise the budget in ``kwargs`` applies (see
-    :func:`prunekit.methods.budget_config`). Returns the compensated model and its plan."""
+    ``evaluate`` (model -> accuracy), per-group ratios come from the bottom-up search, scaled
+    to the budget in ``kwargs`` when one is given (:func:`scale_to_budget`); otherwise the
+    budget in ``kwargs`` applies (see :func:`prunekit.methods.budget_config`). Returns the
+    compensated model and its plan; ``info`` has the searched (and scaled) ratios."""
     cfg = budget_config(kwargs, "cap")
     calib = take_batches(loader, batches, "cap")
     graph = pk.trace(model, example_inputs, ignore=cfg.ignore)
@@ -95,7 +132,11 @@ def cap(model: nn.Module, example_inputs: Any, *, loader: Iterable[Any] | None =
     if evaluate is not None:
         ratios, trials = search_ratios(model, example_inputs, calib, evaluate, graph=graph, scores=scores,
                                        tolerance=tolerance, max_ratio=max_ratio, steps=search_steps, seed=seed)
-        budget = PruneConfig(ratio=0.0, ratios=ratios)
         info.update(searched_ratios=ratios, trials=trials)
+        if budget.target is not None:
+            ratios, info["profile_scale"] = scale_to_budget(model, example_inputs, ratios, budget, graph=graph,
+                                                            scores=scores, max_ratio=max_ratio)
+            info["scaled_ratios"] = ratios
+        budget = PruneConfig(ratio=0.0, ratios=ratios)
     small, plan = compensated(model, example_inputs, calib, graph=graph, scores=scores, config=budget, seed=seed)
     return MethodResult(small, plan, info)
