@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 from learned_nets import X, config, planted
 from prunekit import methods
+from prunekit.recover import shutdown_distributed
 
 EPOCHS = 2
 # (method, its options): strong enough to move the gates in a few steps on the tiny net.
@@ -56,12 +57,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    ok = False
     try:
         data, held = _shard(rank, world)
         results = {name: _outcome(_prune(name, opts, data, held)) for name, opts in CASES}
         torch.save(results, Path(out) / f"rank{rank}.pt")
+        ok = True
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed(synchronise=ok)
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),

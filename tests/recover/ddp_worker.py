@@ -42,9 +42,7 @@ def make_model() -> nn.Module:
 
 def main(out_dir: Path) -> None:
     """Train on this rank's shard and save weights and metrics."""
-    import torch.distributed as dist
-
-    from prunekit.recover import TrainConfig, init_distributed, is_main_process, train
+    from prunekit.recover import TrainConfig, init_distributed, is_main_process, shutdown_distributed, train
     from prunekit.zoo.data import make_loader
 
     rank, world, _ = init_distributed()
@@ -62,7 +60,7 @@ def main(out_dir: Path) -> None:
     torch.save(model.state_dict(), out_dir / f"rank{rank}.pt")
     info = {"rank": rank, "world": world, "main": is_main_process(), "final": res.final}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(info))
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

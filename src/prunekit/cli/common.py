@@ -431,17 +431,18 @@ def distributed(command: Callable[[argparse.Namespace], int]) -> Callable[[argpa
 
     @functools.wraps(command)
     def wrapper(args: argparse.Namespace) -> int:
-        import torch.distributed as dist
-
-        from prunekit.recover import init_distributed, is_distributed
+        from prunekit.recover import init_distributed, is_distributed, shutdown_distributed
 
         created = not is_distributed()
         init_distributed()
+        ok = False
         try:
-            return command(args)
+            code = command(args)
+            ok = True
+            return code
         finally:
-            if created and is_distributed():
-                dist.destroy_process_group()
+            if created:
+                shutdown_distributed(synchronise=ok)
 
     return wrapper
 

@@ -12,6 +12,7 @@ from prunekit.recover.distributed import (
     init_distributed,
     is_distributed,
     is_main_process,
+    shutdown_distributed,
     unwrap_model,
 )
 from prunekit.recover.evaluate import evaluate
@@ -33,6 +34,7 @@ __all__ = [
     "get_world_size",
     "init_distributed",
     "is_distributed",
+    "shutdown_distributed",
     "is_main_process",
     "kd_kl",
     "load_checkpoint",

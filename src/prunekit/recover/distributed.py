@@ -26,6 +26,7 @@ __all__ = [
     "init_distributed",
     "is_distributed",
     "is_main_process",
+    "shutdown_distributed",
     "unwrap_model",
 ]
 
@@ -88,6 +89,18 @@ def barrier() -> None:
     """Wait for all ranks (no-op when not distributed)."""
     if is_distributed():
         dist.barrier()
+
+
+def shutdown_distributed(synchronise: bool = True) -> None:
+    """Destroy the process group (no-op when not distributed). With ``synchronise``, all
+    ranks first meet at a barrier: a rank that tears gloo down while another is still in a
+    collective can abort the process at exit ("terminate called without an active
+    exception"). Pass False on an error path, where the other ranks may never arrive."""
+    if not is_distributed():
+        return
+    if synchronise:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
