@@ -8,9 +8,11 @@ run two shards from separate clones (e.g. ``--datasets fashion-mnist`` in one,
     python benchmarks/merge_results.py benchmarks/results/methods.json /tmp/shard/benchmarks/results/methods.json
     python benchmarks/methods.py --report-only
 
-A shard's finished run replaces the run of the same key unless that one is finished and the
-shard's failed; per-data-set records (baselines, fine-tune steps, tuning grids, the tuned LRs in
-``config``) are merged data set by data set, the shard's entries winning.
+A shard's run replaces the run of the same key unless that one is finished and the shard's
+failed, or the shard's is older (``finished`` stamps; a clone carries stale copies of runs
+redone elsewhere); per-data-set records (baselines, fine-tune steps, tuning grids) are merged data
+set by data set, the shard's entries winning, and tuning grids value by value; the shard's
+tuned LRs in ``config`` replace ours only for data sets it has tuned at least as far.
 """
 
 from __future__ import annotations
@@ -25,8 +27,26 @@ from common import read_json, write_json  # noqa: E402
 
 #: Top-level records keyed by data set (merged per data set, not replaced).
 PER_DATASET = ("baselines", "ft_steps", "tuning", "tuning_ucp")
+#: Of those, the tuning grids (value -> result): merged value by value, so a shard that did
+#: not tune a data set (its copy of the grid is older) loses none of ours.
+TUNING = ("tuning", "tuning_ucp")
 #: ``config`` entries keyed by data set.
 CONFIG_PER_DATASET = ("ft_lr", "ucp_lr", "lr_source")
+
+
+def _tuned_as_far(into: dict[str, Any], shard: dict[str, Any], ds: str) -> bool:
+    """Whether ``shard`` holds at least as many tuning values for ``ds`` as ``into``, in every
+    grid: only then do its tuned LRs for ``ds`` replace ours."""
+    return all(len(shard.get(name, {}).get(ds, {})) >= len(into.get(name, {}).get(ds, {})) for name in TUNING)
+
+
+def _replaces(theirs: dict[str, Any], mine: dict[str, Any]) -> bool:
+    """Whether a shard's run record replaces ours: not a failure over a finished run, and not
+    older by its ``finished`` stamp (a shard's stale copy of a run redone here; a record
+    without a stamp predates stamping)."""
+    if mine.get("status") == "ok" and theirs.get("status") != "ok":
+        return False
+    return "finished" not in mine or theirs.get("finished", "") >= mine["finished"]
 
 
 def merge(into: dict[str, Any], shard: dict[str, Any]) -> int:
@@ -36,15 +56,19 @@ def merge(into: dict[str, Any], shard: dict[str, Any]) -> int:
     taken = 0
     for key, rec in shard.get("runs", {}).items():
         mine = runs.get(key)
-        if mine is None or not (mine.get("status") == "ok" and rec.get("status") != "ok"):
+        if mine is None or _replaces(rec, mine):
             taken += mine != rec
             runs[key] = rec
+    datasets = {ds for name in PER_DATASET for ds in shard.get(name, {})}
+    newer = {ds for ds in datasets if _tuned_as_far(into, shard, ds)}  # before the grids merge
     for name in PER_DATASET:
         for ds, value in shard.get(name, {}).items():
-            into.setdefault(name, {})[ds] = value
+            mine = into.setdefault(name, {}).get(ds)
+            into[name][ds] = {**mine, **value} if name in TUNING and isinstance(mine, dict) else value
     config = into.setdefault("config", {})
     for name in CONFIG_PER_DATASET:
-        config.setdefault(name, {}).update(shard.get("config", {}).get(name, {}))
+        theirs = shard.get("config", {}).get(name, {})
+        config.setdefault(name, {}).update({ds: v for ds, v in theirs.items() if ds in newer or ds not in datasets})
     return taken
 
 

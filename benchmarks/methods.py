@@ -788,6 +788,7 @@ def run_grid(args: argparse.Namespace, results: dict[str, Any], loaded: dict[str
                     log.exception("%s failed", key)
                     rec = {"dataset": ds, "row": row, "seed": seed, "status": "fail",
                            "error": f"{type(exc).__name__}: {exc}"}
+                rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # merge_results keeps the later
                 results["runs"][key] = rec
                 log.info("%s: %s", key, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()
                                           if k in ("top1_no_ft", "top1_ft", "prune_s", "finetune_s", "status")})
