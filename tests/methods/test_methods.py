@@ -147,9 +147,8 @@ def test_cap_search_profile_scaled_to_a_flops_budget() -> None:
     """With a budget as well, the searched ratios (the toy above: 1, 4, 0, 7 of 16 channels) are
     scaled by one factor s, capped at max_ratio 0.5 (8 channels): group k loses
     floor(min(8, s * j_k)) channels. Oracle: scan s upwards over the points where a width
-    changes and build each candidate as a fresh
-    network with those widths, FLOPs counted by torch's FlopCounterMode; the first that keeps
-    at most 60% of the FLOPs is the answer."""
+    changes, build each candidate as a fresh network with those widths and count its FLOPs
+    with torch's FlopCounterMode; the first that keeps at most 60% of the FLOPs is the answer."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from nets import cbr

@@ -105,9 +105,10 @@ def scale_to_budget(model: nn.Module, example_inputs: Any, ratios: dict[str, flo
         return target.measure(small) / target.base
 
     lo, hi = 0.0, max_ratio / min(r for r in ratios.values() if r > 0)  # hi: every pruned group at max_ratio
-    if kept(hi) > target.target:
+    smallest = kept(hi)
+    if smallest > target.target:
         raise PruningError(f"cap: target_{target.kind}={target.target:g} cannot be met by scaling the searched "
-                           f"ratios; at max_ratio={max_ratio:g} the model keeps {kept(hi):.4f}")
+                           f"ratios; at max_ratio={max_ratio:g} the model keeps {smallest:.4f}")
     while hi - lo > 1e-4 * hi:  # one channel of a group moves s by >= 1 / (r * size), far coarser
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if kept(mid) <= target.target else (mid, hi)

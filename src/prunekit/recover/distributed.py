@@ -99,7 +99,7 @@ def shutdown_distributed(synchronise: bool = True) -> None:
     if not is_distributed():
         return
     if synchronise:
-        dist.barrier()
+        barrier()
     dist.destroy_process_group()
 
 
