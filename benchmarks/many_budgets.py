@@ -29,9 +29,10 @@ Protocol: ``benchmarks/methods.py``'s (imported from it): splits (validation hel
 training files), calibration batches drawn per seed, the shared fine-tune (SGD momentum 0.9,
 cosine from the LR to 0, weight decay 5e-4, batch 128, augmentation), FLOPs counted by
 ``count_flops`` for every row, seeds outermost, 95% t-intervals, resumable results JSON
-(``results/many_budgets.{json,md,png}``). Fine-tune LR: ``--ft-lr``, else the one
-``methods.py`` tuned on validation (``--lr-from``, its complete grid; as ``rank_depth.py``
-does), else tuned here on validation.
+(``results/many_budgets.{json,md,png}``). Fine-tune LR: ``--ft-lr``, else tuned here on
+validation (``methods.py``'s grid, after plain L2 removal at 50% FLOPs, with this script's brief
+fine-tune), or with ``--lr-from results/methods.json`` the one ``methods.py`` tuned for its
+longer fine-tune.
 
 Search runs are cached: each finished cacp policy / ofa cohort is saved under
 ``--runs-dir/<data set>/seed<k>/<method>/`` (``runs/`` is git-ignored) with a ``search.json``
@@ -529,8 +530,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.set_defaults(ft_epochs=DEFAULT_FT_EPOCHS, ft_steps_per_epoch=DEFAULT_FT_STEPS, threads=1)
     p.add_argument("--methods", default=None, help=f"comma-separated subset of {', '.join(METHODS)} (all budgets; "
                                                    "overrides --rows)")
-    p.add_argument("--lr-from", default=str(RESULTS_DIR / "methods.json"),
-                   help="results JSON of methods.py whose tuned fine-tune LR to use (when its grid is complete)")
+    # Tuned here by default: methods.py tuned its LR for a longer fine-tune (10 CIFAR-10 epochs), and
+    # at this brief one its 0.1 left cap's models below their accuracy before fine-tuning.
+    p.add_argument("--lr-from", default="",
+                   help="results JSON of methods.py whose tuned fine-tune LR to use (when its grid is complete); "
+                        "default: tuned here on validation with this script's fine-tune")
     p.add_argument("--runs-dir", default=str(REPO / "runs" / "many_budgets"), help="where the search runs are cached")
     p.add_argument("--cacp-episodes", type=int, default=150)
     p.add_argument("--cacp-targets", default="0.3,0.5,0.7", help="targets c the cacp policy is trained on")
