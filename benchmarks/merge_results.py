@@ -8,7 +8,7 @@ run two shards from separate clones (e.g. ``--datasets fashion-mnist`` in one,
     python benchmarks/merge_results.py benchmarks/results/methods.json /tmp/shard/benchmarks/results/methods.json
     python benchmarks/methods.py --report-only
 
-A shard's run replaces the run of the same key unless that one is finished and the shard's
+A shard's run (or search record) replaces the one of the same key unless that one is finished and the shard's
 failed, or the shard's is older (``finished`` stamps; a clone carries stale copies of runs
 redone elsewhere); per-data-set records (baselines, fine-tune steps, tuning grids) are merged data
 set by data set, the shard's entries winning, and tuning grids value by value; the shard's
@@ -25,6 +25,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import read_json, write_json  # noqa: E402
 
+#: Top-level records keyed by run (``data set/row/seed``; ``searches``: the one-run searches of
+#: ``many_budgets.py``, ``data set/method/seed``), merged record by record.
+KEYED = ("runs", "searches")
 #: Top-level records keyed by data set (merged per data set, not replaced).
 PER_DATASET = ("baselines", "ft_steps", "tuning", "tuning_ucp")
 #: Of those, the tuning grids (value -> result): merged value by value, so a shard that did
@@ -50,15 +53,18 @@ def _replaces(theirs: dict[str, Any], mine: dict[str, Any]) -> bool:
 
 
 def merge(into: dict[str, Any], shard: dict[str, Any]) -> int:
-    """Merge ``shard``'s runs and per-data-set records into ``into`` (in place). Returns the
-    number of runs taken from ``shard``."""
-    runs = into.setdefault("runs", {})
+    """Merge ``shard``'s runs, search records and per-data-set records into ``into`` (in place).
+    Returns the number of runs taken from ``shard``."""
     taken = 0
-    for key, rec in shard.get("runs", {}).items():
-        mine = runs.get(key)
-        if mine is None or _replaces(rec, mine):
-            taken += mine != rec
-            runs[key] = rec
+    for name in KEYED:
+        if name not in shard and name != "runs":
+            continue
+        records = into.setdefault(name, {})
+        for key, rec in shard.get(name, {}).items():
+            mine = records.get(key)
+            if mine is None or _replaces(rec, mine):
+                taken += name == "runs" and mine != rec
+                records[key] = rec
     datasets = {ds for name in PER_DATASET for ds in shard.get(name, {})}
     newer = {ds for ds in datasets if _tuned_as_far(into, shard, ds)}  # before the grids merge
     for name in PER_DATASET:

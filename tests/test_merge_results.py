@@ -60,3 +60,17 @@ def test_a_stale_copy_does_not_replace_a_run_redone_later() -> None:
     into = {"runs": {"k": dict(later)}}
     merge(into, {"runs": {"k": redone}})
     assert into["runs"]["k"] == later
+
+
+def test_search_records_merge_like_runs() -> None:
+    """``many_budgets.py``'s one-run searches (``searches``) come over from the shard that made
+    them, are not replaced by a failure, and a later stamp wins; they are not counted as runs."""
+    merge = _merge()
+    made = {"status": "ok", "seconds": 10.0, "finished": "2026-12-02T14:00:00Z"}
+    redone = {"status": "ok", "seconds": 12.0, "finished": "2026-12-02T15:00:00Z"}
+    into = {"runs": {}, "searches": {"a/cacp/0": dict(made)}}
+    assert merge(into, {"searches": {"b/cacp/0": dict(made), "a/cacp/0": {"status": "fail"}}}) == 0
+    assert into["searches"] == {"a/cacp/0": made, "b/cacp/0": made}
+    merge(into, {"searches": {"a/cacp/0": dict(redone)}})
+    merge(into, {"searches": {"a/cacp/0": dict(made)}})  # a stale copy merged last
+    assert into["searches"]["a/cacp/0"] == redone
