@@ -13,7 +13,12 @@ five FLOPs budgets (fraction kept 0.3, 0.4, 0.5, 0.6, 0.7) come from
   batches);
 
 against five independent ``cap`` runs (compensation-aware pruning) and five independent
-``criterion:l2`` runs (plain L2 removal), one per budget. Every model is evaluated on the full
+``criterion:l2`` runs (plain L2 removal), one per budget, and, as CACP's own control (the paper
+against AMC), five ``cacp:single`` runs: the same agent unconditioned (``conditional=False``)
+searched on each budget alone with a fifth of the conditional run's episodes, so the five spend
+what the one does; and, OFA's control, five ``cap+time`` runs: ``cap`` with the shared
+fine-tune lengthened by a fifth of the OFA run's seconds (OFA trains its cohort before the
+fine-tune, so at equal compute the independent runs get that time as training). Every model is evaluated on the full
 test split without fine-tuning, then fine-tuned with the one brief schedule every row shares,
 and evaluated again::
 
@@ -104,7 +109,14 @@ REPO = Path(__file__).resolve().parent.parent
 BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7)
 ONE_RUN = ("cacp", "ofa")  # one search run serves every budget
 INDEPENDENT = ("cap", "criterion:l2")  # one run per budget
-METHODS = ONE_RUN + INDEPENDENT
+# CACP's own control: the same agent trained on one target alone (AMC), a fifth of the conditional
+# run's episodes per budget, so the five cost what the one conditional run does.
+PER_TARGET = "cacp:single"
+# OFA trains its cohort before the shared fine-tune; this is cap given that training time: its
+# fine-tune lengthened by a fifth of the OFA run's seconds (per budget, equal compute).
+CAP_TIME = "cap+time"
+METHODS = ONE_RUN + INDEPENDENT + (PER_TARGET, CAP_TIME)
+GAP_PAIRS = [(m, r) for m in ONE_RUN for r in INDEPENDENT] + [("cacp", PER_TARGET), ("ofa", CAP_TIME)]
 DEFAULT_FT_EPOCHS = "fashion-mnist=1,cifar10-partial=2"
 DEFAULT_FT_STEPS = "fashion-mnist=80"
 TARGET_RATIO = 1.5  # the issue's compute target: at most 1.5x one independent run
@@ -161,6 +173,25 @@ def row_ofa(budget: float) -> mb.Row:
     return run
 
 
+def row_cacp_single(budget: float) -> mb.Row:
+    """An unconditioned CACP agent (``conditional=False``, AMC's setting) searched on ``budget``
+    alone for ``--cacp-episodes`` / 5 episodes: five of them spend the conditional run's episodes."""
+    def run(ctx: mb.Ctx) -> tuple[nn.Module, dict[str, Any]]:
+        episodes = single_episodes(ctx.args)
+        res = pk_methods.get("cacp")(ctx.base, ctx.data.x, loader=ctx.calib, val_loader=ctx.data.val,
+                                     target_flops=budget, ignore=[mb.CLASSIFIER], episodes=episodes,
+                                     conditional=False, batches=len(ctx.calib), seed=ctx.seed)
+        return res.model, {**{k: res.info[k] for k in ("episodes", "warmup", "search_seconds", "best_reward",
+                                                         "flops_kept", "measured_flops")},
+                           "keep": res.info["keep"]}
+    return run
+
+
+def single_episodes(args: argparse.Namespace) -> int:
+    """Episodes of one ``cacp:single`` search: the conditional run's, shared out over the budgets."""
+    return max(1, args.cacp_episodes // len(BUDGETS))
+
+
 def row_independent(row: mb.Row, budget: float) -> mb.Row:
     """A ``methods.py`` row (``cap``, plain L2) run on its own to ``budget``."""
     def run(ctx: mb.Ctx) -> tuple[nn.Module, dict[str, Any]]:
@@ -168,11 +199,30 @@ def row_independent(row: mb.Row, budget: float) -> mb.Row:
     return run
 
 
+def cap_time_steps(budget: float) -> mb.StepsRule:
+    """``cap+time@budget``'s fine-tune: the shared steps plus a fifth of this seed's OFA run's
+    seconds, converted at the fine-tune speed of this seed's ``cap@budget`` (the same model)."""
+    def rule(ctx: mb.Ctx, results: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        ds = ctx.data.name
+        cap = results["runs"].get(f"{ds}/{row_name('cap', budget)}/{ctx.seed}", {})
+        ofa_s = _search_s(results, ds, "ofa", ctx.seed)
+        if cap.get("status") != "ok" or ofa_s is None:
+            raise RuntimeError(f"{CAP_TIME} needs this seed's cap@{budget:g} row and ofa run first")
+        extra = ofa_s / len(BUDGETS)
+        steps = ctx.ft_steps + int(round(extra / (cap["finetune_s"] / cap["ft_steps"])))
+        return steps, {"extra_s_matched": extra, "ofa_search_s": ofa_s}
+    return rule
+
+
+LONGER = {**mb.LONGER_FINETUNE, **{row_name(CAP_TIME, b): cap_time_steps(b) for b in BUDGETS}}
+
 MAKERS: dict[str, Callable[[float], mb.Row]] = {
     "cacp": row_cacp,
     "ofa": row_ofa,
     "cap": lambda b: row_independent(mb.row_method("cap"), b),
     "criterion:l2": lambda b: row_independent(mb.row_criterion("l2"), b),
+    PER_TARGET: row_cacp_single,
+    CAP_TIME: lambda b: row_independent(mb.row_method("cap"), b),
 }
 # Budget-major, so a partial table compares the methods at the budgets it has.
 ROWS: dict[str, mb.Row] = {row_name(m, b): MAKERS[m](b) for b in BUDGETS for m in METHODS}
@@ -274,7 +324,8 @@ def ensure_search(method: str, ctx: mb.Ctx, args: argparse.Namespace, results: d
                 before = info["resumed_from_epoch"] or 0
                 seconds += sum(info["epoch_seconds"][:before])
             record = {"status": "ok", "seconds": seconds, "settings": settings, "info": info,
-                      "loadavg_1m": round(os.getloadavg()[0], 2)}
+                      "loadavg_1m": round(os.getloadavg()[0], 2),
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # merge_results: later wins
             write_json(marker, record)
             _STORE[key] = obj
             log.info("%s/%s/%d: search done in %.0f s", ds, method, seed, seconds)
@@ -287,11 +338,15 @@ def ensure_search(method: str, ctx: mb.Ctx, args: argparse.Namespace, results: d
 
 def drop_superseded(results: dict[str, Any], args: argparse.Namespace) -> None:
     """Move the finished rows of a search run made with other settings than the current ones
-    (e.g. another ``--cacp-episodes``) to ``results['superseded']``, so that they are redone."""
+    (e.g. another ``--cacp-episodes``; for ``cacp:single`` its share of them) to
+    ``results['superseded']``, so that they are redone."""
     for key, rec in list(results["runs"].items()):
         method = split_row(rec["row"])[0]
-        if method in ONE_RUN and rec["dataset"] in args.ft_lr and rec["status"] == "ok" \
-                and rec.get("info", {}).get("search_settings") != search_settings(method, rec["dataset"], args):
+        if rec["dataset"] not in args.ft_lr or rec["status"] != "ok":
+            continue
+        info = rec.get("info", {})
+        if (method in ONE_RUN and info.get("search_settings") != search_settings(method, rec["dataset"], args)) \
+                or (method == PER_TARGET and info.get("episodes") != single_episodes(args)):
             results.setdefault("superseded", {})[key] = results["runs"].pop(key)
 
 
@@ -346,6 +401,29 @@ def compute_table(results: dict[str, Any], ds: str) -> tuple[list[list[Any]], di
                      f"{(search + query) / cap5:.2f}x", f"{search + query + ft_one:.0f} / {cap5 + ft_cap:.0f}"
                      f" ({(search + query + ft_one) / (cap5 + ft_cap):.2f}x)", len(seeds)])
     return rows, summary
+
+
+def equal_compute_lines(results: dict[str, Any], ds: str) -> list[str]:
+    """Markdown lines on the two equal-compute controls: the conditional ``cacp`` search against
+    the five per-target ones (``cacp:single``), and the ``ofa`` run against the extra fine-tune
+    seconds ``cap+time`` was given. Empty before either has a complete seed."""
+    lines = []
+    for method, ref, what in (("cacp", PER_TARGET, "five per-target searches"),
+                              ("ofa", CAP_TIME, "five cap+time rows' extra fine-tune")):
+        refs = {b: _ok(results, ds, row_name(ref, b)) for b in BUDGETS}
+        seeds = sorted(s for s in set.intersection(*(set(v) for v in refs.values()))
+                       if _search_s(results, ds, method, s) is not None)
+        if not seeds:
+            continue
+        one = statistics.mean(_search_s(results, ds, method, s) for s in seeds)
+        if ref == PER_TARGET:
+            five = statistics.mean(sum(refs[b][s]["prune_s"] for b in BUDGETS) for s in seeds)
+        else:
+            five = statistics.mean(sum(refs[b][s]["finetune_s"] - _ok(results, ds, row_name("cap", b))[s]["finetune_s"]
+                                       for b in BUDGETS) for s in seeds)
+        lines.append(f"* `{method}` against `{ref}` (mean over {len(seeds)} seed(s)): the one {method} run "
+                     f"{one:.0f} s, the {what} {five:.0f} s.")
+    return (["### Equal-compute controls", ""] + lines + [""]) if lines else []
 
 
 def gaps(results: dict[str, Any], ds: str, method: str, ref: str, key: str = "top1_ft") -> dict[float, list[float]]:
@@ -412,8 +490,10 @@ def report(results: dict[str, Any], path: Path) -> None:
              f"seed) serves all five: `cacp` ({cfg['cacp_episodes']} episodes, targets "
              f"{', '.join(f'{c:g}' for c in cfg['cacp_targets'])}, queried per budget) and `ofa` ({cfg['ofa_epochs']} "
              f"epochs, steps per epoch capped at {_per(cfg['ofa_steps_per_epoch']) or 'none'}, structure search at most "
-             f"{cfg['ofa_search_epochs']}, {cfg['ofa_random']} random member(s) per step, resolution 1.0); `cap` and "
-             "`criterion:l2` run once per budget. Shared fine-tune for every row: SGD momentum 0.9, cosine from the "
+             f"{cfg['ofa_search_epochs']}, {cfg['ofa_random']} random member(s) per step, resolution 1.0); `cap`, "
+             f"`criterion:l2` and `cacp:single` (the agent unconditioned, searched on that budget alone for "
+             f"{max(1, cfg['cacp_episodes'] // len(BUDGETS))} episodes: the five together spend the conditional "
+             "run's) and `cap+time` (cap fine-tuned longer by a fifth of the ofa run's seconds) run once per budget. Shared fine-tune for every row: SGD momentum 0.9, cosine from the "
              "LR to 0, weight decay 5e-4, batch 128, augmentation, epochs: "
              + _per(cfg["ft_epochs"])
              + (f" (steps per epoch capped: {_per(cfg['ft_steps_per_epoch'])})" if cfg.get("ft_steps_per_epoch") else "")
@@ -452,19 +532,21 @@ def report(results: dict[str, Any], path: Path) -> None:
         gap_rows, worst = [], {}
         for b in BUDGETS:
             cells = [f"{b:g}"]
-            for method in ONE_RUN:
-                for ref in INDEPENDENT:
-                    g = gaps(results, ds, method, ref)[b]
-                    g0 = gaps(results, ds, method, ref, "top1_no_ft")[b]
-                    cells.append(f"{mb.interval(g)} ({mb.interval(g0)})" if g else "-")
-                    if g:
-                        worst.setdefault((method, ref), []).append(statistics.mean(g))
+            for method, ref in GAP_PAIRS:
+                g = gaps(results, ds, method, ref)[b]
+                g0 = gaps(results, ds, method, ref, "top1_no_ft")[b]
+                cells.append(f"{mb.interval(g)} ({mb.interval(g0)})" if g else "-")
+                if g:
+                    worst.setdefault((method, ref), []).append(statistics.mean(g))
             gap_rows.append(cells)
         if worst:
             lines += ["### Gaps to the independent runs (points, fine-tuned; without fine-tune in brackets)", "",
-                      md_table(["budget"] + [f"{m} − {r}" for m in ONE_RUN for r in INDEPENDENT], gap_rows), "",
-                      "Paired per seed (same seed, calibration batches and fine-tune order); mean ± 95% half-width.",
-                      ""]
+                      md_table(["budget"] + [f"{m} − {r}" for m, r in GAP_PAIRS], gap_rows), "",
+                      "Paired per seed (same seed, calibration batches and fine-tune order); mean ± 95% half-width. "
+                      f"The last two columns are the equal-compute controls: `{PER_TARGET}` (five searches of a fifth "
+                      f"of the episodes each) and `{CAP_TIME}` (cap fine-tuned longer by a fifth of the ofa run's "
+                      "seconds).", ""]
+        lines += equal_compute_lines(results, ds)
         comp, summary = compute_table(results, ds)
         if comp:
             lines += ["### Compute (seconds, mean over seeds)", "",
@@ -580,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
                 if any(pending(results, ds, r, seed, args) for r in rows if split_row(r)[0] == method):
                     ensure_search(method, ctx, args, results, results_path)
             mb.run_grid(args, results, {ds: (base, data)}, rows, [seed], results_path, lambda: report(results, md),
-                        ROWS)
+                        ROWS, longer=LONGER)
             for key in [k for k in _STORE if k[:2] == (ds, seed)]:
                 del _STORE[key]  # a seed's runs are not needed again
     report(results, md)

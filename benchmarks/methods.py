@@ -64,7 +64,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -431,16 +431,32 @@ def steps_of(ds: str, data: Data, args: argparse.Namespace) -> int:
 Row = Callable[[Ctx], tuple[nn.Module, dict[str, Any]]]
 
 
+def l2_time_steps(ctx: Ctx, results: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """``pk:l2+time``'s fine-tune steps (see :func:`extra_steps`) and what they matched."""
+    ds = ctx.data.name
+    plain = [r for r in results["runs"].values() if r["dataset"] == ds and r["row"] == "pk:l2" and r["status"] == "ok"]
+    if not plain:
+        raise RuntimeError("pk:l2+time needs a finished pk:l2 run of this data set first")
+    steps, extra = extra_steps(results, ds, ctx.ft_steps, statistics.mean(r["finetune_s"] for r in plain))
+    return steps, {"extra_prune_s_matched": extra}
+
+
+#: A longer fine-tune for a row: (context, results) -> (steps, entries for the row's info).
+StepsRule = Callable[[Ctx, dict[str, Any]], tuple[int, dict[str, Any]]]
+LONGER_FINETUNE: dict[str, StepsRule] = {"pk:l2+time": l2_time_steps}
+
+
 def run_one(ds: str, row: str, seed: int, base: nn.Module, data: Data, args: argparse.Namespace,
             results: dict[str, Any], rows: dict[str, Row] | None = None,
             measure: Callable[[nn.Module, Data], dict[str, Any]] | None = None,
-            no_finetune: Collection[str] = NO_FINETUNE) -> dict[str, Any]:
+            no_finetune: Collection[str] = NO_FINETUNE,
+            longer: Mapping[str, StepsRule] | None = None) -> dict[str, Any]:
     """Prune, evaluate, fine-tune and evaluate one (data set, row, seed). ``rows`` (default
     :data:`ROWS`) maps row names to their pruning functions; ``measure(pruned model, data)``
     adds its entries (e.g. latency) to the record before the fine-tune; rows in
-    ``no_finetune`` are final as they come out (their own training is their recovery)."""
+    ``no_finetune`` are final as they come out (their own training is their recovery); rows in
+    ``longer`` (default :data:`LONGER_FINETUNE`) are fine-tuned for the steps their rule gives."""
     ctx = Ctx(base, data, data.calib(args.calib_batches, seed), seed, args, steps_of(ds, data, args))
-    ft_steps = ctx.ft_steps
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     small, info = (ROWS if rows is None else rows)[row](ctx)
@@ -459,13 +475,10 @@ def run_one(ds: str, row: str, seed: int, base: nn.Module, data: Data, args: arg
         rec.update(top1_ft=rec["top1_no_ft"], finetune_s=0.0, ft_steps=0)
         return rec
     steps = None
-    if row == "pk:l2+time":
-        plain = [r for r in results["runs"].values() if r["dataset"] == ds and r["row"] == "pk:l2"
-                 and r["status"] == "ok"]
-        if not plain:
-            raise RuntimeError("pk:l2+time needs a finished pk:l2 run of this data set first")
-        steps, extra = extra_steps(results, ds, ft_steps, statistics.mean(r["finetune_s"] for r in plain))
-        rec["info"] = {**info, "extra_prune_s_matched": extra}
+    rule = (LONGER_FINETUNE if longer is None else longer).get(row)
+    if rule is not None:
+        steps, matched = rule(ctx, results)
+        rec["info"] = {**info, **matched}
     res = train(small, data.train_loader(seed), finetune_config(ctx, steps), progress=False)
     small.eval()
     rec.update(top1_ft=evaluate(small, data.test, topk=(1,))["top1"], val_top1_ft=evaluate(small, data.val,
@@ -771,9 +784,10 @@ def run_grid(args: argparse.Namespace, results: dict[str, Any], loaded: dict[str
              rows: list[str], seeds: list[int], results_path: Path, write_report: Callable[[], None],
              table: dict[str, Row] | None = None,
              measure: Callable[[nn.Module, Data], dict[str, Any]] | None = None,
-             no_finetune: Collection[str] = NO_FINETUNE) -> None:
+             no_finetune: Collection[str] = NO_FINETUNE, longer: Mapping[str, StepsRule] | None = None) -> None:
     """Run every (seed, data set, row) not yet finished at the current fine-tune LR, seeds
-    outermost, saving the JSON and the report after each; a failing run is recorded as one."""
+    outermost, saving the JSON and the report after each (:func:`run_one` does a row); a
+    failing run is recorded as one."""
     for seed in seeds:
         for ds, (base, data) in loaded.items():
             for row in rows:
@@ -783,7 +797,7 @@ def run_grid(args: argparse.Namespace, results: dict[str, Any], loaded: dict[str
                     continue  # a run fine-tuned (or UCP-trained) at another LR than the tuned one is redone
                 log.info("%s ...", key)
                 try:
-                    rec = run_one(ds, row, seed, base, data, args, results, table, measure, no_finetune)
+                    rec = run_one(ds, row, seed, base, data, args, results, table, measure, no_finetune, longer)
                 except Exception as exc:  # noqa: BLE001 - a failing row is a result too
                     log.exception("%s failed", key)
                     rec = {"dataset": ds, "row": row, "seed": seed, "status": "fail",
