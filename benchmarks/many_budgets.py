@@ -58,20 +58,16 @@ and each budget's fine-tuned accuracy within 0.3 points of (or above) its indepe
 counterpart (mean over seeds of the paired per-seed gap; against ``cap`` and against
 ``criterion:l2``).
 
-Sizing (about 5 hours of this 2-core machine with one thread under the background load, for
-3 seeds x 2 data sets x 20 rows = 120 fine-tuned models; per-step costs measured by the smoke
-test on CIFAR-10 at a load average of ~3): the shared fine-tune is brief, 80 steps of one
-Fashion-MNIST epoch (``--ft-steps-per-epoch fashion-mnist=80``, ~10k images) and 2 epochs of
-the CIFAR-10 images (74 steps), 0.5-1 s a step; cacp searches 150 episodes (37 random warm-up;
-the method's default is 200) over the targets {0.3, 0.5, 0.7} (CACP's set: 0.4 and 0.6 are
-interpolated by the conditioned policy), ~3 s an episode (BN re-calibration on the 8
+Sizing (measured 2026-12-02, two shards of one thread, one data set each): the shared fine-tune
+is brief, 80 steps of one Fashion-MNIST epoch (``--ft-steps-per-epoch fashion-mnist=80``, ~10k
+images) and 2 epochs of the CIFAR-10 images (74 steps); cacp searches 150 episodes (37 random
+warm-up; the method's default is 200) over the targets {0.3, 0.5, 0.7} (CACP's set: 0.4 and 0.6
+are interpolated by the conditioned policy), ~1.2 s an episode (BN re-calibration on the 8
 calibration batches, the reward on 4 validation batches); ofa trains 4 epochs of at most 50
-steps (Fashion-MNIST; all 37 of CIFAR-10), structure search capped at 2 of them (~1.2 s a step,
-the unpruned network), then sandwich joint training with the method's 2 random members besides
-the largest and the smallest (4 passes of the gated full network, ~4.5 s a step). Per seed,
-roughly: Fashion-MNIST 1,400 s of fine-tunes + 750 s of evaluation (10,000 test images twice
-and 5,000 validation images per row) + 600 s cacp + 550 s ofa + 80 s cap; CIFAR-10 1,300 +
-150 + 420 + 420 + 100 s: ~5,800 s, ~4.8 h for three seeds. Every number is an option.
+steps (Fashion-MNIST; all 37 of CIFAR-10), structure search capped at 2 of them, then sandwich
+joint training with the method's 2 random members besides the largest and the smallest. About
+25 minutes per seed and data set for the 20 main rows and ~1.5 minutes per control row: ~2 h 10
+min of both cores for 3 seeds x 30 rows x 2 data sets. Every number is an option.
 """
 
 from __future__ import annotations
