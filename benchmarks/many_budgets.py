@@ -18,9 +18,9 @@ against AMC), five ``cacp:single`` runs: the same agent unconditioned (``conditi
 searched on each budget alone with a fifth of the conditional run's episodes, so the five spend
 what the one does; and, OFA's control, five ``cap+time`` runs: ``cap`` with the shared
 fine-tune lengthened by a fifth of the OFA run's seconds (OFA trains its cohort before the
-fine-tune, so at equal compute the independent runs get that time as training). Every model is evaluated on the full
-test split without fine-tuning, then fine-tuned with the one brief schedule every row shares,
-and evaluated again::
+fine-tune, so at equal compute the independent runs get that time as training). Every model is
+evaluated on the full test split without fine-tuning, then fine-tuned with the one brief
+schedule every row shares, and evaluated again::
 
     python benchmarks/many_budgets.py                                # both data sets, seeds 0-2
     python benchmarks/many_budgets.py --datasets cifar10-partial --methods cacp,cap --seeds 0
@@ -66,7 +66,7 @@ are interpolated by the conditioned policy), ~1.2 s an episode (BN re-calibratio
 calibration batches, the reward on 4 validation batches); ofa trains 4 epochs of at most 50
 steps (Fashion-MNIST; all 37 of CIFAR-10), structure search capped at 2 of them, then sandwich
 joint training with the method's 2 random members besides the largest and the smallest. About
-25 minutes per seed and data set for the 20 main rows and ~1.5 minutes per control row: ~2 h 10
+25 minutes per seed and data set for the 20 main rows and ~1.5 minutes per control row: ~2 h 20
 min of both cores for 3 seeds x 30 rows x 2 data sets. Every number is an option.
 """
 
@@ -173,7 +173,7 @@ def row_cacp_single(budget: float) -> mb.Row:
     """An unconditioned CACP agent (``conditional=False``, AMC's setting) searched on ``budget``
     alone for ``--cacp-episodes`` / 5 episodes: five of them spend the conditional run's episodes."""
     def run(ctx: mb.Ctx) -> tuple[nn.Module, dict[str, Any]]:
-        episodes = single_episodes(ctx.args)
+        episodes = single_episodes(ctx.args.cacp_episodes)
         res = pk_methods.get("cacp")(ctx.base, ctx.data.x, loader=ctx.calib, val_loader=ctx.data.val,
                                      target_flops=budget, ignore=[mb.CLASSIFIER], episodes=episodes,
                                      conditional=False, batches=len(ctx.calib), seed=ctx.seed)
@@ -183,9 +183,10 @@ def row_cacp_single(budget: float) -> mb.Row:
     return run
 
 
-def single_episodes(args: argparse.Namespace) -> int:
-    """Episodes of one ``cacp:single`` search: the conditional run's, shared out over the budgets."""
-    return max(1, args.cacp_episodes // len(BUDGETS))
+def single_episodes(cacp_episodes: int) -> int:
+    """Episodes of one ``cacp:single`` search: the conditional run's ``cacp_episodes``, shared out
+    over the budgets."""
+    return max(1, cacp_episodes // len(BUDGETS))
 
 
 def row_independent(row: mb.Row, budget: float) -> mb.Row:
@@ -320,8 +321,7 @@ def ensure_search(method: str, ctx: mb.Ctx, args: argparse.Namespace, results: d
                 before = info["resumed_from_epoch"] or 0
                 seconds += sum(info["epoch_seconds"][:before])
             record = {"status": "ok", "seconds": seconds, "settings": settings, "info": info,
-                      "loadavg_1m": round(os.getloadavg()[0], 2),
-                      "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # merge_results: later wins
+                      "loadavg_1m": round(os.getloadavg()[0], 2), "finished": mb.finished_stamp()}
             write_json(marker, record)
             _STORE[key] = obj
             log.info("%s/%s/%d: search done in %.0f s", ds, method, seed, seconds)
@@ -342,7 +342,7 @@ def drop_superseded(results: dict[str, Any], args: argparse.Namespace) -> None:
             continue
         info = rec.get("info", {})
         if (method in ONE_RUN and info.get("search_settings") != search_settings(method, rec["dataset"], args)) \
-                or (method == PER_TARGET and info.get("episodes") != single_episodes(args)):
+                or (method == PER_TARGET and info.get("episodes") != single_episodes(args.cacp_episodes)):
             results.setdefault("superseded", {})[key] = results["runs"].pop(key)
 
 
@@ -404,24 +404,21 @@ def equal_compute_lines(results: dict[str, Any], ds: str) -> list[str]:
     the per-target ones (``cacp:single``), and the ``ofa`` run against the extra fine-tune
     seconds of ``cap+time``; per seed, the mean over the budgets done, times five. Empty before
     any control row is done."""
+    caps = {b: _ok(results, ds, row_name("cap", b)) for b in BUDGETS}
     lines = []
     for method, ref, what in (("cacp", PER_TARGET, "search"), ("ofa", CAP_TIME, "extra fine-tune")):
-        cost = []  # per seed: one ref row's cost, mean over its budgets done
-        for seed in sorted({r["seed"] for b in BUDGETS for r in _ok(results, ds, row_name(ref, b)).values()}):
-            if _search_s(results, ds, method, seed) is None:
-                continue
-            per = []
-            for b in BUDGETS:
-                mine, cap = _ok(results, ds, row_name(ref, b)).get(seed), _ok(results, ds, row_name("cap", b)).get(seed)
-                if mine and ref == PER_TARGET:
-                    per.append(mine["prune_s"])
-                elif mine and cap:
-                    per.append(mine["finetune_s"] - cap["finetune_s"])
-            if per:
-                cost.append((seed, statistics.mean(per)))
+        refs = {b: _ok(results, ds, row_name(ref, b)) for b in BUDGETS}
+        per_seed: dict[int, list[float]] = {}  # seed -> the cost of each ref row done
+        for b, runs in refs.items():
+            for seed, r in runs.items():
+                if ref == PER_TARGET:
+                    per_seed.setdefault(seed, []).append(r["prune_s"])
+                elif seed in caps[b]:
+                    per_seed.setdefault(seed, []).append(r["finetune_s"] - caps[b][seed]["finetune_s"])
+        cost = {s: statistics.mean(c) for s, c in per_seed.items() if _search_s(results, ds, method, s) is not None}
         if cost:
-            one = statistics.mean(_search_s(results, ds, method, s) for s, _ in cost)
-            five = len(BUDGETS) * statistics.mean(c for _, c in cost)
+            one = statistics.mean(_search_s(results, ds, method, s) for s in cost)
+            five = len(BUDGETS) * statistics.mean(cost.values())
             lines.append(f"* `{method}` against `{ref}` (mean over {len(cost)} seed(s)): the one {method} run "
                          f"{one:.0f} s; five `{ref}` rows' {what} {five:.0f} s (five times the mean per budget run).")
     return (["### Equal-compute controls", ""] + lines + [""]) if lines else []
@@ -493,8 +490,9 @@ def report(results: dict[str, Any], path: Path) -> None:
              f"epochs, steps per epoch capped at {_per(cfg['ofa_steps_per_epoch']) or 'none'}, structure search at most "
              f"{cfg['ofa_search_epochs']}, {cfg['ofa_random']} random member(s) per step, resolution 1.0); `cap`, "
              f"`criterion:l2` and `cacp:single` (the agent unconditioned, searched on that budget alone for "
-             f"{max(1, cfg['cacp_episodes'] // len(BUDGETS))} episodes: the five together spend the conditional "
-             "run's) and `cap+time` (cap fine-tuned longer by a fifth of the ofa run's seconds) run once per budget. Shared fine-tune for every row: SGD momentum 0.9, cosine from the "
+             f"{single_episodes(cfg['cacp_episodes'])} episodes: the five together spend the conditional "
+             "run's) and `cap+time` (cap fine-tuned longer by a fifth of the ofa run's seconds) run once per "
+             "budget. Shared fine-tune for every row: SGD momentum 0.9, cosine from the "
              "LR to 0, weight decay 5e-4, batch 128, augmentation, epochs: "
              + _per(cfg["ft_epochs"])
              + (f" (steps per epoch capped: {_per(cfg['ft_steps_per_epoch'])})" if cfg.get("ft_steps_per_epoch") else "")

@@ -57,10 +57,8 @@ def merge(into: dict[str, Any], shard: dict[str, Any]) -> int:
     Returns the number of runs taken from ``shard``."""
     taken = 0
     for name in KEYED:
-        if name not in shard and name != "runs":
-            continue
-        records = into.setdefault(name, {})
         for key, rec in shard.get(name, {}).items():
+            records = into.setdefault(name, {})
             mine = records.get(key)
             if mine is None or _replaces(rec, mine):
                 taken += name == "runs" and mine != rec

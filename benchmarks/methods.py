@@ -431,6 +431,11 @@ def steps_of(ds: str, data: Data, args: argparse.Namespace) -> int:
 Row = Callable[[Ctx], tuple[nn.Module, dict[str, Any]]]
 
 
+def finished_stamp() -> str:
+    """The UTC time now as a record's ``finished`` stamp (``merge_results`` keeps the later)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def l2_time_steps(ctx: Ctx, results: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """``pk:l2+time``'s fine-tune steps (see :func:`extra_steps`) and what they matched."""
     ds = ctx.data.name
@@ -802,7 +807,7 @@ def run_grid(args: argparse.Namespace, results: dict[str, Any], loaded: dict[str
                     log.exception("%s failed", key)
                     rec = {"dataset": ds, "row": row, "seed": seed, "status": "fail",
                            "error": f"{type(exc).__name__}: {exc}"}
-                rec["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # merge_results keeps the later
+                rec["finished"] = finished_stamp()
                 results["runs"][key] = rec
                 log.info("%s: %s", key, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()
                                           if k in ("top1_no_ft", "top1_ft", "prune_s", "finetune_s", "status")})
