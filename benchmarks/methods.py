@@ -527,10 +527,16 @@ def tune_on_val(ds: str, base: nn.Module, data: Data, args: argparse.Namespace, 
 
 
 def tune_lr(ds: str, base: nn.Module, data: Data, args: argparse.Namespace, results: dict[str, Any]) -> float:
-    """The fine-tune LR of ``LR_GRID`` with the best *validation* accuracy after plain L2 removal
-    (seed 0), kept in ``results['tuning']``."""
-    return tune_on_val(ds, base, data, args, results, record="tuning", grid=LR_GRID,
+    """The fine-tune LR of ``--lr-grid`` (default ``LR_GRID``) with the best *validation* accuracy
+    after plain L2 removal (seed 0), kept in ``results['tuning']``."""
+    return tune_on_val(ds, base, data, args, results, record="tuning", grid=lr_grid(args),
                        apply=lambda v: args.ft_lr.__setitem__(ds, v), prune=lambda ctx: pk_prune(ctx, "l2")[0])
+
+
+def lr_grid(args: argparse.Namespace) -> tuple[float, ...]:
+    """The fine-tune LRs ``--lr-grid`` asks to try (``LR_GRID`` when the option is absent)."""
+    text = getattr(args, "lr_grid", None)
+    return tuple(float(v) for v in text.split(",") if v) if text else LR_GRID
 
 
 def tune_ucp_lr(ds: str, base: nn.Module, data: Data, args: argparse.Namespace, results: dict[str, Any]) -> float:
@@ -562,7 +568,8 @@ def choose_lr(ds: str, base: nn.Module, data: Data, args: argparse.Namespace, re
     reused = lr_from(Path(args.lr_from), ds) if args.lr_from else None  # --lr-from '': tune here
     if reused is not None:
         return reused, f"tuned by methods.py, {Path(args.lr_from).name}"
-    return tune_lr(ds, base, data, args, results), "tuned here on validation"
+    grid = ", ".join(f"{v:g}" for v in lr_grid(args))
+    return tune_lr(ds, base, data, args, results), f"tuned here on validation over {grid}"
 
 
 def begin(args: argparse.Namespace, table: dict[str, Any], config: dict[str, Any]
@@ -690,6 +697,8 @@ def common_parser(description: str, rows: list[str], target_flops: float, result
     p.add_argument("--ft-steps-per-epoch", default=None,
                    help="cap on the fine-tune's steps per epoch per data set, e.g. fashion-mnist=80 (default: none)")
     p.add_argument("--ft-lr", type=float, default=None, help="fine-tune LR for every data set (default: tuned on validation)")
+    p.add_argument("--lr-grid", default=",".join(map(str, LR_GRID)),
+                   help="fine-tune LRs tried when the LR is tuned on validation (comma-separated)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=None, help="cap every training phase's steps (smoke tests only)")
     p.add_argument("--baselines", default=str(REPO / "benchmarks" / "baselines"))
