@@ -75,10 +75,14 @@ def _info(res: Any) -> dict[str, Any]:
     return json.loads(json.dumps(out, default=str))
 
 
-def row_svd(mode: str) -> mb.Row:
-    """Post-hoc SVD in ``mode`` (``channel`` / ``spatial``), ranks allocated to the FLOPs target."""
+def row_svd(mode: str, allocation: str = "weights") -> mb.Row:
+    """Post-hoc SVD in ``mode`` (``channel`` / ``spatial``), ranks allocated to the FLOPs target
+    by ``allocation``: ``"weights"`` (data-free: discarded singular-value energy per FLOP) or
+    ``"table"`` (the output error of each layer at each rank on the calibration batches)."""
     def run(ctx: mb.Ctx) -> tuple[nn.Module, dict[str, Any]]:
-        res = pk_methods.get("svd")(ctx.base, ctx.data.x, mode=mode, target_flops=ctx.target, ignore=[mb.CLASSIFIER])
+        data = {"loader": ctx.calib, "batches": len(ctx.calib)} if allocation != "weights" else {}
+        res = pk_methods.get("svd")(ctx.base, ctx.data.x, mode=mode, target_flops=ctx.target, ignore=[mb.CLASSIFIER],
+                                    allocation=allocation, **data)
         return res.model, _info(res)
     return run
 
@@ -105,15 +109,18 @@ ROWS: dict[str, mb.Row] = {
     "trp": _trains("trp", mode="channel"),
     "svd:channel": row_svd("channel"),
     "svd:spatial": row_svd("spatial"),
+    "svd:channel+table": row_svd("channel", "table"),
+    "svd:spatial+table": row_svd("spatial", "table"),
     "cap": mb.row_method("cap"),
     "criterion:l2": mb.row_criterion("l2"),
     "resconv": _trains("resconv"),
     "block_drop": row_block_drop,
     "trp:spatial": _trains("trp", mode="spatial"),
 }
-DEFAULT_ROWS = ["trp", "svd:channel", "svd:spatial", "cap", "criterion:l2", "resconv", "block_drop"]
+DEFAULT_ROWS = ["trp", "svd:channel", "svd:spatial", "svd:channel+table", "svd:spatial+table", "cap", "criterion:l2", "resconv", "block_drop"]
 TABLES = {"Rank: TRP against post-hoc SVD and channel pruning": ["trp", "trp:spatial", "svd:channel", "svd:spatial",
-                                                                 "cap", "criterion:l2"],
+                                                                 "svd:channel+table", "svd:spatial+table", "cap",
+                                                                 "criterion:l2"],
           "Depth against width: layer and block removal against channel pruning": ["resconv", "block_drop",
                                                                                     "criterion:l2"]}
 
