@@ -29,7 +29,7 @@ from common import read_json, write_json  # noqa: E402
 #: ``many_budgets.py``, ``data set/method/seed``), merged record by record.
 KEYED = ("runs", "searches")
 #: Top-level records keyed by data set (merged per data set, not replaced).
-PER_DATASET = ("baselines", "ft_steps", "tuning", "tuning_ucp")
+PER_DATASET = ("baselines", "ft_steps", "tuning", "tuning_ucp", "tuning_copied_from")
 #: Of those, the tuning grids (value -> result): merged value by value, so a shard that did
 #: not tune a data set (its copy of the grid is older) loses none of ours.
 TUNING = ("tuning", "tuning_ucp")

@@ -649,8 +649,10 @@ def report(results: dict[str, Any], path: Path, table: dict[str, Row] | None = N
                   f"Baseline: test top-1 {base['top1'] * 100:.2f}% ({base['test_images']} images), validation "
                   f"{base['val_top1'] * 100:.2f}%, {base['params'] / 1e3:.1f}K params, {base['flops'] / 1e6:.2f} "
                   f"MFLOPs. Fine-tune LR {cfg['ft_lr'].get(ds)} (validation top-1 after plain L2 removal: "
-                  f"{grid_text(tuning)}); "
-                  f"{results.get('ft_steps', {}).get(ds, '?')} fine-tune steps."
+                  f"{grid_text(tuning)}"
+                  + (f"; tuning runs copied from {results['tuning_copied_from'][ds]}"
+                     if ds in results.get("tuning_copied_from", {}) else "")
+                  + f"); {results.get('ft_steps', {}).get(ds, '?')} fine-tune steps."
                   + ucp_tuning_line(results, ds), ""]
         rows = []
         for row in (ROWS if table is None else table):
