@@ -583,6 +583,10 @@ def begin(args: argparse.Namespace, table: dict[str, Any], config: dict[str, Any
     results = load_results(results_path)
     datasets, rows, seeds = selection(args, table)
     old = results.get("config", {})
+    if args.report_only:  # a report describes the runs' machine and options, not this invocation's
+        results.setdefault("machine", machine_info())
+        results["config"] = {**config, "ft_lr": {}, "lr_source": {}, **old}  # options stored by merged shards win
+        return results_path, results, datasets, rows, seeds
     results["machine"] = machine_info()
     results["config"] = {**config, "ft_lr": old.get("ft_lr", {}), "lr_source": old.get("lr_source", {})}
     return results_path, results, datasets, rows, seeds
@@ -833,11 +837,12 @@ def main(argv: list[str] | None = None, suite: Suite = METHODS) -> int:
     results_path = Path(args.results)
     results = load_results(results_path)
     datasets, rows, seeds = selection(args, suite.rows)
-    results["machine"] = machine_info()
-    results["config"] = {"target_flops": args.target_flops, "calib_batches": args.calib_batches,
-                         "ft_epochs": args.ft_epochs, "ucp_steps": args.ucp_steps, "threads": args.threads,
-                         "ft_lr": results.get("config", {}).get("ft_lr", {}),
-                         "ucp_lr": results.get("config", {}).get("ucp_lr", {})}
+    if not (args.report_only and results.get("config")):  # a report keeps the runs' machine and options
+        results["machine"] = machine_info()
+        results["config"] = {"target_flops": args.target_flops, "calib_batches": args.calib_batches,
+                             "ft_epochs": args.ft_epochs, "ucp_steps": args.ucp_steps, "threads": args.threads,
+                             "ft_lr": results.get("config", {}).get("ft_lr", {}),
+                             "ucp_lr": results.get("config", {}).get("ucp_lr", {})}
     md = results_path.with_suffix(".md")
 
     def write_report() -> None:
